@@ -1,0 +1,44 @@
+# Everything sets itself up: `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Offline data copies (XCOPA, MGSM, xSID, NTREX/NusaX/MAFAND, language table) live beside the checkout.
+AETHERIS_DATA_DIR ?= $(abspath ../shared/data)
+export AETHERIS_DATA_DIR
+# Quiet, offline-safe defaults for the hub libraries; real runs override these in the shell.
+export HF_HUB_DISABLE_TELEMETRY = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: help install demo test test-slow bench clean
+
+help:
+	@echo "make demo       # set up, then run the embedded CPU demo"
+	@echo "make test       # set up, then run the test suite (fast tier)"
+	@echo "make test-slow  # the slow tier as well"
+	@echo "make bench      # quick benchmarks -> bench-results/*.json"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m aetheris.demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --timeout 600
+
+test-slow: install
+	$(PY) -m pytest -q -m "" --timeout 1800
+
+bench: install
+	mkdir -p bench-results
+	$(PY) benchmarks/scan.py --quick --json bench-results/scan.json
+	$(PY) benchmarks/moe.py --quick --json bench-results/moe.json
+	$(PY) benchmarks/decode.py --quick --json bench-results/decode.json
+
+clean:
+	rm -rf $(VENV) bench-results
