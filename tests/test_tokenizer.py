@@ -1,0 +1,62 @@
+"""The trained BPE: byte-level round trips in every script, Cohere special tokens, save/load, offline errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from aetheris.tokenizer import COHERE_SPECIAL_TOKENS, load_tokenizer, train_bpe_tokenizer
+
+SAMPLES = ["Habari ya dunia", "你好，世界", "नमस्ते दुनिया", "สวัสดีชาวโลก", "Привет, мир", "مرحبا بالعالم", "ሰላም ልዑል", "emoji 🙂 ok"]
+
+
+def test_round_trip_every_script(tiny_tokenizer):
+    for text in SAMPLES:
+        ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+        assert tiny_tokenizer.decode(ids) == text  # byte-level: nothing is unknown, nothing is lost
+
+
+def test_special_tokens_are_single_ids_and_bos_is_prepended(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    for special in COHERE_SPECIAL_TOKENS:
+        ids = tok(special, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] == tok.convert_tokens_to_ids(special)
+    ids = tok("hello").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "hello"
+
+
+def test_chat_template_uses_cohere_markers(tiny_tokenizer):
+    text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Jambo"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Jambo<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>"
+
+
+def test_save_and_load_gives_the_same_encoding(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    for text in SAMPLES + ["<|START_ACTION|>[]<|END_ACTION|>"]:
+        assert again(text).input_ids == tiny_tokenizer(text).input_ids
+    assert again.chat_template == tiny_tokenizer.chat_template
+
+
+def test_training_is_deterministic():
+    texts = ["abc abd abe", "xyz xyw", "Mambo vipi rafiki"] * 20
+    a, b = train_bpe_tokenizer(texts, 300), train_bpe_tokenizer(texts, 300)
+    assert a.get_vocab() == b.get_vocab()
+
+
+def test_bad_inputs_have_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="too small"):
+        train_bpe_tokenizer(["a"], vocab_size=100)
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_bpe_tokenizer([], vocab_size=512)
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_offline_hub_name_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="local folder"):
+        load_tokenizer("CohereLabs/tiny-aya-base-not-cached")
