@@ -1,0 +1,352 @@
+"""Teacher vs student: per-language drops and the Degradation Equity Score (``aetheris compare``).
+
+Definitions (DESIGN.md §5):
+
+- drop per language ``d_l = score_T(l) - score_S(l)`` for higher-is-better metrics and
+  ``score_S(l) - score_T(l)`` for lower-is-better ones (bits per byte), so a positive drop always
+  means the student is worse; relative drop ``d_l / |score_T(l)|``;
+- ``D_f`` = mean drop over the languages of family ``f`` (families from ``aetheris.languages``;
+  creoles and isolates are their own families, see that module);
+- **DES** = population variance (ddof 0) of the ``D_f`` across families -- 0 when every family pays
+  the same, larger when some pay more. Reported with the languages per family, ``des_relative`` (the
+  same on relative drops), ``des_branch`` (finer grouping), the worst family, the max-min gap of
+  ``D_f`` and a paired bootstrap 95% interval of DES that resamples examples within each language
+  (teacher and student on the same resampled items).
+
+``aetheris compare --teacher DIR_T --student DIR_S --output DIR`` reads the two ``results.json`` files
+that ``aetheris eval`` wrote and writes ``report.json``, ``report.md`` and PNG plots (per-language drop
+bars coloured by family; family x task heatmap of mean drop).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from aetheris.languages import get_language, group_of
+
+N_BOOT = 1000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Drops and the score itself (pure functions, tested on hand-computed tables)
+
+
+def drop(teacher: float, student: float, higher_is_better: bool = True) -> float:
+    return (teacher - student) if higher_is_better else (student - teacher)
+
+
+def relative_drop(teacher: float, student: float, higher_is_better: bool = True) -> float | None:
+    if teacher == 0 or not math.isfinite(teacher):
+        return None
+    return drop(teacher, student, higher_is_better) / abs(teacher)
+
+
+def group_means(drops: dict[str, float], level: str = "family") -> dict[str, float]:
+    """Group label -> mean drop over the group's languages (languages with a None drop are skipped)."""
+    members: dict[str, list[float]] = {}
+    for code, d in drops.items():
+        if d is None:
+            continue
+        members.setdefault(group_of(code, level), []).append(d)
+    return {g: float(np.mean(v)) for g, v in members.items()}
+
+
+def des(drops: dict[str, float], level: str = "family") -> float:
+    """Degradation Equity Score: population variance of the group mean drops."""
+    means = list(group_means(drops, level).values())
+    return float(np.var(means)) if means else float("nan")
+
+
+def _paired_bootstrap_des(teacher: dict, student: dict, higher_is_better: bool, level: str, n_boot: int, seed: int):
+    """Percentile 95% interval of DES, resampling examples within each language (paired T/S)."""
+    rng = np.random.default_rng(seed)
+    codes = sorted(teacher)
+    drops_boot = {}
+    for code in codes:
+        t, s = teacher[code], student[code]
+        tv, sv = np.asarray(t["values"], float), np.asarray(s["values"], float)
+        tw = np.asarray(t["weights"], float) if t.get("weights") is not None else np.ones_like(tv)
+        sw = np.asarray(s["weights"], float) if s.get("weights") is not None else np.ones_like(sv)
+        idx = rng.integers(0, tv.size, size=(n_boot, tv.size))
+        t_stat = tv[idx].sum(1) / tw[idx].sum(1)
+        s_stat = sv[idx].sum(1) / sw[idx].sum(1)
+        drops_boot[code] = (t_stat - s_stat) if higher_is_better else (s_stat - t_stat)
+    groups: dict[str, list[np.ndarray]] = {}
+    for code in codes:
+        groups.setdefault(group_of(code, level), []).append(drops_boot[code])
+    family_means = np.stack([np.mean(np.stack(v), axis=0) for v in groups.values()])  # (families, n_boot)
+    stats = family_means.var(axis=0)
+    return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
+
+
+def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """The report entry of one task from the two ``results.json`` task entries."""
+    t_langs, s_langs = teacher["languages"], student["languages"]
+    common = [c for c in t_langs if c in s_langs]
+    if not common:
+        raise ValueError("teacher and student results share no language for this task")
+    hib = bool(t_langs[common[0]]["higher_is_better"])
+    for code in common:
+        if list(t_langs[code]["ids"]) != list(s_langs[code]["ids"]):
+            raise ValueError(
+                f"teacher and student were evaluated on different {code} examples (different --limit or data); "
+                "re-run eval with the same settings for both"
+            )
+    per_language = {}
+    drops, rel = {}, {}
+    for code in common:
+        t, s = t_langs[code]["score"], s_langs[code]["score"]
+        drops[code] = drop(t, s, hib)
+        rel[code] = relative_drop(t, s, hib)
+        lang = get_language(code)
+        per_language[code] = {
+            "name": lang.name,
+            "family": lang.family,
+            "branch": lang.branch,
+            "n": t_langs[code]["n"],
+            "teacher": t,
+            "student": s,
+            "teacher_ci95": t_langs[code].get("ci95"),
+            "student_ci95": s_langs[code].get("ci95"),
+            "drop": drops[code],
+            "relative_drop": rel[code],
+        }
+
+    def grouping(level: str) -> dict:
+        means = group_means(drops, level)
+        rel_means = group_means(rel, level)
+        members: dict[str, list[str]] = {}
+        for code in common:
+            members.setdefault(group_of(code, level), []).append(code)
+        return {
+            g: {"languages": members[g], "n_languages": len(members[g]), "mean_drop": means[g],
+                "mean_relative_drop": rel_means.get(g)}
+            for g in members
+        }
+
+    families = grouping("family")
+    fam_means = {g: v["mean_drop"] for g, v in families.items()}
+    worst = max(fam_means, key=fam_means.get)
+    return {
+        "metric": t_langs[common[0]]["metric"],
+        "higher_is_better": hib,
+        "languages": per_language,
+        "families": families,
+        "branches": grouping("branch"),
+        "n_families": len(families),
+        "des": des(drops, "family"),
+        "des_ci95": _paired_bootstrap_des({c: t_langs[c] for c in common}, {c: s_langs[c] for c in common},
+                                          hib, "family", n_boot, seed)
+        if n_boot > 0 else None,
+        "des_relative": des({c: r for c, r in rel.items() if r is not None}, "family"),
+        "des_branch": des(drops, "branch"),
+        "worst_family": worst,
+        "worst_family_mean_drop": fam_means[worst],
+        "max_min_gap": max(fam_means.values()) - min(fam_means.values()),
+        "mean_drop": float(np.mean(list(drops.values()))),
+        "mean_relative_drop": _mean_or_none([r for r in rel.values() if r is not None]),
+    }
+
+
+def _mean_or_none(values):
+    return float(np.mean(values)) if values else None
+
+
+def summarize(tasks: dict[str, dict]) -> dict:
+    """Across tasks: relative drops make accuracy and bits-per-byte comparable."""
+    family_rel: dict[str, list[float]] = {}
+    for entry in tasks.values():
+        for fam, v in entry["families"].items():
+            if v["mean_relative_drop"] is not None:
+                family_rel.setdefault(fam, []).append(v["mean_relative_drop"])
+    family_mean_rel = {f: float(np.mean(v)) for f, v in family_rel.items()}
+    return {
+        "tasks": list(tasks),
+        "des": {name: e["des"] for name, e in tasks.items()},
+        "des_relative": {name: e["des_relative"] for name, e in tasks.items()},
+        "worst_family": {name: e["worst_family"] for name, e in tasks.items()},
+        "mean_relative_drop": {name: e["mean_relative_drop"] for name, e in tasks.items()},
+        "family_mean_relative_drop": family_mean_rel,
+        "worst_family_overall": max(family_mean_rel, key=family_mean_rel.get) if family_mean_rel else None,
+        "mean_des_relative": _mean_or_none([e["des_relative"] for e in tasks.values()
+                                            if e["des_relative"] is not None and math.isfinite(e["des_relative"])]),
+    }
+
+
+def build_report(teacher_results: dict, student_results: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    t_tasks, s_tasks = teacher_results["tasks"], student_results["tasks"]
+    common = [t for t in t_tasks if t in s_tasks and t != "kl"]
+    if not common:
+        raise ValueError(
+            f"the teacher results have tasks {sorted(t_tasks)} and the student results {sorted(s_tasks)}: "
+            "nothing to compare; run `aetheris eval` with the same --tasks for both"
+        )
+    tasks = {name: compare_task(t_tasks[name], s_tasks[name], n_boot, seed) for name in common}
+    report = {
+        "teacher": teacher_results.get("model", {}),
+        "student": student_results.get("model", {}),
+        "definitions": {
+            "drop": "teacher - student (student - teacher for lower-is-better metrics); positive = student worse",
+            "des": "population variance of family mean drops (lower = fairer)",
+            "grouping": "aetheris.languages: creoles (pcm) are their own family 'Creole'; each isolate is its own family",
+        },
+        "tasks": tasks,
+        "summary": summarize(tasks),
+    }
+    if "kl" in s_tasks:  # KL(teacher||student) is measured on the student run only
+        report["kl"] = {code: v["score"] for code, v in s_tasks["kl"]["languages"].items()}
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown and plots
+
+
+def _fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# Teacher vs student: Degradation Equity Report", ""]
+    lines.append(f"Teacher: `{report['teacher'].get('name', '?')}`  ")
+    lines.append(f"Student: `{report['student'].get('name', '?')}`")
+    lines += ["", "Drop = teacher - student (positive = the student is worse; for bits per byte, student - teacher). "
+              "DES = population variance of the family mean drops (lower = fairer). "
+              "Nigerian Pidgin is grouped as its own family (Creole); isolates are their own families.", ""]
+    lines += ["## Summary", "", "| task | metric | mean drop | DES | DES 95% CI | DES (relative) | DES (branch) | worst family | max-min gap |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in report["tasks"].items():
+        ci = t["des_ci95"]
+        ci_s = f"[{_fmt(ci[0], 5)}, {_fmt(ci[1], 5)}]" if ci else "-"
+        lines.append(f"| {name} | {t['metric']} | {_fmt(t['mean_drop'])} | {_fmt(t['des'], 5)} | {ci_s} | "
+                     f"{_fmt(t['des_relative'], 5)} | {_fmt(t['des_branch'], 5)} | {t['worst_family']} | {_fmt(t['max_min_gap'])} |")
+    worst = report["summary"].get("worst_family_overall")
+    if worst:
+        lines += ["", f"**Family that loses most overall (mean relative drop across tasks): {worst}.**"]
+    for name, t in report["tasks"].items():
+        lines += ["", f"## {name} ({t['metric']}, {'higher' if t['higher_is_better'] else 'lower'} is better)", "",
+                  "| family | languages | mean drop | mean relative drop |", "|---|---|---|---|"]
+        for fam, v in sorted(t["families"].items(), key=lambda kv: -kv[1]["mean_drop"]):
+            lines.append(f"| {fam} | {', '.join(v['languages'])} | {_fmt(v['mean_drop'])} | {_fmt(v['mean_relative_drop'])} |")
+        lines += ["", "| language | family | n | teacher | student | drop | relative drop |", "|---|---|---|---|---|---|---|"]
+        for code, v in t["languages"].items():
+            lines.append(f"| {code} ({v['name']}) | {v['family']} | {v['n']} | {_fmt(v['teacher'])} | "
+                         f"{_fmt(v['student'])} | {_fmt(v['drop'])} | {_fmt(v['relative_drop'])} |")
+    if "kl" in report:
+        lines += ["", "## KL(teacher || student) per token, nats", "", "| language | KL |", "|---|---|"]
+        lines += [f"| {code} | {_fmt(v, 4)} |" for code, v in report["kl"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _family_colors(families: list[str]) -> dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {fam: cmap(i % 20) for i, fam in enumerate(sorted(set(families)))}
+
+
+def plot_drops(report: dict, path: Path) -> None:
+    """One panel per task: per-language drop bars coloured by family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    tasks = report["tasks"]
+    all_fams = [v["family"] for t in tasks.values() for v in t["languages"].values()]
+    colors = _family_colors(all_fams)
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6, 0.28 * max(len(t["languages"]) for t in tasks.values()) + 3),
+                                                      3.2 * len(tasks)), squeeze=False)
+    for ax, (name, t) in zip(axes[:, 0], tasks.items()):
+        items = sorted(t["languages"].items(), key=lambda kv: (kv[1]["family"], kv[0]))
+        ax.bar(range(len(items)), [v["drop"] for _, v in items], color=[colors[v["family"]] for _, v in items])
+        ax.set_xticks(range(len(items)), [c for c, _ in items], rotation=90, fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(f"{name}: drop per language ({t['metric']}); DES = {t['des']:.4g}", fontsize=9)
+        ax.set_ylabel("drop")
+    used = sorted(set(all_fams))
+    fig.legend(handles=[Patch(color=colors[f], label=f) for f in used], loc="upper center",
+               ncol=min(5, len(used)), fontsize=7, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_heatmap(report: dict, path: Path) -> None:
+    """Family x task mean drop. Colours are scaled per task (column) so accuracy and bits per byte
+    share one picture; the numbers printed in the cells are the raw mean drops."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["tasks"])
+    fams = sorted({f for t in report["tasks"].values() for f in t["families"]})
+    raw = np.full((len(fams), len(tasks)), np.nan)
+    for j, name in enumerate(tasks):
+        for i, fam in enumerate(fams):
+            if fam in report["tasks"][name]["families"]:
+                raw[i, j] = report["tasks"][name]["families"][fam]["mean_drop"]
+    scaled = np.full_like(raw, np.nan)
+    for j in range(len(tasks)):
+        col = raw[:, j]
+        m = np.nanmax(np.abs(col)) if np.isfinite(col).any() else 0
+        scaled[:, j] = col / m if m > 0 else 0 * col
+    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(tasks), 1 + 0.4 * len(fams)))
+    im = ax.imshow(np.ma.masked_invalid(scaled), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(fams)), fams)
+    for i in range(len(fams)):
+        for j in range(len(tasks)):
+            if np.isfinite(raw[i, j]):
+                ax.text(j, i, f"{raw[i, j]:.3g}", ha="center", va="center", fontsize=7)
+    ax.set_title("mean drop per family (red = student loses more; colour scaled per task)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def load_results(folder: str | Path, role: str) -> dict:
+    path = Path(folder) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{role} results not found: {path} does not exist. "
+                                f"Run `aetheris eval --model ... --output {folder}` first.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--teacher", required=True, help="folder with the teacher's results.json (from `aetheris eval`)")
+    parser.add_argument("--student", required=True, help="folder with the student's results.json")
+    parser.add_argument("--output", required=True, help="folder for report.json, report.md and the PNG plots")
+    parser.add_argument("--n-boot", type=int, default=N_BOOT, help="bootstrap resamples for the DES interval")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    teacher = load_results(args.teacher, "teacher")
+    student = load_results(args.student, "student")
+    report = build_report(teacher, student, n_boot=args.n_boot, seed=args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "report.json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, ensure_ascii=False)
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    plot_drops(report, out / "drops_by_language.png")
+    plot_heatmap(report, out / "family_task_heatmap.png")
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'}, drops_by_language.png, family_task_heatmap.png")
+    for name, t in report["tasks"].items():
+        print(f"  {name:>14}: DES {t['des']:.5g} (relative {_fmt(t['des_relative'], 5)}), worst family {t['worst_family']}")
+    return 0

@@ -1,0 +1,88 @@
+"""DES, drops, bootstrap intervals and the compare report on small tables computed by hand."""
+
+import json
+
+import numpy as np
+import pytest
+
+from aetheris.equity import build_report, des, drop, group_means, plot_drops, plot_heatmap, relative_drop, render_markdown
+from aetheris.tasks import Scores, bootstrap_ci
+
+# teacher / student accuracies; families: en, de Indo-European; sw, yo Atlantic-Congo; ja Japonic
+TEACHER = {"en": 0.8, "de": 0.7, "sw": 0.6, "yo": 0.5, "ja": 0.9}
+STUDENT = {"en": 0.7, "de": 0.7, "sw": 0.3, "yo": 0.4, "ja": 0.5}
+
+
+def test_drop_sign_follows_metric_direction():
+    assert drop(0.8, 0.7) == pytest.approx(0.1)
+    assert drop(1.0, 1.25, higher_is_better=False) == pytest.approx(0.25)  # bits per byte: student worse
+    assert relative_drop(1.0, 1.25, higher_is_better=False) == pytest.approx(0.25)
+    assert relative_drop(0.0, 0.1) is None
+
+
+def test_des_by_hand():
+    drops = {c: TEACHER[c] - STUDENT[c] for c in TEACHER}  # en .1, de 0, sw .3, yo .1, ja .4
+    means = group_means(drops, "family")
+    assert means == pytest.approx({"Indo-European": 0.05, "Atlantic-Congo": 0.2, "Japonic": 0.4})
+    # mean of family means = 0.65/3; squared deviations .16667^2 + .01667^2 + .18333^2 = 0.0616667
+    assert des(drops) == pytest.approx(0.0616667 / 3, rel=1e-5)
+    # branches: Germanic .05, Bantu (sw) .3, Defoid (yo) .1, Japonic .4 -> mean .2125
+    assert des(drops, "branch") == pytest.approx((0.1625**2 + 0.0875**2 + 0.1125**2 + 0.1875**2) / 4)
+    assert des({"en": 0.1, "de": 0.3}) == 0.0  # one family: nothing to be unequal about
+
+
+def _results(scores: dict[str, float], n: int = 20, seed: int = 0) -> dict:
+    """results.json with per-example 0/1 values whose mean is exactly the given score."""
+    langs = {}
+    for code, acc in scores.items():
+        k = round(acc * n)
+        values = [1.0] * k + [0.0] * (n - k)
+        np.random.default_rng(seed).shuffle(values)
+        langs[code] = Scores("acc", True, list(range(n)), values).to_dict(n_boot=200)
+    return {"model": {"name": "m"}, "tasks": {"xcopa": {"languages": langs}}}
+
+
+def test_report_by_hand_and_bootstrap_contains_estimate():
+    report = build_report(_results(TEACHER), _results(STUDENT, seed=1), n_boot=300)
+    t = report["tasks"]["xcopa"]
+    assert t["des"] == pytest.approx(0.0616667 / 3, rel=1e-5)
+    assert t["worst_family"] == "Japonic"
+    assert t["max_min_gap"] == pytest.approx(0.35)
+    assert t["families"]["Atlantic-Congo"]["languages"] == ["sw", "yo"]
+    assert t["languages"]["ja"]["relative_drop"] == pytest.approx(0.4 / 0.9)
+    # relative: IE (.125+0)/2, AC (.5+.2)/2, Japonic .4/.9
+    rel = np.array([0.0625, 0.35, 0.4 / 0.9])
+    assert t["des_relative"] == pytest.approx(rel.var())
+    lo, hi = t["des_ci95"]
+    assert lo <= t["des"] <= hi and lo < hi
+    assert report["summary"]["worst_family"]["xcopa"] == "Japonic"
+    json.dumps(report)  # serialisable
+    md = render_markdown(report)
+    assert "Japonic" in md and "| xcopa |" in md
+
+
+def test_mismatched_examples_are_refused():
+    t, s = _results(TEACHER), _results(STUDENT)
+    s["tasks"]["xcopa"]["languages"]["en"]["ids"] = list(range(1, 21))
+    with pytest.raises(ValueError, match="different en examples"):
+        build_report(t, s, n_boot=10)
+
+
+def test_bootstrap_ci_contains_point_estimate_ratio():
+    rng = np.random.default_rng(0)
+    values, weights = rng.random(50) * 30, rng.integers(20, 80, 50).astype(float)  # bits, bytes
+    s = Scores("bits_per_byte", False, list(range(50)), list(values), list(weights))
+    lo, hi = bootstrap_ci(s.values, s.weights)
+    assert s.score == pytest.approx(values.sum() / weights.sum())
+    assert lo < s.score < hi
+
+
+def test_plots_are_pngs(tmp_path):
+    import matplotlib.image
+
+    report = build_report(_results(TEACHER), _results(STUDENT, seed=1), n_boot=50)
+    plot_drops(report, tmp_path / "drops.png")
+    plot_heatmap(report, tmp_path / "heat.png")
+    for name in ("drops.png", "heat.png"):
+        img = matplotlib.image.imread(tmp_path / name)
+        assert img.ndim == 3 and img.shape[0] > 100
