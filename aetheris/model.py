@@ -1,0 +1,429 @@
+"""The Aetheris hybrid language model: Mamba-2 (SSD) mixers interleaved with sparse MoE FFNs.
+
+One file, top to bottom: norms -> SSM mixer -> MoE FFN -> blocks -> the model -> the decode cache.
+Imports only torch (and the sibling ops/config modules). Sources: Mamba-2 / SSD (Dao & Gu 2024),
+MambaInLlama (Wang et al. 2024) for the attention-shaped mixer, Switch Transformer (Fedus et al. 2022)
+and ST-MoE (Zoph et al. 2022) for the router losses.
+
+Shape glossary:
+    B batch, T time, D d_model, H SSM heads, P head dim, N state size, G groups (x and B are shared
+    by the R = H/G heads of a group, like K/V in GQA), E experts, K top-k, F expert hidden size,
+    V vocab, M = B*T flattened tokens, C conv channels (x, B and C of the SSM, concatenated).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import AetherisConfig
+from .ssd import causal_conv, segment_index, ssd_chunked, ssd_step
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Tag parameters the optimizer must not decay (read by ``Aetheris.param_groups``)."""
+    for p in params:
+        p._no_weight_decay = True
+
+
+def make_norm(cfg: AetherisConfig, dim: int) -> nn.Module:
+    # Cohere2 uses a bias-free LayerNorm; Llama-family teachers use RMSNorm.
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=False)
+    return nn.RMSNorm(dim, eps=cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SSM mixer
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class SSMState:
+    """Fixed-size decode state of one mixer: the last d_conv-1 conv inputs and the SSM state."""
+    conv: Tensor  # (B, d_conv-1, C)
+    ssm: Tensor   # (B, H, P, N) fp32
+
+
+class SSMMixer(nn.Module):
+    """Multi-head Mamba-2 mixer with attention-shaped projections.
+
+    in_proj rows are, in order: z (H*P) | x (G*P) | B (G*N) | C (H*N) | dt (H), so that a teacher's
+    W_V, W_K, W_Q land on x, B, C and its W_O on out_proj.
+    """
+
+    def __init__(self, cfg: AetherisConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, P, N, G = cfg.n_heads, cfg.head_dim, cfg.d_state, cfg.n_groups
+        self.split_sizes = [H * P, G * P, G * N, H * N, H]  # z, x, B, C, dt
+        self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(cfg.d_xbc, cfg.d_conv))  # (C, K) depthwise, causal
+        self.conv_bias = nn.Parameter(torch.empty(cfg.d_xbc))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.norm = nn.RMSNorm(H * P, eps=cfg.norm_eps) if cfg.ssm_norm else None
+        self.out_proj = nn.Linear(H * P, cfg.d_model, bias=False)
+
+    def _act(self, xbc: Tensor) -> Tensor:
+        return F.silu(xbc) if self.cfg.xbc_activation == "silu" else xbc
+
+    def _gate(self, y: Tensor, z: Tensor) -> Tensor:
+        # silu: Mamba-2. sigmoid: 2*sigmoid(z) is exactly 1 at z = 0, a pass-through gate for transfer.
+        y = y * (F.silu(z) if self.cfg.gate == "silu" else 2 * torch.sigmoid(z))
+        return self.norm(y) if self.norm is not None else y
+
+    def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _, x, B, C, _ = self.split_sizes
+        return xbc.split([x, B, C], dim=-1)
+
+    def forward(self, u: Tensor, seg: Tensor | None = None, pad_mask: Tensor | None = None,
+                state: SSMState | None = None) -> tuple[Tensor, SSMState]:
+        """u (B, T, D) -> (B, T, D), plus the state after the last step (for decoding).
+
+        seg: (B, T) segment index for packed documents. pad_mask: (B, T) True at real tokens; padded
+        steps feed zeros to the conv and scan, so left padding leaves the state exactly as if the
+        sequence had started at its first real token.
+        """
+        cfg = self.cfg
+        Bsz, T, _ = u.shape
+        H, P, N, G = cfg.n_heads, cfg.head_dim, cfg.d_state, cfg.n_groups
+        # 1. Project.
+        z, xbc, dt = self.in_proj(u).split([self.split_sizes[0], cfg.d_xbc, H], dim=-1)
+        if pad_mask is not None:
+            xbc = xbc * pad_mask[..., None].to(xbc.dtype)
+        # 2. Causal depthwise conv on x, B, C (reset at document starts), then activation.
+        xbc, conv_state = causal_conv(xbc, self.conv_weight, self.conv_bias, seg,
+                                      state.conv if state is not None else None)
+        if pad_mask is not None:
+            xbc = xbc * pad_mask[..., None].to(xbc.dtype)  # pads contribute nothing, not even the conv bias
+        x, B, C = self._split_xbc(self._act(xbc))
+        x = x.view(Bsz, T, G, P)
+        # 3. Selective scan with a scalar decay per head: a_t = exp(dt_t * A).
+        dt = F.softplus(dt + self.dt_bias)                                   # (B, T, H)
+        A = -torch.exp(self.A_log.float())                                   # (H,)
+        y, ssm_state = ssd_chunked(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, H, N), cfg.chunk_size,
+                                   seg=seg, initial_state=state.ssm if state is not None else None)
+        # 4. D skip (x is shared by the heads of its group), gate, project out.
+        y = y + self.D.view(1, 1, G, H // G, 1).mul(x[:, :, :, None]).reshape(Bsz, T, H, P)
+        y = self._gate(y.reshape(Bsz, T, H * P), z)
+        return self.out_proj(y), SSMState(conv_state, ssm_state.float())
+
+    def step(self, u: Tensor, state: SSMState) -> Tensor:
+        """One decoding step: u (B, D) -> (B, D); updates ``state`` in place. O(1) in the context length."""
+        cfg = self.cfg
+        Bsz = u.shape[0]
+        H, P, N, G = cfg.n_heads, cfg.head_dim, cfg.d_state, cfg.n_groups
+        z, xbc, dt = self.in_proj(u).split([self.split_sizes[0], cfg.d_xbc, H], dim=-1)
+        # Conv over the window [last K-1 inputs, this input].
+        window = torch.cat([state.conv, xbc[:, None]], dim=1)                 # (B, K, C)
+        xbc = torch.einsum("bkc,ck->bc", window, self.conv_weight) + self.conv_bias
+        state.conv.copy_(window[:, 1:])
+        x, B, C = self._split_xbc(self._act(xbc))
+        x = x.view(Bsz, G, P)
+        dt = F.softplus(dt + self.dt_bias)
+        y, _ = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B.view(Bsz, G, N), C.view(Bsz, H, N))
+        y = y.to(u.dtype) + self.D.view(1, G, H // G, 1).mul(x[:, :, None]).reshape(Bsz, H, P)
+        return self.out_proj(self._gate(y.reshape(Bsz, H * P), z))
+
+    def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SSMState:
+        cfg = self.cfg
+        return SSMState(
+            conv=torch.zeros(batch_size, cfg.d_conv - 1, cfg.d_xbc, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, cfg.n_heads, cfg.head_dim, cfg.d_state, device=device, dtype=torch.float32),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ---------------------------------------------------------------------------------------------------
+
+class MoE(nn.Module):
+    """E SwiGLU experts, top-k routing by an fp32 router, tokens dispatched sorted by expert.
+
+    Expert weights are stacked as in nn.Linear: w_gate, w_up (E, F, D) and w_down (E, D, F), so a
+    teacher MLP copies straight in. Dropless: every token is processed by its K experts.
+    """
+
+    def __init__(self, cfg: AetherisConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D, Fh = cfg.n_experts, cfg.d_model, cfg.d_ff
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, Fh, D))
+        self.w_up = nn.Parameter(torch.empty(E, Fh, D))
+        self.w_down = nn.Parameter(torch.empty(E, D, Fh))
+        self.last_load: Tensor | None = None  # (E,) fraction of routed assignments per expert, last forward
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (M, D) -> router logits (M, E) fp32, combine weights (M, K), expert indices (M, K)."""
+        # The router runs in fp32 even under bf16 autocast: small logit differences decide routing.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.router.weight.float())
+        probs = logits.softmax(-1)
+        top_p, top_i = probs.topk(self.cfg.top_k, dim=-1)                       # (M, K)
+        if self.cfg.router_weighting == "renormalized":
+            # Value: the usual renormalised top-k weights (exactly 1 at top-1, so an upcycled expert
+            # reproduces its MLP). The normaliser is detached, so d(weight)/d(logits) is not zero and
+            # the router learns from the main loss even at top-1.
+            weights = top_p / top_p.sum(-1, keepdim=True).detach()
+        else:
+            weights = top_p                                                      # Switch: p_i * E_i(x)
+        return logits, weights, top_i
+
+    def aux_loss(self, logits: Tensor, top_i: Tensor) -> Tensor:
+        """Switch load balancing alpha*E*sum_i f_i*P_i plus router z-loss; each scaled exactly once."""
+        E = self.cfg.n_experts
+        probs = logits.softmax(-1)
+        f = torch.bincount(top_i.flatten(), minlength=E).float() / top_i.numel()  # fraction routed
+        P_mean = probs.mean(0)                                                  # mean router prob
+        balance = self.cfg.aux_loss_coef * E * (f * P_mean).sum()
+        z_loss = self.cfg.z_loss_coef * torch.logsumexp(logits, dim=-1).square().mean()
+        return balance + z_loss
+
+    def experts(self, xs: Tensor, counts: list[int]) -> Tensor:
+        """Run tokens already sorted by expert: xs (M*K, D), counts per expert -> (M*K, D)."""
+        outs = []
+        for e, x_e in enumerate(xs.split(counts)):
+            if x_e.shape[0] == 0:
+                continue
+            h = F.silu(F.linear(x_e, self.w_gate[e])) * F.linear(x_e, self.w_up[e])  # (m_e, F)
+            outs.append(F.linear(h, self.w_down[e]))                                 # (m_e, D)
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> (B, T, D) and the (already scaled) aux loss."""
+        shape = x.shape
+        K = self.cfg.top_k
+        x = x.reshape(-1, shape[-1])                                  # (M, D)
+        logits, weights, top_i = self.route(x)
+        # 1. Sort the M*K (token, expert) assignments by expert.
+        flat_e = top_i.flatten()                                      # (M*K,)
+        order = flat_e.argsort(stable=True)
+        token_of = order // K                                         # token index of each sorted slot
+        counts = torch.bincount(flat_e, minlength=self.cfg.n_experts)
+        # 2. One dense matmul per expert over its contiguous group of tokens.
+        ys = self.experts(x[token_of], counts.tolist())               # (M*K, D)
+        # 3. Weight and scatter back to token order (adds the K contributions of each token).
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, ys)
+        self.last_load = counts.detach().float() / flat_e.numel()
+        return out.view(shape), self.aux_loss(logits, top_i)
+
+    def step(self, x: Tensor) -> Tensor:
+        """Decoding: x (B, D) -> (B, D). Gathers each token's expert weights directly (no sort)."""
+        _, weights, top_i = self.route(x)
+        out = 0
+        for k in range(self.cfg.top_k):
+            e = top_i[:, k]                                                   # (B,)
+            h = F.silu(torch.einsum("bd,bfd->bf", x, self.w_gate[e])) * torch.einsum("bd,bfd->bf", x, self.w_up[e])
+            out = out + torch.einsum("bf,bdf->bd", h, self.w_down[e]) * weights[:, k, None].to(x.dtype)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks and model
+# ---------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm residual layer: h + mixer(norm(h)), the mixer an SSM ("S") or an MoE FFN ("M")."""
+
+    def __init__(self, cfg: AetherisConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.mixer = SSMMixer(cfg) if kind == "S" else MoE(cfg)
+
+    def forward(self, h: Tensor, seg: Tensor | None, pad_mask: Tensor | None) -> tuple[Tensor, Tensor, SSMState | None]:
+        if self.kind == "S":
+            y, state = self.mixer(self.norm(h), seg, pad_mask)
+            return h + y, h.new_zeros(()), state
+        y, aux = self.mixer(self.norm(h))
+        return h + y, aux, None
+
+    def step(self, h: Tensor, state: SSMState | None) -> Tensor:
+        n = self.norm(h)
+        return h + (self.mixer.step(n, state) if self.kind == "S" else self.mixer.step(n))
+
+
+class ParallelPair(nn.Module):
+    """Cohere2-style parallel block for an (S, M) pair: h + ssm(n) + moe(n), n = norm(h)."""
+
+    def __init__(self, cfg: AetherisConfig):
+        super().__init__()
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.ssm = SSMMixer(cfg)
+        self.moe = MoE(cfg)
+
+    def forward(self, h: Tensor, seg: Tensor | None, pad_mask: Tensor | None) -> tuple[Tensor, Tensor, SSMState]:
+        n = self.norm(h)
+        y, state = self.ssm(n, seg, pad_mask)
+        m, aux = self.moe(n)
+        return h + y + m, aux, state
+
+    def step(self, h: Tensor, state: SSMState) -> Tensor:
+        n = self.norm(h)
+        return h + self.ssm.step(n, state) + self.moe.step(n)
+
+
+@dataclass
+class AetherisOutput:
+    logits: Tensor                         # (B, T, V)
+    loss: Tensor | None = None             # ce_loss + aux_loss, what training backpropagates
+    ce_loss: Tensor | None = None          # mean next-token cross-entropy over labels != -100
+    aux_loss: Tensor | None = None         # sum over MoE layers of their scaled aux losses
+    expert_load: Tensor | None = None      # (n_moe_layers, E) fraction of assignments per expert
+    cache: AetherisCache | None = None     # decode state after the last position
+
+
+@dataclass
+class AetherisCache:
+    """Decode state of the whole model: one SSMState per SSM mixer. Its size never grows with T."""
+    states: list[SSMState] = field(default_factory=list)
+
+    def nbytes(self) -> int:
+        return sum(s.conv.numel() * s.conv.element_size() + s.ssm.numel() * s.ssm.element_size()
+                   for s in self.states)
+
+    def select(self, index: Tensor) -> AetherisCache:
+        """Keep batch rows ``index`` (e.g. to drop finished sequences)."""
+        return AetherisCache([SSMState(s.conv[index], s.ssm[index]) for s in self.states])
+
+
+IGNORE_INDEX = -100  # one ignore index everywhere (HF's convention)
+
+
+class Aetheris(nn.Module):
+    """The hybrid language model. ``forward`` trains and prefills; ``step`` decodes one token."""
+
+    def __init__(self, cfg: AetherisConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.parallel_pairs:
+            self.layers = nn.ModuleList(ParallelPair(cfg) for _ in range(cfg.n_layer // 2))
+        else:
+            self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
+        self.norm_f = make_norm(cfg, cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+        self.tag_no_weight_decay()
+
+    # --- weights ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialisation in one place. Mamba-2 defaults for dt/A; GPT-2 scaling for residual outputs."""
+        cfg = self.cfg
+        std = cfg.initializer_range
+        residual_std = std / math.sqrt(2 * cfg.n_layer)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for module in self.modules():
+            if isinstance(module, SSMMixer):
+                nn.init.normal_(module.in_proj.weight, std=std)
+                nn.init.normal_(module.out_proj.weight, std=residual_std)
+                bound = 1 / math.sqrt(cfg.d_conv)  # nn.Conv1d's default for a depthwise conv
+                nn.init.uniform_(module.conv_weight, -bound, bound)
+                nn.init.zeros_(module.conv_bias)
+                # dt ~ log-uniform in [dt_min, dt_max]; store its softplus inverse as the bias.
+                dt = torch.exp(torch.rand(cfg.n_heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                               + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+                module.A_log.copy_(torch.log(torch.empty(cfg.n_heads).uniform_(cfg.A_init_min, cfg.A_init_max)))
+                nn.init.ones_(module.D)
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.router.weight, std=std)
+                nn.init.normal_(module.w_gate, std=std)
+                nn.init.normal_(module.w_up, std=std)
+                nn.init.normal_(module.w_down, std=residual_std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(module.weight)
+
+    def tag_no_weight_decay(self) -> None:
+        """Tag A_log, dt_bias, D, conv bias and norm weights (again after loading replaced the tensors)."""
+        for module in self.modules():
+            if isinstance(module, SSMMixer):
+                no_weight_decay(module.conv_bias, module.dt_bias, module.A_log, module.D)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                no_weight_decay(module.weight)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: tagged parameters (A_log, dt_bias, D, norms, biases) get no weight decay."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if getattr(p, "_no_weight_decay", False) or p.ndim < 2 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- forward -----------------------------------------------------------------------------------
+    def logits(self, h: Tensor) -> Tensor:
+        h = self.norm_f(h)
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w) * self.cfg.logit_scale
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, logits_to_keep: int = 0) -> AetherisOutput:
+        """input_ids (B, T). labels (B, T), shifted here (position t predicts t+1), -100 ignored.
+
+        doc_ids (B, T): packed documents; every mixer resets its state wherever the id changes.
+        attention_mask (B, T): 1 at real tokens, 0 at (left) padding.
+        logits_to_keep: if > 0, only the last that many positions get logits (prefill needs one; with a
+        262k vocabulary full logits are 1 MiB per token).
+        """
+        seg = segment_index(doc_ids) if doc_ids is not None else None
+        pad_mask = attention_mask.bool() if attention_mask is not None else None
+        h = self.embed(input_ids)                                          # (B, T, D)
+        aux = h.new_zeros((), dtype=torch.float32)
+        states = []
+        for layer in self.layers:
+            if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, layer_aux, state = checkpoint(layer, h, seg, pad_mask, use_reentrant=False)
+            else:
+                h, layer_aux, state = layer(h, seg, pad_mask)
+            aux = aux + layer_aux
+            if state is not None:
+                states.append(state)
+        if logits_to_keep > 0:
+            if labels is not None:
+                raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
+            h = h[:, -logits_to_keep:]
+        logits = self.logits(h)                                            # (B, T, V)
+        out = AetherisOutput(logits=logits, aux_loss=aux, cache=AetherisCache(states),
+                             expert_load=self.expert_load())
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shift_logits = shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32))
+            shift_labels = labels[:, 1:].reshape(-1)
+            out.ce_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+            out.loss = out.ce_loss + aux
+        return out
+
+    def expert_load(self) -> Tensor | None:
+        loads = [m.last_load for m in self.modules() if isinstance(m, MoE) and m.last_load is not None]
+        return torch.stack(loads) if loads else None
+
+    # --- decoding ----------------------------------------------------------------------------------
+    def empty_cache(self, batch_size: int) -> AetherisCache:
+        p = self.embed.weight
+        return AetherisCache([m.empty_state(batch_size, p.device, p.dtype)
+                              for m in self.modules() if isinstance(m, SSMMixer)])
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, cache: AetherisCache) -> Tensor:
+        """input_ids (B,) -> next-token logits (B, V); advances ``cache`` in place by one token."""
+        h = self.embed(input_ids)                                          # (B, D)
+        states = iter(cache.states)
+        for layer in self.layers:
+            has_ssm = isinstance(layer, ParallelPair) or layer.kind == "S"
+            h = layer.step(h, next(states) if has_ssm else None)
+        return self.logits(h)
