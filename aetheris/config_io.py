@@ -1,0 +1,130 @@
+"""YAML configs for runs: load a file, apply ``key.sub=value`` overrides, build nested dataclasses.
+
+Every key is checked against the dataclass fields; a key that does not exist is an error naming the
+nearest valid key (``train.lr_warmup`` -> "did you mean train.warmup_steps?"). Override values are
+parsed as YAML, so ``train.lr=3e-4``, ``data.languages=[en,sw]`` and ``train.max_steps=20`` all work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key and what to change."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist (the shipped ones are in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def schema_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key a dataclass tree accepts (sections and leaves)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        sub = _dataclass_of(hints.get(f.name))
+        if sub is not None:
+            keys += schema_keys(sub, key + ".")
+    return keys
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not near:  # compare the last component too: "train.lrate" ~ "train.lr"
+        last = {k.rsplit(".", 1)[-1]: k for k in valid}
+        hit = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(last), n=1, cutoff=0.6)
+        near = [last[hit[0]]] if hit else []
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str], cls) -> dict:
+    """Set ``a.b.c=value`` entries on the raw dict; keys are checked against ``cls``'s schema."""
+    valid = schema_keys(cls)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.max_steps=20)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise ConfigError(f"unknown config key {key!r} in override {item!r}{_nearest(key, valid)}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def _dataclass_of(tp):
+    """The dataclass inside a type hint (``X``, ``X | None``, ``Optional[X]``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def build(cls, data: dict | None, where: str = ""):
+    """Construct dataclass ``cls`` from a dict, recursing into dataclass-typed fields."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            valid = [f"{where}{k}" for k in schema_keys(cls)]
+            raise ConfigError(f"unknown config key {where + key!r}{_nearest(where + key, valid)}")
+        sub = _dataclass_of(hints.get(key))
+        if sub is not None and (value is not None or hints.get(key) is sub):
+            value = build(sub, value, f"{where}{key}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def to_dict(obj) -> Any:
+    """Plain data (dicts, lists, numbers, strings) for YAML / JSON."""
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "to_dict"):
+            return obj.to_dict()
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,637 @@
+"""The training loop: one explicit loop used to train from scratch and reused by the distillation stages.
+
+    aetheris train --config configs/nano-scratch.yaml [key.sub=value ...] [--resume [CHECKPOINT]]
+
+``train(cfg, ...)`` reads top to bottom:
+
+1. Accelerator (plain ``python``, ``torchrun`` or ``accelerate launch``: DDP/FSDP come from Accelerate),
+   seeds, tokenizer (pretrained by name/path, or a byte-level BPE trained on the training split).
+2. Data: documents -> held-out split per language -> packed, language-balanced ``PackedStream``.
+   Every rank builds the same stream and takes its own slice of each global batch, so the data a
+   step sees does not depend on the number of processes (2 ranks == 1 rank with the same global batch).
+3. Model, AdamW with the model's no-decay groups, the lr schedule (warmup + cosine or WSD), resume.
+4. The loop: ``grad_accum`` micro-batches of ``loss_fn(model, batch) -> (loss, metrics)``, clipping,
+   a non-finite check (stops the run, last good checkpoint intact), optimizer step, logging,
+   validation loss per language, atomic checkpoints.
+
+A distillation stage plugs in without subclassing: it passes its own ``loss_fn`` (closing over a
+teacher), lists the teacher in ``frozen`` (moved to the device, eval mode, no grads), and may pass its
+own ``data`` (any object with ``next_batch(n)``, ``state_dict()`` and ``load_state_dict()``).
+
+Checkpoint folder ``<out_dir>/checkpoints/step-0000100/``::
+
+    model/           save_model(): config.json + model.safetensors + tokenizer files (HF-loadable)
+    optimizer.pt     optimizer state + torch RNG states (tensors only: loaded with weights_only=True)
+    state.json       step, tokens, data position, Python/numpy RNG, the run config
+    manifest.json    size and sha256 of every file above, written last
+
+It is written to a temporary folder and renamed into place (atomic on POSIX), so a kill mid-write
+leaves only an ignored ``.tmp-*`` folder. Loading checks the manifest; a corrupt or partial
+checkpoint is rejected with a message and resuming falls back to the newest good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aetheris.config import AetherisConfig
+from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml, to_dict
+from aetheris.data import (
+    MalformedLog,
+    PackedStream,
+    load_documents,
+    split_heldout,
+    tokenize_documents,
+    validation_rows,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TokenizerConfig:
+    name: str | None = None
+    """Pretrained tokenizer: hub id or local folder (the teacher's, for distillation). Unset: train a
+    byte-level BPE of ``model.vocab_size`` tokens on the training split."""
+    bpe_docs_per_language: int = 200
+    """Documents per language the BPE is trained on (from the training split only)."""
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=lambda: [{"type": "corpus"}])
+    """Data sources (see ``aetheris.data.iter_source``): corpus | text | jsonl | parquet | hub."""
+    languages: Any = "all"
+    """``all`` or a list of language codes from the registry."""
+    seq_len: int = 256
+    """Tokens per training row."""
+    pack: bool = True
+    """Pack documents into full rows (with document boundaries); false = one document per row, padded."""
+    temperature: float = 1.0
+    """Language sampling: p_l ∝ n_l^(1/temperature); 1 = proportional, .inf = uniform."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out (by document id, the same documents in every language)."""
+    val_rows_per_language: int = 4
+    """Validation rows (of seq_len tokens) per language; 0 = all held-out text."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    """Where checkpoints, logs and metrics.jsonl go."""
+    seed: int = 0
+    max_steps: int = 1000
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Rows per process per forward pass; global batch = micro_batch_size x grad_accum x processes."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of ``lr``."""
+    schedule: str = "cosine"
+    """cosine (warmup + cosine decay) | wsd (warmup, stable, linear decay over ``decay_fraction``) | constant."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 = no clipping (the norm is still logged)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | no."""
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted once a newer one is safely written)."""
+    eval_every: int = 200
+    log_every: int = 10
+    tracker: str = "tensorboard"
+    """Accelerate tracker (tensorboard, wandb, ...) or none."""
+    progress: bool = True
+    threads: int = 0
+    """torch CPU threads per process; 0 = torch's default."""
+
+
+@dataclass
+class RunConfig:
+    model: AetherisConfig = field(default_factory=AetherisConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        t = self.train
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every", "keep_last"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(t, name)!r} must be a positive integer")
+        if t.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"train.schedule={t.schedule!r}: choose cosine, wsd or constant")
+        if t.mixed_precision not in ("auto", "bf16", "no"):
+            raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or no")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config from YAML plus ``key.sub=value`` overrides; unknown keys name the nearest valid one."""
+    raw = load_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides), RunConfig)
+    return build(RunConfig, raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule, loss
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    floor = t.lr * t.min_lr_ratio
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "cosine":
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_steps = max(1, round(t.decay_fraction * t.max_steps))  # WSD: stable, then linear decay
+    decay_start = t.max_steps - decay_steps
+    if step < decay_start:
+        return t.lr
+    return t.lr + (floor - t.lr) * min(1.0, (step - decay_start + 1) / decay_steps)
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy + MoE aux loss: the from-scratch objective (and the loss_fn contract)."""
+    out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+    metrics = {"ce": out.ce_loss.detach(), "aux": out.aux_loss.detach()}
+    if out.expert_load is not None:
+        metrics["expert_load"] = out.expert_load.detach()
+    return out.loss, metrics
+
+
+@torch.no_grad()
+def validation_loss(model, val: dict[str, dict], micro_batch_size: int, device) -> dict[str, float]:
+    """Token-weighted mean cross-entropy per language on the held-out rows."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for lang, rows in val.items():
+        total, count = 0.0, 0
+        for start in range(0, len(rows["input_ids"]), micro_batch_size):
+            batch = {k: torch.as_tensor(v[start:start + micro_batch_size], device=device) for k, v in rows.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            ce = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]).ce_loss
+            total, count = total + float(ce) * n, count + n
+        out[lang] = total / max(count, 1)
+    model.train(was_training)
+    return out
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stopped before the optimizer step."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is incomplete or corrupt."""
+
+
+CKPT_PREFIX = "step-"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int) -> Path:
+    """Write ``root/step-XXXXXXX`` atomically (temp folder + rename); prune old ones afterwards."""
+    from aetheris.checkpoint import save_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CKPT_PREFIX}{step:07d}"
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    save_model(model, tmp / "model", tokenizer=tokenizer)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it only once the new one is complete
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (temp folders never match)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX) and p.name[len(CKPT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """The manifest of a checkpoint whose files are all present and intact; CheckpointError otherwise."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    if not manifest_path.exists():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: manifest.json is missing (the write never finished)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"checkpoint {folder} has an unreadable manifest.json ({err})") from None
+    for name, meta in files.items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+        if path.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} has {path.stat().st_size} bytes, expected {meta['bytes']}")
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {folder} is corrupt: {name} does not match its checksum")
+    return manifest
+
+
+def find_resume_checkpoint(root: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; rejected ones are reported and skipped."""
+    for folder in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as err:
+            log(f"warning: {err}; falling back to an older checkpoint")
+    return None
+
+
+def _restore_rng(rng: dict, state: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainData:
+    """What the loop consumes: a resumable stream of rows and held-out rows per language."""
+
+    stream: Any  # next_batch(n) -> dict of (n, T) arrays; state_dict(); load_state_dict()
+    val: dict[str, dict]
+    malformed: MalformedLog = field(default_factory=MalformedLog)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    out_dir: Path
+    last_checkpoint: Path | None
+    history: list[dict]  # one record per logged step
+    val_history: list[dict]  # {"step": s, "loss": {lang: ce}}
+    model: Any = None
+    tokenizer: Any = None
+
+
+def build_tokenizer(cfg: RunConfig, train_docs: dict | None, out_dir: Path, accelerator):
+    """Pretrained by name/path, or a BPE trained on the training split (on the main process, shared via disk)."""
+    from aetheris.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    if cfg.tokenizer.name:
+        tok = load_tokenizer(cfg.tokenizer.name)
+    else:
+        folder = out_dir / "tokenizer"
+        if accelerator.is_main_process:
+            n = cfg.tokenizer.bpe_docs_per_language
+            texts = [d.text for lang in sorted(train_docs) for d in train_docs[lang][:n]]
+            train_bpe_tokenizer(texts, cfg.model.vocab_size).save_pretrained(folder)
+        accelerator.wait_for_everyone()
+        tok = load_tokenizer(folder)
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tok)} tokens but model.vocab_size={cfg.model.vocab_size}: "
+            f"set model.vocab_size={len(tok)} (or larger)"
+        )
+    return tok
+
+
+def build_data(cfg: RunConfig, tokenizer_for: Callable[[dict], Any], log: Callable[[str], None] = print):
+    """Load, split, tokenize and pack. ``tokenizer_for(train_docs)`` returns the tokenizer to use."""
+    malformed = MalformedLog()
+    docs = load_documents(cfg.data.sources, cfg.data.languages, malformed)
+    if malformed.total:
+        log(malformed.summary())
+    train_docs, val_docs = split_heldout(docs, cfg.data.val_fraction, seed=cfg.train.seed)
+    tokenizer = tokenizer_for(train_docs)
+    train_ids = {lang: tokenize_documents(d, tokenizer) for lang, d in train_docs.items()}
+    val_ids = {lang: tokenize_documents(d, tokenizer) for lang, d in val_docs.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = PackedStream(train_ids, cfg.data.seq_len, temperature=cfg.data.temperature, seed=cfg.train.seed,
+                          pack=cfg.data.pack, pad_id=pad)
+    val = validation_rows(val_ids, cfg.data.seq_len, cfg.data.val_rows_per_language or None, pad_id=pad)
+    return TrainData(stream, val, malformed), tokenizer
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict]] = lm_loss,
+    model=None,
+    tokenizer=None,
+    data: TrainData | None = None,
+    frozen: dict[str, torch.nn.Module] | None = None,
+    resume: str | Path | bool | None = None,
+    hooks: Sequence[Callable[[dict], None]] = (),
+    accelerator=None,
+) -> TrainResult:
+    """Train ``model`` (default: a fresh ``Aetheris(cfg.model)``) and return what happened.
+
+    ``resume``: True/"latest" = newest good checkpoint in ``out_dir`` (fresh start if none);
+    a path = that checkpoint (an error if it is corrupt). ``hooks`` run after every optimizer step
+    with a dict of the step's numbers (a stage may adjust weights there; a test may stop the run).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    out_dir = Path(t.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    if t.threads:
+        torch.set_num_threads(t.threads)
+
+    # 1. Accelerator and seeds -------------------------------------------------------------------
+    if accelerator is None:
+        precision = t.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        tracker = None if t.tracker in (None, "", "none") else t.tracker
+        accelerator = Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(out_dir))
+    say = accelerator.print
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(t.seed)
+
+    # Which checkpoint (if any) to resume from: decided before building anything.
+    start_ckpt = None
+    if resume:
+        if resume is True or resume == "latest":
+            start_ckpt = find_resume_checkpoint(ckpt_root, log=say)
+            if start_ckpt is None:
+                say(f"no usable checkpoint under {ckpt_root}: starting from scratch")
+        else:
+            start_ckpt = Path(resume)
+            verify_checkpoint(start_ckpt)
+
+    # 2. Tokenizer and data ----------------------------------------------------------------------
+    if tokenizer is None and start_ckpt is not None and not cfg.tokenizer.name:
+        from aetheris.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(start_ckpt / "model")  # the run's own BPE, as saved
+    if data is None:
+        data, tokenizer = build_data(cfg, lambda docs: tokenizer or build_tokenizer(cfg, docs, out_dir, accelerator), say)
+    elif tokenizer is None:
+        tokenizer = build_tokenizer(cfg, None, out_dir, accelerator) if cfg.tokenizer.name else None
+
+    # 3. Model, optimizer, resume ----------------------------------------------------------------
+    if model is None:
+        from aetheris.model import Aetheris
+        mcfg = dataclasses.replace(cfg.model)
+        if tokenizer is not None:
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if getattr(mcfg, name) is None:
+                    setattr(mcfg, name, getattr(tokenizer, name))
+        model = Aetheris(mcfg)
+    step, tokens_seen = 0, 0
+    history, val_history = [], []
+    optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    if start_ckpt is not None:
+        from aetheris.checkpoint import load_model
+        saved = load_model(start_ckpt / "model")
+        model.load_state_dict(saved.state_dict())
+        del saved
+        blob = torch.load(start_ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        state = json.loads((start_ckpt / "state.json").read_text())
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        val_history = state.get("val_history", [])
+        data.stream.load_state_dict(state["data"])
+        _restore_rng(blob["rng"], state)
+        say(f"resumed from {start_ckpt} at step {step}")
+    for module in (frozen or {}).values():
+        module.eval().requires_grad_(False)
+        module.to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers("train", config=_flat_hparams(cfg))
+    metrics_file = out_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if metrics_file.exists():  # drop records past the resume point (a killed run logged them)
+            kept = [line for line in metrics_file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            metrics_file.write_text("".join(line + "\n" for line in kept))
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+
+    rows_per_step = t.micro_batch_size * t.grad_accum * world
+    last_ckpt = start_ckpt
+
+    def checkpoint() -> Path | None:
+        nonlocal last_ckpt
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {
+                "step": step, "tokens_seen": tokens_seen, "data": data.stream.state_dict(),
+                "python_rng": random.getstate(), "numpy_rng": _numpy_state(),
+                "config": to_dict(cfg), "world_size": world, "val_history": val_history,
+            }
+            last_ckpt = save_checkpoint(ckpt_root, step, raw_model, tokenizer, optimizer, state, t.keep_last)
+        accelerator.wait_for_everyone()
+        return last_ckpt
+
+    def evaluate() -> None:
+        losses = validation_loss(raw_model, data.val, t.micro_batch_size, accelerator.device)
+        mean = sum(losses.values()) / max(len(losses), 1)
+        val_history.append({"step": step, "mean": mean, "loss": losses})
+        if accelerator.is_main_process:
+            accelerator.log({"val/loss": mean, **{f"val/loss_{lang}": v for lang, v in losses.items()}}, step=step)
+            worst = max(losses, key=losses.get) if losses else "-"
+            say(f"step {step}: validation loss {mean:.4f} (mean over {len(losses)} languages; worst {worst} {losses.get(worst, 0):.3f})")
+
+    # 4. The loop ------------------------------------------------------------------------------------
+    if step == 0 and data.val:
+        evaluate()
+    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and accelerator.is_local_main_process),
+               desc="train", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        while step < t.max_steps:
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = data.stream.next_batch(rows_per_step)  # the same global batch on every rank
+            loss_sum = torch.zeros((), device=accelerator.device)
+            metric_sums: dict[str, torch.Tensor] = {}
+            for micro in range(t.grad_accum):
+                block = micro * world + rank  # 1 rank x 2 micro-batches == 2 ranks x 1 micro-batch
+                sl = slice(block * t.micro_batch_size, (block + 1) * t.micro_batch_size)
+                batch = {k: torch.as_tensor(v[sl], device=accelerator.device) for k, v in rows.items()}
+                sync = micro == t.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    loss, metrics = loss_fn(model, batch)
+                    accelerator.backward(loss / t.grad_accum)
+                loss_sum += loss.detach().float()
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0) + v.detach().float()
+            # Mean over micro-batches and ranks; every rank sees the same number, so all stop together.
+            loss_mean = accelerator.reduce(loss_sum / t.grad_accum, reduction="mean")
+            grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            grad_norm = torch.as_tensor(grad_norm).float()
+            if not torch.isfinite(loss_mean) or not torch.isfinite(grad_norm):
+                what = "loss" if not torch.isfinite(loss_mean) else "gradient norm"
+                raise NonFiniteLossError(
+                    f"the {what} became {float(loss_mean if what == 'loss' else grad_norm)} at step {step + 1}; "
+                    f"the run stopped before updating the weights. Last good checkpoint: {last_ckpt or 'none yet'}. "
+                    "Try a lower train.lr, a longer warmup, train.grad_clip=1.0, or mixed_precision=no; "
+                    f"then resume with --resume {last_ckpt or ''}".rstrip()
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = int(np.prod(rows["input_ids"].shape))
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            record = {"step": step, "loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen}
+            for k, v in metric_sums.items():
+                v = accelerator.reduce(v / t.grad_accum, reduction="mean")
+                record[k] = v.tolist() if v.ndim else float(v)
+            if step % t.log_every == 0 or step == t.max_steps or step == 1:
+                now = time.perf_counter()
+                record["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
+                window_tokens, window_start = 0, now
+                history.append(record)
+                if accelerator.is_main_process:
+                    _log_step(accelerator, record)
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            for hook in hooks:
+                hook(record)
+            if data.val and (step % t.eval_every == 0 or step == t.max_steps):
+                evaluate()
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                checkpoint()
+    finally:
+        bar.close()
+        if data.malformed.total:
+            say(data.malformed.summary())
+        if accelerator.is_main_process and accelerator.log_with:
+            accelerator.end_training()
+    return TrainResult(step, out_dir, last_ckpt, history, val_history, raw_model, tokenizer)
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _flat_hparams(cfg: RunConfig) -> dict:
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for k, v in (values or {}).items():
+            flat[f"{section}.{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def _log_step(accelerator, record: dict) -> None:
+    scalars = {f"train/{k}": v for k, v in record.items() if isinstance(v, float) and k != "step"}
+    load = record.get("expert_load")
+    if isinstance(load, list):  # (n_moe_layers, E) fractions of tokens per expert
+        for i, layer in enumerate(load):
+            for e, frac in enumerate(layer):
+                scalars[f"expert_load/layer{i}/expert{e}"] = frac
+    accelerator.log(scalars, step=record["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.max_steps=20")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue from the newest good checkpoint in train.out_dir, or from CHECKPOINT")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg, resume=args.resume)
+    except NonFiniteLossError as err:
+        print(f"aetheris train: stopped: {err}", file=sys.stderr)
+        return 3
+    except CheckpointError as err:
+        print(f"aetheris train: error: {err}", file=sys.stderr)
+        return 2
+    if result.val_history:
+        first, last = result.val_history[0], result.val_history[-1]
+        print(f"validation loss {first['mean']:.4f} (step {first['step']}) -> {last['mean']:.4f} (step {last['step']}); "
+              f"checkpoint: {result.last_checkpoint}")
+    return 0
