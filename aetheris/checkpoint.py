@@ -99,13 +99,3 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     model.tag_no_weight_decay()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer saved beside a checkpoint (transformers' AutoTokenizer, local files only)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"no tokenizer files in {folder} ({err}); save the tokenizer with the model "
-                                "(save_model(model, folder, tokenizer=...))") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,13 +79,19 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 # Token-level loop
 # ---------------------------------------------------------------------------------------------------
 
+LogitsProcessor = Callable[[Tensor, Tensor], Tensor]  # (rows (b,), logits (b, V)) -> logits (b, V)
+
+
 @torch.no_grad()
-def decode_tokens(model: Aetheris, input_ids: Tensor, params: SamplingParams,
-                  attention_mask: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (rows, tokens) per step: the batch rows still running and the token each just produced.
+def decode_tokens(model: Aetheris, input_ids: Tensor, params: SamplingParams, attention_mask: Tensor | None = None,
+                  logits_processor: LogitsProcessor | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield (rows, tokens, logits) per step: the batch rows still running, the token each just
+    produced, and the (processed) logits it was sampled from.
 
     input_ids (B, T), left-padded when ``attention_mask`` has zeros. A row stops (and leaves the batch)
     after producing a stop token, which is yielded so the caller sees why it stopped.
+    ``logits_processor`` may mask logits per row (e.g. a grammar); the consumer sees each token before
+    the next step runs, so it can advance per-row state (a grammar matcher) in between.
     """
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
@@ -96,8 +102,10 @@ def decode_tokens(model: Aetheris, input_ids: Tensor, params: SamplingParams,
     logits, cache = out.logits[:, -1], out.cache
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     for i in range(params.max_new_tokens):
+        if logits_processor is not None:
+            logits = logits_processor(rows, logits)
         token = sample(logits, params, generator)                       # (b,)
-        yield rows, token
+        yield rows, token, logits
         done = torch.isin(token, stop_ids)
         if i == params.max_new_tokens - 1:
             return
@@ -117,7 +125,7 @@ def decode_ids(model: Aetheris, input_ids: Tensor, attention_mask: Tensor | None
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop_token_ids=list(stop_token_ids))
     new: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    for rows, tokens in decode_tokens(model, input_ids, params, attention_mask):
+    for rows, tokens, _ in decode_tokens(model, input_ids, params, attention_mask):
         for r, t in zip(rows.tolist(), tokens.tolist()):
             new[r].append(t)
     return new
@@ -275,7 +283,7 @@ def _run(model: Aetheris, tokenizer, prompts, params: SamplingParams) -> Iterato
         return
     stop_set = set(params.stop_token_ids)
     step = 0
-    for rows, tokens in decode_tokens(model, input_ids, params, mask):
+    for rows, tokens, _ in decode_tokens(model, input_ids, params, mask):
         step += 1
         for r, t in zip(rows.tolist(), tokens.tolist()):
             st = states[r]
@@ -323,7 +331,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, load_tokenizer
+    from .checkpoint import load_model
+    from .tokenizer import load_tokenizer
 
     model = load_model(args.model).eval()
     tokenizer = load_tokenizer(args.model)

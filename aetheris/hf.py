@@ -64,13 +64,18 @@ class AetherisForCausalLM(PreTrainedModel):
         """As transformers', but a checkpoint with missing, unexpected or mis-shaped tensors is an error,
         never a model with silently random weights."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
+        fix = "Re-save it with aetheris.checkpoint.save_model, or check that config.json belongs to these weights."
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:
+            if "mismatch" not in str(err):
+                raise
+            raise ValueError(f"checkpoint {where} does not match its config (tensor shapes differ). {fix}") from err
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:
             detail = "; ".join(f"{k}: {sorted(map(str, v))[:8]}" for k, v in problems.items())
-            raise ValueError(f"checkpoint {args[0] if args else ''} does not match its config ({detail}). "
-                             "Re-save it with aetheris.checkpoint.save_model, or check that config.json belongs "
-                             "to these weights.")
+            raise ValueError(f"checkpoint {where} does not match its config ({detail}). {fix}")
         return (model, info) if want_info else model
 
     def get_input_embeddings(self) -> torch.nn.Module:

@@ -163,8 +163,9 @@ class MoE(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (M, D) -> router logits (M, E) fp32, combine weights (M, K), expert indices (M, K)."""
         # The router runs in fp32 even under bf16 autocast: small logit differences decide routing.
+        f = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = F.linear(x.to(f), self.router.weight.to(f))
         probs = logits.softmax(-1)
         top_p, top_i = probs.topk(self.cfg.top_k, dim=-1)                       # (M, K)
         if self.cfg.router_weighting == "renormalized":

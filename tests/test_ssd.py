@@ -1,0 +1,102 @@
+"""The chunked SSD scan, the causal conv and the recurrent step against the plain sequential loop."""
+
+import pytest
+import torch
+
+from aetheris.ssd import causal_conv, segment_index, ssd_chunked, ssd_reference, ssd_step
+
+
+def make_inputs(b=2, T=50, G=2, R=2, P=4, N=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    H = G * R
+    x = torch.randn(b, T, G, P, generator=g, dtype=dtype)
+    dt = torch.rand(b, T, H, generator=g, dtype=dtype) * 0.5 + 0.01
+    A = -(torch.rand(H, generator=g, dtype=dtype) * 2 + 0.1)
+    B = torch.randn(b, T, G, N, generator=g, dtype=dtype)
+    C = torch.randn(b, T, H, N, generator=g, dtype=dtype)
+    return x, dt, A, B, C
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 64])
+@pytest.mark.parametrize("T", [1, 33, 64])
+def test_chunked_equals_reference_forward(chunk, T):
+    x, dt, A, B, C = make_inputs(T=T)
+    y, S = ssd_chunked(x, dt, A, B, C, chunk)
+    y_ref, S_ref = ssd_reference(x, dt, A, B, C)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_chunked_equals_reference_gradients(chunk):
+    inputs = [t.requires_grad_() for t in make_inputs(T=37)]
+    y, S = ssd_chunked(*inputs, chunk)
+    grads = torch.autograd.grad((y.sin().sum() + S.cos().sum()), inputs)
+    inputs_ref = [t.detach().clone().requires_grad_() for t in inputs]
+    y_ref, S_ref = ssd_reference(*inputs_ref)
+    grads_ref = torch.autograd.grad((y_ref.sin().sum() + S_ref.cos().sum()), inputs_ref)
+    for name, g, g_ref in zip("x dt A B C".split(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_fp32_chunked_close_to_reference():
+    x, dt, A, B, C = make_inputs(T=130, dtype=torch.float32)
+    y, _ = ssd_chunked(x, dt, A, B, C, 64)
+    y_ref, _ = ssd_reference(x, dt, A, B, C)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_initial_state_continues_the_scan():
+    x, dt, A, B, C = make_inputs(T=40)
+    y_full, S_full = ssd_chunked(x, dt, A, B, C, 8)
+    y1, S1 = ssd_chunked(x[:, :23], dt[:, :23], A, B[:, :23], C[:, :23], 8)
+    y2, S2 = ssd_chunked(x[:, 23:], dt[:, 23:], A, B[:, 23:], C[:, 23:], 8, initial_state=S1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_full)
+    torch.testing.assert_close(S2, S_full)
+
+
+def test_step_equals_reference():
+    x, dt, A, B, C = make_inputs(T=20)
+    state = torch.zeros(2, 4, 4, 3, dtype=torch.float64)
+    ys = [ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])[0] for t in range(20)]
+    y_ref, S_ref = ssd_reference(x, dt, A, B, C)
+    torch.testing.assert_close(torch.stack(ys, 1), y_ref)
+    torch.testing.assert_close(state, S_ref)
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 64])
+def test_document_boundaries_reset_the_state(chunk):
+    x, dt, A, B, C = make_inputs(b=1, T=45)
+    doc_ids = torch.tensor([[3] * 10 + [7] * 20 + [1] * 15])
+    seg = segment_index(doc_ids)
+    y, _ = ssd_chunked(x, dt, A, B, C, chunk, seg=seg)
+    y_ref, _ = ssd_reference(x, dt, A, B, C, seg=seg)
+    torch.testing.assert_close(y, y_ref)
+    for start, end in [(0, 10), (10, 30), (30, 45)]:  # each document alone
+        y_doc, _ = ssd_chunked(x[:, start:end], dt[:, start:end], A, B[:, start:end], C[:, start:end], chunk)
+        torch.testing.assert_close(y[:, start:end], y_doc)
+
+
+def test_groups_are_expanded_per_head_not_per_row():
+    # Head h must read group h // R (GQA's repeat_kv layout). Make group 1's input zero: then heads
+    # 0..R-1 are non-zero and heads R..H-1 are exactly zero. Per-row expansion would mix them.
+    x, dt, A, B, C = make_inputs(T=12, G=2, R=3)
+    x[:, :, 1] = 0
+    y, _ = ssd_chunked(x, dt, A, B, C, 4)
+    assert (y[:, :, :3].abs().sum(dim=(0, 1, 3)) > 0).all()
+    assert y[:, :, 3:].abs().max() == 0
+
+
+def test_causal_conv_matches_conv1d_and_resets_at_boundaries():
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(2, 19, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    out, state = causal_conv(u, w, bias)
+    ref = torch.nn.functional.conv1d(u.transpose(1, 2), w[:, None], bias, padding=3, groups=5)[..., :19].transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(state, u[:, -3:])
+    seg = segment_index(torch.tensor([[0] * 8 + [1] * 11] * 2))
+    out_seg, _ = causal_conv(u, w, bias, seg=seg)
+    torch.testing.assert_close(out_seg[:, :8], causal_conv(u[:, :8], w, bias)[0])
+    torch.testing.assert_close(out_seg[:, 8:], causal_conv(u[:, 8:], w, bias)[0])
