@@ -310,7 +310,7 @@ def evaluate(lm: LM, tasks: list[str], output: Path, languages: list[str] | None
             scores = module.run(lm, lang, task_options, limit)
             cache.parent.mkdir(parents=True, exist_ok=True)
             payload = {"key": key, "seconds": round(time.time() - t0, 2),
-                       "results": {name: s.to_dict() for name, s in scores.items()}}
+                       "results": {name: s.to_dict(with_outputs=True) for name, s in scores.items()}}
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
             tmp.replace(cache)  # atomic: an interrupted run never leaves half a cache file

@@ -43,6 +43,7 @@ class Scores:
     values: list[float]
     weights: list[float] | None = None  # None: every example weighs 1
     extra: dict[str, float] = field(default_factory=dict)  # secondary metrics (means), reported only
+    outputs: list[str] | None = None  # raw generations, kept in the cache for inspection
 
     @property
     def n(self) -> int:
@@ -52,7 +53,7 @@ class Scores:
     def score(self) -> float:
         return ratio_score(self.values, self.weights)
 
-    def to_dict(self, n_boot: int = 1000, seed: int = 0) -> dict:
+    def to_dict(self, n_boot: int = 1000, seed: int = 0, with_outputs: bool = False) -> dict:
         lo, hi = bootstrap_ci(self.values, self.weights, n_boot=n_boot, seed=seed)
         out = {
             "metric": self.metric,
@@ -66,6 +67,8 @@ class Scores:
         }
         if self.weights is not None:
             out["weights"] = [float(w) for w in self.weights]
+        if with_outputs and self.outputs is not None:
+            out["outputs"] = list(self.outputs)
         return out
 
     @classmethod
@@ -77,6 +80,7 @@ class Scores:
             values=list(d["values"]),
             weights=d.get("weights"),
             extra=dict(d.get("extra", {})),
+            outputs=d.get("outputs"),
         )
 
 

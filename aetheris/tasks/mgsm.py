@@ -171,6 +171,6 @@ def run(lm, lang: str, options: dict, limit: int | None = None) -> dict[str, Sco
     flexible = [exact_match(extract_flexible(o), d["answer"]) for o, d in zip(outputs, docs)]
     ids = [d["id"] for d in docs]
     return {
-        "mgsm": Scores("exact_match_strict", True, ids, strict),
+        "mgsm": Scores("exact_match_strict", True, ids, strict, outputs=outputs),
         "mgsm_flexible": Scores("exact_match_flexible", True, ids, flexible),
     }
