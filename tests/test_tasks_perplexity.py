@@ -1,0 +1,77 @@
+"""Parallel-text perplexity: data for all 70 languages, bits per byte and KL against independent formulas."""
+
+import math
+import os
+
+import pytest
+
+from aetheris.languages import CODES
+from aetheris.tasks import perplexity
+from eval_helpers import save_tiny_cohere2
+
+DATA = os.environ.get("AETHERIS_DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA, reason="AETHERIS_DATA_DIR not set")
+
+
+@needs_data
+def test_every_language_has_text():
+    assert perplexity.languages({}) == list(CODES)
+    for lang in CODES:
+        assert perplexity.data_files(lang, {})[0].exists()
+    assert len(perplexity.load("de")) == 1997
+    jv, pcm = perplexity.load("jv"), perplexity.load("pcm")
+    assert len(jv) == 400 and len(pcm) == 1564
+    assert pcm[0].startswith("How dem take see")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_tokenizer, tmp_path_factory):
+    from aetheris.evaluate import LM
+
+    t = save_tiny_cohere2(tmp_path_factory.mktemp("ppl_teacher"), tiny_tokenizer, seed=3)
+    s = save_tiny_cohere2(tmp_path_factory.mktemp("ppl_student"), tiny_tokenizer, seed=4)
+    return LM.load(str(t), batch_size=3), LM.load(str(s), batch_size=3)
+
+
+@needs_data
+def test_bits_per_byte_and_kl_equal_independent_formulas(models):
+    import torch
+    import torch.nn.functional as F
+
+    teacher, student = models
+    res = perplexity.run(student, "sw", {"teacher": teacher}, limit=4)
+    sentences = perplexity.load("sw")[:4]
+    bits, nbytes, kl_sum, n_tok = 0.0, 0, 0.0, 0
+    for text in sentences:
+        ids = [student.tokenizer.bos_token_id] + student.tokenizer(text, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            ls = torch.log_softmax(student.model(x).logits[0, :-1].float(), -1)
+            lt = torch.log_softmax(teacher.model(x).logits[0, :-1].float(), -1)
+        bits += -float(ls.gather(1, x[0, 1:, None]).sum()) / math.log(2)
+        nbytes += len(text.encode("utf-8"))
+        kl_sum += float(F.kl_div(ls, lt, log_target=True, reduction="sum"))  # KL(teacher || student)
+        n_tok += len(ids) - 1
+    assert res["ppl"].score == pytest.approx(bits / nbytes, rel=1e-4)
+    assert res["ppl"].higher_is_better is False
+    assert res["kl"].score == pytest.approx(kl_sum / n_tok, rel=1e-4)
+    assert res["kl"].score > 0.01
+
+
+@needs_data
+def test_kl_of_a_model_with_itself_is_zero(models):
+    teacher, _ = models
+    res = perplexity.run(teacher, "pcm", {"teacher": teacher}, limit=3)
+    assert res["kl"].score == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_refuses_different_tokenizers(models, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from aetheris.tokenizer import train_bpe_tokenizer
+
+    other = train_bpe_tokenizer(["a tiny corpus for another vocabulary"] * 20, vocab_size=300)
+    teacher, student = models
+    with pytest.raises(ValueError, match="one tokenizer"):
+        perplexity.check_same_tokenizer(SimpleNamespace(tokenizer=other), student)
+    perplexity.check_same_tokenizer(teacher, student)  # same tokenizer: fine
