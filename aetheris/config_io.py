@@ -110,11 +110,33 @@ def build(cls, data: dict | None, where: str = ""):
         sub = _dataclass_of(hints.get(key))
         if sub is not None and (value is not None or hints.get(key) is sub):
             value = build(sub, value, f"{where}{key}.")
+        else:
+            value = _coerce(value, hints.get(key), where + key)
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _coerce(value, tp, key: str):
+    """Numbers written the way YAML 1.1 reads as strings (``1e-3``) become numbers; wrong types are errors."""
+    allowed = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if value is None or tp is None or Any in allowed:
+        return value
+    if float in allowed and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} must be a number") from None
+    if int in allowed and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} must be an integer") from None
+    if bool in allowed and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
 
 
 def to_dict(obj) -> Any:

@@ -420,7 +420,9 @@ def train(
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         tracker = None if t.tracker in (None, "", "none") else t.tracker
-        accelerator = Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(out_dir))
+        # Accelerate only sets up multi-process CPU (gloo) when told cpu=True; on GPUs it picks nccl itself.
+        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        accelerator = Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(out_dir), cpu=multi_cpu)
     say = accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(t.seed)
