@@ -184,8 +184,9 @@ class LM:
         return out
 
     def generate_until(self, prompts: list[str], stops: list[str], max_new_tokens: int = 256,
-                       desc: str = "generating") -> list[str]:
-        """Greedy continuations, each cut at the first stop string (harness ``generate_until``)."""
+                       desc: str = "generating", skip_special_tokens: bool = True) -> list[str]:
+        """Greedy continuations, each cut at the first stop string (harness ``generate_until``).
+        ``skip_special_tokens=False`` keeps markers such as ``<|START_ACTION|>`` in the text."""
         torch = self._torch
         import transformers
 
@@ -201,13 +202,21 @@ class LM:
             kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=self.end_ids, pad_token_id=self.pad_id)
             if hf_generate:
-                kwargs["stopping_criteria"] = transformers.StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, width)])
+                kwargs["stopping_criteria"] = transformers.StoppingCriteriaList(
+                    [_StopOnStrings(self.tokenizer, stops, width, skip_special_tokens)])
             with torch.no_grad():
                 gen = self.model.generate(ids, **kwargs)
             for row, i in enumerate(idx):
                 new = gen[row, width:].tolist()
-                out[i] = cut_at_stops(self.tokenizer.decode(new, skip_special_tokens=True), stops)
+                out[i] = cut_at_stops(self._decode_new(new, skip_special_tokens), stops)
         return out
+
+
+    def _decode_new(self, ids: list[int], skip_special_tokens: bool) -> str:
+        if not skip_special_tokens:  # padding after an early stop is not text
+            while ids and ids[-1] == self.pad_id:
+                ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -225,15 +234,16 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 class _StopOnStrings:
     """Per-row stop for HF ``generate``: a row is done once its decoded new text contains a stop string."""
 
-    def __init__(self, tokenizer, stops: list[str], prompt_len: int):
+    def __init__(self, tokenizer, stops: list[str], prompt_len: int, skip_special_tokens: bool = True):
         self.tokenizer, self.stops, self.prompt_len = tokenizer, [s for s in stops if s], prompt_len
+        self.skip = skip_special_tokens
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
         done = []
         for row in input_ids[:, self.prompt_len:].tolist():
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            text = self.tokenizer.decode(row, skip_special_tokens=self.skip)
             done.append(any(s in text for s in self.stops))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
