@@ -28,6 +28,15 @@ import numpy as np
 
 from aetheris.languages import get_language, group_of
 
+
+def in_registry(code: str) -> bool:
+    """XCOPA's ht and qu are not Tiny Aya languages: they get a drop but no family and no part in DES."""
+    try:
+        get_language(code)
+        return True
+    except ValueError:
+        return False
+
 N_BOOT = 1000
 
 
@@ -98,23 +107,27 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
             )
     per_language = {}
     drops, rel = {}, {}
+    outside = [c for c in common if not in_registry(c)]
     for code in common:
         t, s = t_langs[code]["score"], s_langs[code]["score"]
-        drops[code] = drop(t, s, hib)
-        rel[code] = relative_drop(t, s, hib)
-        lang = get_language(code)
+        lang = get_language(code) if code not in outside else None
         per_language[code] = {
-            "name": lang.name,
-            "family": lang.family,
-            "branch": lang.branch,
+            "name": lang.name if lang else code,
+            "family": lang.family if lang else None,
+            "branch": lang.branch if lang else None,
             "n": t_langs[code]["n"],
             "teacher": t,
             "student": s,
             "teacher_ci95": t_langs[code].get("ci95"),
             "student_ci95": s_langs[code].get("ci95"),
-            "drop": drops[code],
-            "relative_drop": rel[code],
+            "drop": drop(t, s, hib),
+            "relative_drop": relative_drop(t, s, hib),
         }
+        if lang is not None:
+            drops[code], rel[code] = per_language[code]["drop"], per_language[code]["relative_drop"]
+    common = [c for c in common if c not in outside]
+    if not common:
+        raise ValueError("none of the compared languages is in the language registry")
 
     def grouping(level: str) -> dict:
         means = group_means(drops, level)
@@ -138,6 +151,7 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
         "families": families,
         "branches": grouping("branch"),
         "n_families": len(families),
+        "not_grouped": outside,
         "des": des(drops, "family"),
         "des_ci95": _paired_bootstrap_des({c: t_langs[c] for c in common}, {c: s_langs[c] for c in common},
                                           hib, "family", n_boot, seed)
@@ -236,7 +250,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {fam} | {', '.join(v['languages'])} | {_fmt(v['mean_drop'])} | {_fmt(v['mean_relative_drop'])} |")
         lines += ["", "| language | family | n | teacher | student | drop | relative drop |", "|---|---|---|---|---|---|---|"]
         for code, v in t["languages"].items():
-            lines.append(f"| {code} ({v['name']}) | {v['family']} | {v['n']} | {_fmt(v['teacher'])} | "
+            lines.append(f"| {code} ({v['name']}) | {v['family'] or '- (not grouped)'} | {v['n']} | {_fmt(v['teacher'])} | "
                          f"{_fmt(v['student'])} | {_fmt(v['drop'])} | {_fmt(v['relative_drop'])} |")
     if "kl" in report:
         lines += ["", "## KL(teacher || student) per token, nats", "", "| language | KL |", "|---|---|"]
@@ -260,13 +274,17 @@ def plot_drops(report: dict, path: Path) -> None:
     from matplotlib.patches import Patch
 
     tasks = report["tasks"]
-    all_fams = [v["family"] for t in tasks.values() for v in t["languages"].values()]
+
+    def fam(v):
+        return v["family"] or "(not a Tiny Aya language)"
+
+    all_fams = [fam(v) for t in tasks.values() for v in t["languages"].values()]
     colors = _family_colors(all_fams)
     fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6, 0.28 * max(len(t["languages"]) for t in tasks.values()) + 3),
                                                       3.2 * len(tasks)), squeeze=False)
     for ax, (name, t) in zip(axes[:, 0], tasks.items()):
-        items = sorted(t["languages"].items(), key=lambda kv: (kv[1]["family"], kv[0]))
-        ax.bar(range(len(items)), [v["drop"] for _, v in items], color=[colors[v["family"]] for _, v in items])
+        items = sorted(t["languages"].items(), key=lambda kv: (fam(kv[1]), kv[0]))
+        ax.bar(range(len(items)), [v["drop"] for _, v in items], color=[colors[fam(v)] for _, v in items])
         ax.set_xticks(range(len(items)), [c for c, _ in items], rotation=90, fontsize=7)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(f"{name}: drop per language ({t['metric']}); DES = {t['des']:.4g}", fontsize=9)

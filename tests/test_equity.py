@@ -86,3 +86,18 @@ def test_plots_are_pngs(tmp_path):
     for name in ("drops.png", "heat.png"):
         img = matplotlib.image.imread(tmp_path / name)
         assert img.ndim == 3 and img.shape[0] > 100
+
+
+def test_languages_outside_the_registry_get_a_drop_but_no_family():
+    t = _results({**TEACHER, "qu": 0.6, "ht": 0.55})
+    s = _results({**STUDENT, "qu": 0.5, "ht": 0.5}, seed=1)
+    task = build_report(t, s, n_boot=20)["tasks"]["xcopa"]
+    assert task["not_grouped"] == ["qu", "ht"]
+    assert task["languages"]["qu"]["drop"] == pytest.approx(0.1) and task["languages"]["qu"]["family"] is None
+    assert task["des"] == pytest.approx(0.0616667 / 3, rel=1e-5)  # unchanged
+
+
+def test_plots_with_ungrouped_languages(tmp_path):
+    report = build_report(_results({**TEACHER, "qu": 0.6}), _results({**STUDENT, "qu": 0.5}, seed=1), n_boot=20)
+    plot_drops(report, tmp_path / "d.png")
+    assert "not grouped" in render_markdown(report)
