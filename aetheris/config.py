@@ -22,6 +22,7 @@ NORMS = ("layernorm", "rmsnorm")
 GATES = ("silu", "sigmoid")
 ACTIVATIONS = ("silu", "identity")
 ROUTER_WEIGHTINGS = ("renormalized", "softmax")
+SCAN_IMPLS = ("auto", "chunked", "reference", "mamba_ssm")
 
 # Keys transformers writes into config.json that are not ours; tolerated when reading a checkpoint.
 HF_BOOKKEEPING_KEYS = {
@@ -60,6 +61,8 @@ class AetherisConfig:
     """Causal depthwise conv width on x, B, C."""
     chunk_size: int = 64
     """Chunk length of the SSD scan (64 is fastest on CPU)."""
+    scan_impl: str = "auto"
+    """auto: mamba-ssm's fused kernel on CUDA when installed, else chunked; chunked; reference (slow loop)."""
     xbc_activation: str = "silu"
     """Activation after the conv on x, B, C: silu (Mamba-2) or identity (exact linear attention)."""
     gate: str = "silu"
@@ -126,7 +129,7 @@ class AetherisConfig:
         if self.top_k > self.n_experts:
             raise bad("top_k", f"cannot exceed n_experts={self.n_experts}; use top_k <= n_experts")
         for name, choices in (("norm", NORMS), ("gate", GATES), ("xbc_activation", ACTIVATIONS),
-                              ("router_weighting", ROUTER_WEIGHTINGS)):
+                              ("router_weighting", ROUTER_WEIGHTINGS), ("scan_impl", SCAN_IMPLS)):
             if getattr(self, name) not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)}")
         if not (0 < self.dt_min <= self.dt_max):

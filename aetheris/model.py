@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import AetherisConfig
-from .ssd import causal_conv, segment_index, ssd_chunked, ssd_step
+from . import kernels
+from .ssd import causal_conv, segment_index, ssd_chunked, ssd_reference, ssd_step
 
 
 def no_weight_decay(*params: nn.Parameter) -> None:
@@ -82,6 +83,14 @@ class SSMMixer(nn.Module):
         _, x, B, C, _ = self.split_sizes
         return xbc.split([x, B, C], dim=-1)
 
+    def _scan(self, x, dt, A, B, C, seg, initial_state):
+        impl = self.cfg.scan_impl
+        if impl == "reference":
+            return ssd_reference(x, dt, A, B, C, seg=seg, initial_state=initial_state)
+        if impl == "mamba_ssm" or (impl == "auto" and kernels.mamba_ssm_available(x.device)):
+            return kernels.ssd_mamba_ssm(x, dt, A, B, C, self.cfg.chunk_size, seg=seg, initial_state=initial_state)
+        return ssd_chunked(x, dt, A, B, C, self.cfg.chunk_size, seg=seg, initial_state=initial_state)
+
     def forward(self, u: Tensor, seg: Tensor | None = None, pad_mask: Tensor | None = None,
                 state: SSMState | None = None) -> tuple[Tensor, SSMState]:
         """u (B, T, D) -> (B, T, D), plus the state after the last step (for decoding).
@@ -107,8 +116,8 @@ class SSMMixer(nn.Module):
         # 3. Selective scan with a scalar decay per head: a_t = exp(dt_t * A).
         dt = F.softplus(dt + self.dt_bias)                                   # (B, T, H)
         A = -torch.exp(self.A_log.float())                                   # (H,)
-        y, ssm_state = ssd_chunked(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, H, N), cfg.chunk_size,
-                                   seg=seg, initial_state=state.ssm if state is not None else None)
+        y, ssm_state = self._scan(x, dt, A, B.view(Bsz, T, G, N), C.view(Bsz, T, H, N), seg,
+                                  state.ssm if state is not None else None)
         # 4. D skip (x is shared by the heads of its group), gate, project out.
         y = y + self.D.view(1, 1, G, H // G, 1).mul(x[:, :, :, None]).reshape(Bsz, T, H, P)
         y = self._gate(y.reshape(Bsz, T, H * P), z)
@@ -197,11 +206,9 @@ class MoE(nn.Module):
             outs.append(F.linear(h, self.w_down[e]))                                 # (m_e, D)
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) -> (B, T, D) and the (already scaled) aux loss."""
-        shape = x.shape
+    def dispatch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (M, D) -> output (M, D), router logits (M, E), expert indices (M, K)."""
         K = self.cfg.top_k
-        x = x.reshape(-1, shape[-1])                                  # (M, D)
         logits, weights, top_i = self.route(x)
         # 1. Sort the M*K (token, expert) assignments by expert.
         flat_e = top_i.flatten()                                      # (M*K,)
@@ -214,17 +221,16 @@ class MoE(nn.Module):
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, ys)
         self.last_load = counts.detach().float() / flat_e.numel()
-        return out.view(shape), self.aux_loss(logits, top_i)
+        return out, logits, top_i
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> (B, T, D) and the (already scaled) aux loss."""
+        out, logits, top_i = self.dispatch(x.reshape(-1, x.shape[-1]))
+        return out.view(x.shape), self.aux_loss(logits, top_i)
 
     def step(self, x: Tensor) -> Tensor:
-        """Decoding: x (B, D) -> (B, D). Gathers each token's expert weights directly (no sort)."""
-        _, weights, top_i = self.route(x)
-        out = 0
-        for k in range(self.cfg.top_k):
-            e = top_i[:, k]                                                   # (B,)
-            h = F.silu(torch.einsum("bd,bfd->bf", x, self.w_gate[e])) * torch.einsum("bd,bfd->bf", x, self.w_up[e])
-            out = out + torch.einsum("bf,bdf->bd", h, self.w_down[e]) * weights[:, k, None].to(x.dtype)
-        return out
+        """Decoding: x (B, D) -> (B, D). Same sorted dispatch, no aux loss."""
+        return self.dispatch(x)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Shared helpers for the benchmark scripts: median timing, machine description, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--json", type=Path, help="write results to this JSON file")
+    p.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def emit(args: argparse.Namespace, results: dict) -> None:
+    results = {"machine": machine(), "quick": bool(args.quick), **results}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
