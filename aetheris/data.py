@@ -384,6 +384,55 @@ def language_weights(sizes: dict[str, int], temperature: float) -> dict[str, flo
     return {lang: w / total for lang, w in raw.items()}
 
 
+class StreamingDocs:
+    """One language's training documents read lazily from its sources (hub datasets, big files).
+
+    Plays the part of a document list inside ``PackedStream``: ``next()`` returns the next tokenized
+    training document (held-out ones are skipped by the same doc_id hash as ``split_heldout``) and
+    starts a new pass when the sources run out. Its position is the number of documents taken, so a
+    resumed run re-opens the sources and skips that many (slow for very long runs, but exact).
+    """
+
+    def __init__(self, sources: Sequence[dict], lang: str, tokenizer, val_fraction: float, seed: int,
+                 log: MalformedLog, weight: float = 1.0):
+        self.sources, self.lang, self.tokenizer = list(sources), lang, tokenizer
+        self.val_fraction, self.seed, self.log, self.weight = val_fraction, seed, log, weight
+        self.taken, self._it = 0, None
+
+    def __len__(self) -> int:  # the sampling weight stands in for the unknown size
+        return max(1, round(self.weight * 1000))
+
+    def _docs(self) -> Iterator[Document]:
+        while True:
+            got = False
+            for spec in self.sources:
+                for doc in iter_source(spec, [self.lang], self.log):
+                    if _unit_hash(doc.doc_id, self.seed) >= self.val_fraction:
+                        got = True
+                        yield doc
+            if not got:
+                raise ValueError(f"the streaming sources for language {self.lang} gave no training documents")
+
+    def next(self) -> list[int]:
+        if self._it is None:
+            self._it = self._docs()
+            for _ in range(self.taken):  # resume: skip what was already trained on
+                next(self._it)
+        self.taken += 1
+        return tokenize_documents([next(self._it)], self.tokenizer)[0]
+
+    def heldout(self, max_docs: int, max_scanned: int = 100_000) -> list[Document]:
+        """The first ``max_docs`` held-out documents (reads at most ``max_scanned`` records)."""
+        out = []
+        for spec in self.sources:
+            for i, doc in enumerate(iter_source(spec, [self.lang], self.log)):
+                if _unit_hash(doc.doc_id, self.seed) < self.val_fraction:
+                    out.append(doc)
+                if len(out) >= max_docs or i >= max_scanned:
+                    return out
+        return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Packing
 
@@ -411,7 +460,8 @@ class PackedStream:
             raise ValueError(f"data.seq_len must be >= 2, got {seq_len}")
         self.docs, self.seq_len, self.seed, self.pack, self.pad_id = docs, seq_len, seed, pack, pad_id
         self.languages = sorted(docs)
-        weights = language_weights({lang: sum(len(d) for d in docs[lang]) for lang in self.languages}, temperature)
+        sizes = {lang: len(d) if isinstance(d, StreamingDocs) else sum(len(x) for x in d) for lang, d in docs.items()}
+        weights = language_weights(sizes, temperature)  # tokens per language (streams: a stand-in weight)
         self.probs = np.array([weights[lang] for lang in self.languages])
         self.rng = np.random.default_rng(seed)
         self.cursor = {lang: 0 for lang in self.languages}
@@ -425,8 +475,11 @@ class PackedStream:
         li = int(self.rng.choice(len(self.languages), p=self.probs))
         lang = self.languages[li]
         key = (lang, self.epoch[lang])
-        if key not in self._perm_cache:
+        if key not in self._perm_cache and not isinstance(self.docs[lang], StreamingDocs):
             self._perm_cache = {key: np.random.default_rng([self.seed, li, self.epoch[lang]]).permutation(len(self.docs[lang]))}
+        if isinstance(self.docs[lang], StreamingDocs):
+            self.cursor[lang] += 1
+            return self.docs[lang].next(), li
         doc = self.docs[lang][int(self._perm_cache[key][self.cursor[lang]])]
         self.cursor[lang] += 1
         if self.cursor[lang] == len(self.docs[lang]):
@@ -488,6 +541,9 @@ class PackedStream:
         self.rng.bit_generator.state = state["rng"]
         self.cursor, self.epoch = dict(state["cursor"]), dict(state["epoch"])
         self.pending, self.pending_lang, self.rows = list(state["pending"]), state["pending_lang"], state["rows"]
+        for lang, docs in self.docs.items():
+            if isinstance(docs, StreamingDocs):  # streams keep no epochs: the cursor counts documents taken
+                docs.taken, docs._it = self.cursor[lang], None
 
 
 def validation_rows(docs: dict[str, Sequence[list[int]]], seq_len: int, max_rows_per_language: int | None = None,

@@ -91,6 +91,9 @@ class DataConfig:
     """Fraction of documents held out (by document id, the same documents in every language)."""
     val_rows_per_language: int = 4
     """Validation rows (of seq_len tokens) per language; 0 = all held-out text."""
+    streaming: bool = False
+    """Read sources lazily per language (hub datasets, corpora too big for memory); languages are then
+    sampled uniformly (sizes are unknown) and validation uses the first held-out documents."""
 
 
 @dataclass
@@ -372,6 +375,8 @@ def build_tokenizer(cfg: RunConfig, train_docs: dict | None, out_dir: Path, acce
 def build_data(cfg: RunConfig, tokenizer_for: Callable[[dict], Any], log: Callable[[str], None] = print):
     """Load, split, tokenize and pack. ``tokenizer_for(train_docs)`` returns the tokenizer to use."""
     malformed = MalformedLog()
+    if cfg.data.streaming:
+        return _build_streaming_data(cfg, tokenizer_for, malformed)
     docs = load_documents(cfg.data.sources, cfg.data.languages, malformed)
     if malformed.total:
         log(malformed.summary())
@@ -383,6 +388,26 @@ def build_data(cfg: RunConfig, tokenizer_for: Callable[[dict], Any], log: Callab
     stream = PackedStream(train_ids, cfg.data.seq_len, temperature=cfg.data.temperature, seed=cfg.train.seed,
                           pack=cfg.data.pack, pad_id=pad)
     val = validation_rows(val_ids, cfg.data.seq_len, cfg.data.val_rows_per_language or None, pad_id=pad)
+    return TrainData(stream, val, malformed), tokenizer
+
+
+def _build_streaming_data(cfg: RunConfig, tokenizer_for, malformed: MalformedLog):
+    from itertools import islice
+
+    from aetheris.data import StreamingDocs, resolve_languages
+
+    d = cfg.data
+    streams = {lang: StreamingDocs(d.sources, lang, None, d.val_fraction, cfg.train.seed, malformed)
+               for lang in resolve_languages(d.languages)}
+    sample = {lang: list(islice(s._docs(), cfg.tokenizer.bpe_docs_per_language)) for lang, s in streams.items()}
+    tokenizer = tokenizer_for(sample)
+    for s in streams.values():
+        s.tokenizer = tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    val_docs = {lang: s.heldout(max_docs=max(8, 4 * (d.val_rows_per_language or 8))) for lang, s in streams.items()}
+    val_ids = {lang: tokenize_documents(v, tokenizer) for lang, v in val_docs.items() if v}
+    stream = PackedStream(streams, d.seq_len, temperature=d.temperature, seed=cfg.train.seed, pack=d.pack, pad_id=pad)
+    val = validation_rows(val_ids, d.seq_len, d.val_rows_per_language or None, pad_id=pad)
     return TrainData(stream, val, malformed), tokenizer
 
 

@@ -213,3 +213,27 @@ def test_hub_source_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="point the config at local files"):
         load_documents([{"type": "hub", "name": "aetheris-test/does-not-exist", "language": "sw"}], ["sw"])
+
+
+def test_streaming_sources_resume_exactly_and_hold_out_documents(tmp_path, tiny_tokenizer):
+    from aetheris.data import StreamingDocs, _unit_hash
+
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps({"text": f"hati namba {i} " * (1 + i % 5), "lang": "sw" if i % 3 else "en", "id": i}) for i in range(300)]
+    path.write_text("\n".join(lines) + "\n")
+    src = [{"type": "jsonl", "path": str(path), "id_field": "id"}]
+
+    def make():
+        docs = {lang: StreamingDocs(src, lang, tiny_tokenizer, 0.1, 0, MalformedLog()) for lang in ("en", "sw")}
+        return PackedStream(docs, seq_len=24, seed=0), docs
+
+    a, docs = make()
+    a.next_batch(30)  # more than one pass over the English documents
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = a.next_batch(10)
+    b, _ = make()
+    b.load_state_dict(state)
+    got = b.next_batch(10)
+    assert all((expected[k] == got[k]).all() for k in expected)
+    held = docs["sw"].heldout(max_docs=100)
+    assert held and all(_unit_hash(d.doc_id, 0) < 0.1 for d in held)
