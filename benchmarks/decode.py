@@ -36,7 +36,8 @@ def models(quick: bool):
                                       d_state=D // heads, n_groups=kv, d_ff=Fh, max_seq_len=1 << 20)).eval()
     teacher_cfg = Cohere2Config(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=heads,
                                 num_key_value_heads=kv, intermediate_size=Fh, max_position_embeddings=1 << 15,
-                                layer_types=["full_attention"] * L, sliding_window=None)
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                layer_types=["full_attention"] * L, sliding_window=1 << 15)  # all layers attend fully
     teacher = Cohere2ForCausalLM(teacher_cfg).eval()
     return student, teacher
 
