@@ -317,7 +317,7 @@ def plot_heatmap(report: dict, path: Path) -> None:
         col = raw[:, j]
         m = np.nanmax(np.abs(col)) if np.isfinite(col).any() else 0
         scaled[:, j] = col / m if m > 0 else 0 * col
-    fig, ax = plt.subplots(figsize=(2 + 1.3 * len(tasks), 1 + 0.4 * len(fams)))
+    fig, ax = plt.subplots(figsize=(4 + 1.3 * len(tasks), 1.2 + 0.4 * len(fams)))
     im = ax.imshow(np.ma.masked_invalid(scaled), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(fams)), fams)
@@ -325,7 +325,7 @@ def plot_heatmap(report: dict, path: Path) -> None:
         for j in range(len(tasks)):
             if np.isfinite(raw[i, j]):
                 ax.text(j, i, f"{raw[i, j]:.3g}", ha="center", va="center", fontsize=7)
-    ax.set_title("mean drop per family (red = student loses more; colour scaled per task)", fontsize=9)
+    ax.set_title("mean drop per family\n(red = student loses more; colour scaled per task)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
