@@ -100,3 +100,24 @@ def test_missing_data_names_the_setting(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--tasks", "mgsm"]) == 2
     err = capsys.readouterr().err
     assert "AETHERIS_DATA_DIR" in err and "mgsm_bn.tsv" in err
+
+
+def test_aetheris_checkpoint_through_the_adapter(tiny_tokenizer, tmp_path):
+    """An Aetheris student loads like any HF causal LM; batching (right-padded scoring, left-padded
+    generation) does not change its log-likelihoods or generations."""
+    from aetheris.checkpoint import save_model
+    from aetheris.config import AetherisConfig
+    from aetheris.evaluate import LM
+    from aetheris.model import Aetheris
+    from aetheris.tasks import mgsm, xcopa
+
+    tok = tiny_tokenizer
+    cfg = AetherisConfig(vocab_size=len(tok), d_model=64, n_layer=2, n_heads=4, head_dim=16, d_state=16, n_groups=2,
+                         d_ff=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    save_model(Aetheris(cfg), tmp_path / "aeth", tokenizer=tok)
+    batched, single = LM.load(str(tmp_path / "aeth"), batch_size=3), LM.load(str(tmp_path / "aeth"), batch_size=1)
+    reqs = [r for d in xcopa.load("zh", {})[:3] for r in xcopa.requests(d, "zh")]
+    assert batched.loglikelihood(reqs) == pytest.approx(single.loglikelihood(reqs), abs=1e-4)
+    prompts = [mgsm.build_prompt(d["question"], "sw") for d in mgsm.load("sw")[:3]]
+    assert batched.generate_until(prompts, mgsm.stop_strings("sw"), 32) == single.generate_until(prompts, mgsm.stop_strings("sw"), 32)
