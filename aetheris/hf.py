@@ -38,6 +38,12 @@ class AetherisHFConfig(PretrainedConfig):
         for key, value in cfg.to_dict().items():
             setattr(self, key, value)
 
+    def _get_generation_parameters(self) -> dict[str, Any]:
+        # transformers refuses to save a model config holding generation-parameter names; ``top_k`` is
+        # ours (experts per token), not a sampling setting.
+        own = AetherisConfig().to_dict()
+        return {k: v for k, v in super()._get_generation_parameters().items() if k not in own}
+
     def to_aetheris(self) -> AetherisConfig:
         return AetherisConfig.from_dict({k: getattr(self, k) for k in AetherisConfig().to_dict()})
 

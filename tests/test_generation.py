@@ -115,6 +115,10 @@ def test_save_then_auto_model_gives_identical_logits(model, tiny_tokenizer, tmp_
     assert out[0, 5:].tolist() == decode_ids(model, x[:1, :5], max_new_tokens=6)[0]
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert tok("hello")["input_ids"] == tiny_tokenizer("hello")["input_ids"]
+    # transformers' own save_pretrained round-trips too (and our loader reads what it writes).
+    hf.save_pretrained(tmp_path / "hf")
+    assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(x).logits, expected)
+    assert torch.equal(load_model(tmp_path / "hf").eval()(x).logits, expected)
 
 
 def test_broken_checkpoints_are_errors_not_random_weights(model, tmp_path):
