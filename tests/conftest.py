@@ -25,3 +25,45 @@ def tiny_tokenizer():
     from aetheris.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(corpus_slice(), vocab_size=768)
+
+
+def _tiny_cohere2_config(vocab_size: int, tokenizer=None):
+    from transformers import Cohere2Config
+
+    # Tiny Aya's structure scaled down: parallel block, GQA (4 heads / 2 kv heads), [sliding x3, full]
+    # layer pattern with RoPE only on the sliding layers, tied embeddings, logit_scale != 1.
+    return Cohere2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, logit_scale=0.5,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], sliding_window=32,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 50_000.0},
+        tie_word_embeddings=True, attn_implementation="eager",
+        pad_token_id=getattr(tokenizer, "pad_token_id", 0) or 0,
+        bos_token_id=getattr(tokenizer, "bos_token_id", None), eos_token_id=getattr(tokenizer, "eos_token_id", None),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_cohere2_teacher(tiny_tokenizer):
+    """A tiny ``Cohere2ForCausalLM`` (same transformers code path as Tiny Aya), vocab = the tiny tokenizer,
+    briefly trained (a few seconds, CPU) on the 70-language corpus slice so its distributions have structure
+    a student can be measured against. Frozen, eval mode, fp32. Never touches the hub."""
+    import torch
+    from transformers import Cohere2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Cohere2ForCausalLM(_tiny_cohere2_config(len(tiny_tokenizer), tiny_tokenizer))
+    ids = [i for text in corpus_slice(20) for i in tiny_tokenizer.encode(text, add_special_tokens=False)]
+    seq = 64
+    rows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(60):
+        batch = rows[torch.randint(len(rows), (16,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval().requires_grad_(False)
+    return model
