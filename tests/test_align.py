@@ -1,0 +1,132 @@
+"""Stage 1 alignment: the distill CLI end to end on the tiny Cohere2 teacher (KL random > transfer > aligned,
+per-pair errors fall, report JSON), mixer-only then whole-pair training, stage parsing, configs, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aetheris.distill import build_student, load_distill_config, make_align_loss, parse_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_cohere2_teacher, tiny_tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("nano-teacher")
+    tiny_cohere2_teacher.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _overrides(teacher_dir, out_dir, *extra):
+    return [f"teacher.name={teacher_dir}", f"train.out_dir={out_dir}", "train.progress=false",
+            "data.languages=[en, sw, hi, zh, ar, yo, fr, ru]",
+            "data.sources=[{type: corpus, max_lines_per_language: 150}]",
+            "train.eval_every=1000", "train.checkpoint_every=1000", *extra]
+
+
+def test_distill_align_cli_kl_random_vs_transfer_vs_aligned(teacher_dir, tmp_path):
+    from aetheris.checkpoint import load_model
+    from aetheris.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["distill", "--config", str(ROOT / "configs" / "nano-align.yaml"), "--stages", "align",
+               *_overrides(teacher_dir, out, "train.max_steps=120", "student.n_pairs=2")])
+    assert rc == 0
+    report = json.loads((out / "align_report.json").read_text())
+    random_kl, transfer_kl, aligned_kl = (report[k]["mean"] for k in ("kl_random_init", "kl_after_transfer", "kl_after_align"))
+    assert transfer_kl < 0.5 * random_kl          # the transfer alone already carries most of the teacher
+    assert aligned_kl < transfer_kl               # alignment brings it closer again
+    assert set(report["kl_after_align"]["per_language"]) == {"en", "sw", "hi", "zh", "ar", "yo", "fr", "ru"}
+    assert [p["teacher_layers"] for p in report["layers_after_align"]] == [[0, 1], [2, 3]]
+    for before, after in zip(report["layers_after_transfer"], report["layers_after_align"]):
+        assert after["relative_error"] < before["relative_error"] and after["cosine"] > before["cosine"]
+    assert report["mixer_only_steps"] == 60 and report["steps"] == 120
+    student = load_model(out / "student")
+    assert student.cfg.n_layer == 4 and student.cfg.logit_scale == 0.5
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").exists()
+
+
+def test_mixer_only_phase_then_whole_pair(tiny_cohere2_teacher):
+    from aetheris.model import Aetheris, SSMMixer
+    from aetheris.transfer import layer_map, student_config, transfer
+
+    tcfg = tiny_cohere2_teacher.config
+    student = Aetheris(student_config(tcfg, n_pairs=4, gate="sigmoid", xbc_activation="identity", ssm_norm=False))
+    pairs = layer_map(4, 4)
+    transfer(tiny_cohere2_teacher, student, pairs)
+    progress = {"step": 0}
+    loss_fn = make_align_loss(tiny_cohere2_teacher, pairs, mixer_only_steps=5, progress=progress)
+    batch = {"input_ids": torch.randint(0, tcfg.vocab_size, (2, 16))}
+    mixer_ids = {id(p) for m in student.modules() if isinstance(m, SSMMixer) for p in m.parameters()}
+    for step, whole in ((0, False), (5, True)):
+        student.zero_grad(set_to_none=True)
+        progress["step"] = step
+        loss, metrics = loss_fn(student, batch)
+        loss.backward()
+        assert metrics["pair_nmse"].shape == (4,) and float(metrics["mixer_only"]) == (not whole)
+        for name, p in student.named_parameters():
+            if id(p) in mixer_ids and not name.endswith(("in_proj.weight", "out_proj.weight", "A_log", "dt_bias", "D",
+                                                         "conv_weight", "conv_bias")):
+                continue
+            used = not name.startswith(("embed", "norm_f"))  # the pair loss never touches embeddings or the head
+            expect_grad = used and (whole or id(p) in mixer_ids)
+            assert (p.grad is not None) == expect_grad, name
+
+
+def test_stages_are_a_comma_list_and_later_stages_say_not_yet():
+    assert parse_stages("align") == ["align"]
+    with pytest.raises(ValueError, match="unknown stage 'kd'.*align, kl, sft"):
+        parse_stages("align,kd")
+    with pytest.raises(NotImplementedError, match="not implemented yet in this version"):
+        parse_stages("align,kl")
+
+
+def test_cli_refuses_unbuilt_stage_before_running(capsys, tmp_path):
+    from aetheris.cli import main
+
+    rc = main(["distill", "--config", str(tmp_path / "missing.yaml"), "--stages", "align,sft"])
+    assert rc == 2 and "not implemented yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["nano-align.yaml", "tiny-aya-align.yaml"])
+def test_align_configs_load_and_validate(name):
+    path = ROOT / "configs" / name
+    first = path.read_text().splitlines()[0]
+    assert first == f"# aetheris distill --config configs/{name} --stages align"
+    cfg = load_distill_config(path)
+    assert cfg.student.options["gate"] == "sigmoid"
+    if name == "tiny-aya-align.yaml":
+        assert "accelerate launch" in path.read_text()
+        from test_transfer import tiny_aya_config
+
+        scfg, pairs = build_student(cfg, tiny_aya_config())
+        assert len(pairs) == 12 and [p.init for p in pairs][:2] == [2, 5]
+        counts = scfg.param_counts()
+        assert abs(counts["total"] - 3.96e9) < 0.01e9 and abs(counts["active"] - 1.52e9) < 0.01e9
+
+
+def test_student_fields_that_follow_the_teacher_cannot_be_overridden(tiny_cohere2_teacher):
+    cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml", ["student.options.n_heads=8"])
+    with pytest.raises(ValueError, match="n_heads"):
+        build_student(cfg, tiny_cohere2_teacher.config)
+    with pytest.raises(ValueError, match="did you mean 'n_heads'"):
+        load_distill_config(ROOT / "configs" / "nano-align.yaml", ["student.options.n_head=8"])
+
+
+def test_unsupported_teacher_fails_before_training(tmp_path):
+    from transformers import GPT2Config
+
+    from aetheris.distill import run_align
+    from aetheris.teacher import TeacherError
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml",
+                              [f"teacher.name={tmp_path / 'gpt2'}", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(TeacherError, match="supported: Cohere2ForCausalLM"):
+        run_align(cfg)
+    assert not (tmp_path / "run").exists()
