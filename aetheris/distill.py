@@ -210,10 +210,13 @@ def report_rows(val: dict[str, dict], per_language: int) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def heldout_kl(teacher, student, rows: dict[str, Tensor], pad_id: int | None = None, batch_size: int = 8) -> dict:
+def heldout_kl(teacher, student, rows: dict[str, Tensor], pad_id: int | None = None, batch_size: int = 1,
+               chunk: int = 256) -> dict:
     """Per-token KL(p_teacher || p_student) in nats: mean over every (non-pad) position, per language and overall.
 
     Same formula as ``tasks.perplexity.kl_per_sequence`` (which works on evaluation adapters, not raw rows).
+    With a 262k vocabulary one position's fp32 distribution is 1 MiB, so the softmaxes run ``chunk``
+    positions at a time.
     """
     device = next(student.parameters()).device
     per_lang, total, count = {}, 0.0, 0
@@ -221,11 +224,14 @@ def heldout_kl(teacher, student, rows: dict[str, Tensor], pad_id: int | None = N
         s, n = 0.0, 0
         for start in range(0, len(ids), batch_size):
             x = ids[start:start + batch_size].to(device)
-            t = torch.log_softmax(teacher(input_ids=x).logits.float(), -1)
-            q = torch.log_softmax(student(x).logits.float(), -1)
-            kl = (t.exp() * (t - q)).sum(-1)                      # (B, T)
-            mask = torch.ones_like(kl, dtype=torch.bool) if pad_id is None else x != pad_id
-            s, n = s + float(kl[mask].sum()), n + int(mask.sum())
+            t_logits, s_logits = teacher(input_ids=x).logits, student(x).logits     # (B, T, V)
+            for c in range(0, x.shape[1], chunk):
+                t = torch.log_softmax(t_logits[:, c:c + chunk].float(), -1)
+                q = torch.log_softmax(s_logits[:, c:c + chunk].float(), -1)
+                kl = (t.exp() * (t - q)).sum(-1)                                  # (B, chunk)
+                xs = x[:, c:c + chunk]
+                mask = torch.ones_like(kl, dtype=torch.bool) if pad_id is None else xs != pad_id
+                s, n = s + float(kl[mask].sum()), n + int(mask.sum())
         per_lang[lang] = s / max(n, 1)
         total, count = total + s, count + n
     return {"mean": total / max(count, 1), "per_language": per_lang, "tokens": count}

@@ -130,3 +130,39 @@ def test_unsupported_teacher_fails_before_training(tmp_path):
     with pytest.raises(TeacherError, match="supported: Cohere2ForCausalLM"):
         run_align(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_heldout_kl_is_zero_against_itself_and_chunking_does_not_matter(tiny_cohere2_teacher):
+    from aetheris.distill import heldout_kl
+    from aetheris.model import Aetheris
+    from aetheris.transfer import student_config
+
+    rows = {"en": torch.randint(0, tiny_cohere2_teacher.config.vocab_size, (3, 20))}
+
+    class AsStudent(torch.nn.Module):  # the teacher wearing the student's call signature
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(input_ids=x)
+
+    assert heldout_kl(tiny_cohere2_teacher, AsStudent(tiny_cohere2_teacher), rows)["mean"] == pytest.approx(0, abs=1e-6)
+    student = Aetheris(student_config(tiny_cohere2_teacher.config, n_pairs=2)).eval()
+    a = heldout_kl(tiny_cohere2_teacher, student, rows, batch_size=3, chunk=256)
+    b = heldout_kl(tiny_cohere2_teacher, student, rows, batch_size=1, chunk=7)
+    assert a["tokens"] == b["tokens"] == 60 and a["mean"] == pytest.approx(b["mean"], rel=1e-5) and a["mean"] > 0
+
+
+def test_align_resumes_from_its_checkpoint(teacher_dir, tmp_path):
+    from aetheris.cli import main
+
+    out = tmp_path / "run"
+    base = ["distill", "--config", str(ROOT / "configs" / "nano-align.yaml"), "--stages", "align"]
+    common = [*_overrides(teacher_dir, out, "student.n_pairs=2", "train.max_steps=10", "train.checkpoint_every=5")]
+    assert main(base + common) == 0
+    assert main(base + [*common[:-2], "train.max_steps=14", "train.checkpoint_every=7", "--resume"]) == 0
+    report = json.loads((out / "align_report.json").read_text())
+    assert report["steps"] == 14
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 14
