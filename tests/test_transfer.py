@@ -199,3 +199,26 @@ def test_llama_teacher_transfers_with_rmsnorm():
     _no_decay(mixer)
     u = torch.randn(1, 10, 32, dtype=torch.float64)
     torch.testing.assert_close(mixer(u)[0], linear_attention(teacher.model.layers[1].self_attn, u), rtol=1e-10, atol=1e-10)
+
+
+def test_span_dt_init_follows_each_layers_attention_span(tiny_cohere2_teacher):
+    teacher = tiny_cohere2_teacher
+    cfg = student_config(teacher.config, n_pairs=4, **EXACT)
+    student = Aetheris(cfg)
+    sources = transfer(teacher, student, dt_init="span")
+    for k, span in enumerate([32, 32, 32, 256]):  # sliding window on layers 0-2, full context on layer 3
+        _, mixer, _ = pair_modules(student, k)
+        dt = torch.nn.functional.softplus(mixer.dt_bias)
+        assert torch.all(mixer.A_log == 0)          # A = -1: decay per step exp(-dt)
+        torch.testing.assert_close(torch.exp(-dt * span), torch.full_like(dt, 0.01))
+    assert unmapped(student, sources) == []
+
+
+def test_expert_noise_makes_experts_differ_but_stay_close(tiny_cohere2_teacher):
+    cfg = student_config(tiny_cohere2_teacher.config, n_pairs=2, **EXACT)
+    student = Aetheris(cfg)
+    transfer(tiny_cohere2_teacher, student, expert_noise=0.01)
+    _, _, moe = pair_modules(student, 0)
+    w = tiny_cohere2_teacher.model.layers[1].mlp.up_proj.weight
+    assert not torch.equal(moe.w_up[0], moe.w_up[1])
+    assert float((moe.w_up - w).detach().std()) == pytest.approx(0.01 * float(w.std()), rel=0.1)
