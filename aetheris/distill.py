@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -295,7 +296,9 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     from aetheris.transfer import transfer
 
     out_dir = Path(cfg.train.out_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Under torchrun / accelerate launch every process measures on its own GPU; only rank 0 writes files.
+    local_rank, main_process = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("RANK", 0)) == 0
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     # 1. Teacher, student config (fails before any data or weights are touched), tokenizer, data.
     if teacher is None:
         from aetheris.teacher import load_teacher_config
@@ -355,9 +358,10 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     log(f"after alignment: KL {report['kl_after_align']['mean']:.4f} nats/token; per pair relative error "
         + ", ".join(f"{b['relative_error']:.3f}->{a['relative_error']:.3f}"
                     for b, a in zip(report["layers_after_transfer"], report["layers_after_align"])))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "align_report.json").write_text(json.dumps(report, indent=1, default=str))
-    save_model(student.cpu(), out_dir / "student", tokenizer=tokenizer)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "align_report.json").write_text(json.dumps(report, indent=1, default=str))
+        save_model(student.cpu(), out_dir / "student", tokenizer=tokenizer)
     return report
 
 
