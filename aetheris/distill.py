@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from aetheris.config import AetherisConfig
-from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml, to_dict
+from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml
 from aetheris.teacher import DEFAULT_TEACHER, DTYPES
 from aetheris.train import DataConfig, RunConfig, TokenizerConfig, TrainConfig
 
