@@ -154,12 +154,22 @@ def parse_stages(text: str) -> list[str]:
 
 
 def pair_forward(student, k: int, h: Tensor) -> tuple[Tensor, Tensor]:
-    """Student pair k on a residual stream h (B, T, D) -> (h after the pair, MoE aux loss)."""
+    """Student pair k on a residual stream h (B, T, D) -> (h after the pair, MoE aux loss).
+
+    Honours ``gradient_checkpointing`` as the model's own forward does (one checkpoint per layer).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def call(layer, h):
+        if student.cfg.gradient_checkpointing and student.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, None, None, use_reentrant=False)
+        return layer(h, None, None)
+
     if student.cfg.parallel_pairs:
-        h, aux, _ = student.layers[k](h, None, None)
+        h, aux, _ = call(student.layers[k], h)
         return h, aux
-    h, _, _ = student.layers[2 * k](h, None, None)
-    h, aux, _ = student.layers[2 * k + 1](h, None, None)
+    h, _, _ = call(student.layers[2 * k], h)
+    h, aux, _ = call(student.layers[2 * k + 1], h)
     return h, aux
 
 

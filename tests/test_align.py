@@ -166,3 +166,24 @@ def test_align_resumes_from_its_checkpoint(teacher_dir, tmp_path):
     assert report["steps"] == 14
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 14
+
+
+def test_pair_forward_with_gradient_checkpointing_gives_the_same_gradients(tiny_cohere2_teacher):
+    import copy
+
+    from aetheris.distill import pair_forward
+    from aetheris.model import Aetheris
+    from aetheris.transfer import student_config
+
+    torch.manual_seed(0)
+    plain = Aetheris(student_config(tiny_cohere2_teacher.config, n_pairs=2)).double().train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.cfg.gradient_checkpointing = True
+    h = torch.randn(2, 9, tiny_cohere2_teacher.config.hidden_size, dtype=torch.float64)
+    for m in (plain, ckpt):
+        out, aux = pair_forward(m, 1, h)
+        (out.square().sum() + aux).backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
