@@ -1,0 +1,128 @@
+"""Distillation losses are equivalences: KL(p||p) = 0, KL >= 0, chunked == unchunked, padding never counts,
+per-token (not batchmean) reduction, top-k cache KL with k = V == full KL, gradients through checkpointed chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aetheris.losses import (
+    KINDS,
+    cached_distill_loss,
+    chunked_divergence,
+    distill_loss,
+    per_group_mean,
+    token_divergence,
+    topk_kl,
+    topk_teacher,
+    valid_positions,
+)
+
+
+def _logits(seed, shape=(3, 17, 50), scale=3.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_divergence_of_a_distribution_with_itself_is_zero_and_otherwise_positive():
+    a, b = _logits(0), _logits(1)
+    for kind in KINDS:
+        assert token_divergence(a, a, kind).abs().max() < 1e-5
+        d = token_divergence(a, b, kind, temperature=2.0)
+        assert (d >= -1e-6).all() and d.mean() > 0.01
+
+
+def test_forward_kl_matches_torch_kl_div_per_token():
+    a, b = _logits(2), _logits(3)
+    ref = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(token_divergence(a, b, "forward"), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(token_divergence(a, b, "reverse"), token_divergence(b, a, "forward"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_unchunked_values_and_gradients(kind):
+    t = _logits(4)
+    labels = torch.randint(0, 50, (3, 17))
+    labels[1, 9:] = -100
+    grads = []
+    values = []
+    for chunk in (1000, 5, 1):
+        s = _logits(5).requires_grad_(True)
+        loss = distill_loss(t, s, labels, kind, temperature=1.7, chunk=chunk)
+        loss.backward()
+        values.append(loss.detach())
+        grads.append(s.grad)
+    for v, g in zip(values[1:], grads[1:]):
+        torch.testing.assert_close(v, values[0])
+        torch.testing.assert_close(g, grads[0])
+
+
+def test_padding_and_masked_positions_never_contribute():
+    t, s = _logits(6), _logits(7)
+    labels = torch.randint(0, 50, (3, 17))
+    labels[0, 10:] = -100
+    base = distill_loss(t, s, labels)
+    t2, s2 = t.clone(), s.clone()
+    t2[0, 9:] = torch.randn(8, 50) * 10  # position 9 predicts label 10 (masked), so 9.. are free to change
+    s2[0, 9:] = torch.randn(8, 50) * 10
+    torch.testing.assert_close(distill_loss(t2, s2, labels), base)
+    s3 = s.clone().requires_grad_(True)
+    distill_loss(t, s3, labels).backward()
+    assert s3.grad[0, 9:].abs().max() == 0 and s3.grad[:, -1].abs().max() == 0
+
+
+def test_mean_is_per_valid_token_not_batchmean():
+    t, s = _logits(8), _logits(9)
+    labels = torch.randint(0, 50, (3, 17))
+    labels[2, 4:] = -100
+    mask = valid_positions(labels)
+    per_tok = token_divergence(t, s)
+    expected = per_tok[mask].mean()
+    torch.testing.assert_close(distill_loss(t, s, labels), expected)
+    assert int(mask.sum()) == 2 * 16 + 3
+
+
+def test_temperature_scales_by_tau_squared():
+    t, s = _logits(10), _logits(11)
+    labels = torch.randint(0, 50, (3, 17))
+    per_pos, n = chunked_divergence(t, s, valid_positions(labels), temperature=2.0)
+    torch.testing.assert_close(distill_loss(t, s, labels, temperature=2.0), 4.0 * per_pos.sum() / n)
+
+
+def test_vocabulary_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="same vocabulary"):
+        distill_loss(_logits(0, (1, 4, 50)), _logits(0, (1, 4, 51)), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_topk_cache_with_k_equal_v_is_the_full_kl_and_a_lower_bound_otherwise():
+    t, labels = _logits(12), torch.randint(0, 50, (3, 17))
+    s = _logits(13)
+    full = distill_loss(t, s, labels, temperature=1.5)
+    values, ids, tail = topk_teacher(t, k=50, temperature=1.5)
+    torch.testing.assert_close(cached_distill_loss(values, ids, tail, s, labels, temperature=1.5), full,
+                               atol=1e-5, rtol=1e-5)
+    for k in (1, 5, 20):
+        values, ids, tail = topk_teacher(t, k=k, temperature=1.5)
+        approx = cached_distill_loss(values, ids, tail, s, labels, temperature=1.5)
+        assert 0 <= approx <= full + 1e-6
+        assert topk_kl(values, ids, tail, t, temperature=1.5).abs().max() < 1e-4  # KL(p||p) = 0 in the cache too
+
+
+def test_cached_loss_gradients_through_chunks():
+    t, labels = _logits(14), torch.randint(0, 50, (3, 17))
+    values, ids, tail = topk_teacher(t, k=8)
+    grads = []
+    for chunk in (100, 3):
+        s = _logits(15).requires_grad_(True)
+        cached_distill_loss(values, ids, tail, s, labels, chunk=chunk).backward()
+        grads.append(s.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_per_group_mean():
+    per_pos = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    groups = torch.tensor([[0, 0, 1], [2, 2, 2]])
+    means, counts = per_group_mean(per_pos, mask, groups, 4)
+    torch.testing.assert_close(means, torch.tensor([1.5, 0.0, 5.0, 0.0]))
+    torch.testing.assert_close(counts, torch.tensor([2.0, 0.0, 2.0, 0.0]))
