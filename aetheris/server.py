@@ -81,6 +81,7 @@ class Limits:
     max_n: int = 8
     max_queue: int = 64             # requests waiting for the worker; more -> 429
     max_batch: int = 32             # sequences decoded together in one step
+    prefill_tokens: int = 16384     # bound on one batched prefill: prompts x longest prompt (padded)
     threads: int = 0                # torch threads of the decode worker; 0 = all cores but one
 
 
@@ -592,6 +593,7 @@ class Engine:
         self.ids = TokenIds(tokenizer, vocab, [bytes(b) if isinstance(b, bytes) else str(b).encode()
                                                for b in self.grammars.info.decoded_vocab])
         self.pending: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
+        self.held: Job | None = None  # taken from the queue, waiting for room in the next prefill
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="aetheris-decode", daemon=True)
         self.threads_before = torch.get_num_threads()
@@ -613,17 +615,29 @@ class Engine:
                            code="queue_full") from None
         self.metrics.queue_depth.set(self.pending.qsize())
 
-    def _prefill(self, job: Job) -> tuple[list[Sequence], Tensor, AetherisCache]:
-        seqs, logits, cache = [], [], None
-        for p, ids in enumerate(job.spec.prompts):
-            out = self.model(torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device),
-                             logits_to_keep=1)
-            rows = torch.zeros(job.spec.n, dtype=torch.long)
-            logits.append(out.logits[:, -1].float()[rows])                     # (n, V)
-            cache = _cat_caches(cache, out.cache.select(rows))
-            seqs += [Sequence(job, p * job.spec.n + j, self.ids, self.grammars, self.tokenizer)
-                     for j in range(job.spec.n)]
-        return seqs, torch.cat(logits), cache
+    def _prefill(self, jobs: list[Job]) -> tuple[list[Sequence], Tensor, AetherisCache]:
+        """All newly admitted prompts in one left-padded chunked-scan pass; each prompt's state is then
+        repeated for its n choices."""
+        prompts = [ids for job in jobs for ids in job.spec.prompts]
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id or 0
+        device = self.model.embed.weight.device
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = self.model(input_ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
+                         logits_to_keep=1)
+        seqs, rows, p = [], [], 0
+        for job in jobs:
+            for k in range(len(job.spec.prompts)):
+                rows += [p] * job.spec.n
+                seqs += [Sequence(job, k * job.spec.n + j, self.ids, self.grammars, self.tokenizer)
+                         for j in range(job.spec.n)]
+                p += 1
+        rows_t = torch.tensor(rows, device=device)
+        return seqs, out.logits[:, -1].float()[rows_t], out.cache.select(rows_t)
 
     @torch.no_grad()
     def _loop(self) -> None:
@@ -634,24 +648,36 @@ class Engine:
         logits: Tensor | None = None
         cache: AetherisCache | None = None
         while not self.stopping.is_set():
-            # 1. Admit waiting jobs (block briefly when idle) and prefill each once.
-            while len(seqs) < self.limits.max_batch:
+            # 1. Admit waiting jobs (block briefly when idle) and prefill them together, once.
+            # The padded prefill is bounded (rows x longest prompt <= prefill_tokens); a job that would
+            # exceed it waits for the next step (``held``), so one long prompt never stalls the batch for long.
+            admitted, room, rows, longest = [], self.limits.max_batch - len(seqs), 0, 0
+            while room > 0:
+                job, self.held = self.held, None
                 try:
-                    job = self.pending.get(timeout=0.05) if not seqs else self.pending.get_nowait()
+                    job = job or (self.pending.get(timeout=0.05) if not (seqs or admitted) else self.pending.get_nowait())
                 except queue.Empty:
                     break
-                self.metrics.queue_depth.set(self.pending.qsize())
                 if job.cancelled:
                     continue
+                new_rows, new_longest = rows + len(job.spec.prompts), max([longest, *map(len, job.spec.prompts)])
+                if admitted and new_rows * new_longest > self.limits.prefill_tokens:
+                    self.held = job
+                    break
+                admitted.append(job)
+                room, rows, longest = room - job.open, new_rows, new_longest
+            self.metrics.queue_depth.set(self.pending.qsize())
+            if admitted:
                 try:
-                    new, new_logits, new_cache = self._prefill(job)
-                except Exception as err:  # noqa: BLE001 - reported to the client, the worker keeps serving
+                    new, new_logits, new_cache = self._prefill(admitted)
+                except Exception as err:  # noqa: BLE001 - reported to the clients, the worker keeps serving
                     self.metrics.errors.labels("prefill").inc()
-                    job.emit(("error", ApiError(500, f"prefill failed: {err}")))
-                    continue
-                seqs += new
-                logits = new_logits if logits is None else torch.cat([logits, new_logits])
-                cache = _cat_caches(cache, new_cache)
+                    for job in admitted:
+                        job.emit(("error", ApiError(500, f"prefill failed: {err}")))
+                else:
+                    seqs += new
+                    logits = new_logits if logits is None else torch.cat([logits, new_logits])
+                    cache = _cat_caches(cache, new_cache)
             self.metrics.active.set(len(seqs))
             if not seqs:
                 continue
