@@ -473,6 +473,11 @@ class Job:
             self.cancelled = True
 
 
+def _deliver(items: list[tuple[Job, tuple]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
+
+
 class Sequence:
     """One choice being decoded: phase state machine, grammar matcher, text assembly."""
 
@@ -706,16 +711,24 @@ class Engine:
                     tokens.append(tok)
                 else:
                     job.open -= 1
+            outbox: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop per step, not per job
             for job, deltas in by_job.values():
-                job.emit(("deltas", deltas))
+                outbox.setdefault(job.loop, []).append((job, ("deltas", deltas)))
                 if job.open == 0:
                     elapsed = max(time.perf_counter() - (job.first_token or job.arrival), 1e-9)
                     self.metrics.completion_tokens.inc(job.completion_tokens)
                     self.metrics.prompt_tokens.inc(job.prompt_tokens)
                     if job.completion_tokens > 1:
                         self.metrics.tokens_per_second.observe(job.completion_tokens / elapsed)
-                    job.emit(("done", {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-                                       "total_tokens": job.prompt_tokens + job.completion_tokens}))
+                    outbox[job.loop].append((job, ("done", {
+                        "prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
+                        "total_tokens": job.prompt_tokens + job.completion_tokens})))
+            for loop, items in outbox.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # event loop closed (shutdown)
+                    for job, _ in items:
+                        job.cancelled = True
             # 3. Finished and cancelled rows leave the batch; the rest advance by one recurrent step.
             if len(keep) < len(seqs):
                 seqs = [seqs[i] for i in keep]
