@@ -545,8 +545,6 @@ class Sequence:
             self.text.push(token, is_stop, last)
             delta.text = self.text.ready()
             self.finish = self.text.finish
-        if self.finish == "length" and self.made_calls:
-            pass  # OpenAI reports "length" even mid tool call; the partial arguments are what was generated
         delta.finish_reason = self.finish
         return delta
 
@@ -774,6 +772,7 @@ class Server:
         self.model_name, self.limits, self.api_key = model_name, limits, api_key
         self.metrics = Metrics()
         self.engine: Engine | None = None
+        self.load_error: Exception | None = None
         self.model = self.tokenizer = None
         self.created = int(time.time())
         self.fingerprint = "fp_aetheris"
@@ -1003,7 +1002,6 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
                 server.load(m, t)
             except Exception as err:  # noqa: BLE001
                 server.load_error = err
-        server.load_error = None
         if loader is None:
             load()
             if server.load_error is not None:

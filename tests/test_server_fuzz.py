@@ -19,7 +19,7 @@ from serve_helpers import LiveServer, tiny_checkpoint
 from aetheris.server import CHAT_FIELDS, COMPLETION_FIELDS, Limits, create_app, load_checkpoint
 
 MODEL = "tiny"
-GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 
