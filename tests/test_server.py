@@ -439,3 +439,22 @@ def test_serve_fails_fast_on_bad_model(tmp_path, capsys, checkpoint):
     (tmp_path / "notmodel" / "config.json").write_text('{"model_type": "llama"}')
     assert main(["serve", "--model", str(tmp_path / "notmodel")]) == 2
     assert "not an Aetheris" in capsys.readouterr().err
+
+
+def test_checkpoint_template_is_used_when_different(checkpoint):
+    """A tokenizer carrying a different chat template (e.g. a teacher's own) renders the prompt."""
+    model, tokenizer = load_checkpoint(str(checkpoint))
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|START_OF_TURN_TOKEN|><|USER_TOKEN|>CUSTOM "
+                               "{{ m['content'] }}<|END_OF_TURN_TOKEN|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
+                               "<|START_RESPONSE|>{% endif %}")
+    expected = tokenizer.apply_chat_template(HELLO, add_generation_prompt=True, tokenize=False)
+    expected = expected.removesuffix(chat.START_RESPONSE)  # the server opens the response block itself
+    server = LiveServer(create_app(model, tokenizer, model_name=MODEL))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0)
+        assert r.usage.prompt_tokens == len(tokenizer(expected, add_special_tokens=False)["input_ids"])
+        assert r.usage.prompt_tokens != prompt_tokens(tokenizer, HELLO)
+    finally:
+        server.stop()
