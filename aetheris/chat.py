@@ -185,12 +185,9 @@ def install_chat_template(tokenizer) -> None:
 
 
 def uses_this_template(tokenizer) -> bool:
-    """True when the tokenizer's own template is ours or absent or the plain no-tools one of
-    ``aetheris.tokenizer`` (a subset of ours), so ``render_messages`` is the right renderer."""
-    from .tokenizer import CHAT_TEMPLATE as PLAIN
-
+    """True when the tokenizer's own template is ours or absent, so ``render_messages`` is the right renderer."""
     template = getattr(tokenizer, "chat_template", None)
-    return template in (None, "", CHAT_TEMPLATE, PLAIN)
+    return template in (None, "", CHAT_TEMPLATE)
 
 
 # ---------------------------------------------------------------------------------------------------

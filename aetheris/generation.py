@@ -227,8 +227,8 @@ def _stop_ids(tokenizer, params: SamplingParams) -> SamplingParams:
     return SamplingParams(**{**params.__dict__, "stop_token_ids": ids})
 
 
-class _TextState:
-    """Per-row text assembly: detokenise, find stop strings, hold back text a stop string might start."""
+class TextState:
+    """Per-row text assembly (shared with the server): detokenise, find stop strings, hold back text a stop string might start."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.detok = Detokenizer(tokenizer)
@@ -269,11 +269,11 @@ class _TextState:
         return delta
 
 
-def _run(model: Aetheris, tokenizer, prompts, params: SamplingParams) -> Iterator[tuple[int, str, _TextState]]:
+def _run(model: Aetheris, tokenizer, prompts, params: SamplingParams) -> Iterator[tuple[int, str, TextState]]:
     """Shared loop of ``generate`` and ``stream``: yields (row, new text, state) as text becomes final."""
     params = _stop_ids(tokenizer, params)
     input_ids, mask = encode_prompts(model, tokenizer, prompts)
-    states = [_TextState(tokenizer, params.stop) for _ in prompts]
+    states = [TextState(tokenizer, params.stop) for _ in prompts]
     for i, st in enumerate(states):
         st.prompt_tokens = int(mask[i].sum())
     if params.max_new_tokens == 0:
@@ -300,7 +300,7 @@ def generate(model: Aetheris, tokenizer, prompts: Sequence[str | bytes | list[in
     if isinstance(prompts, (str, bytes)):
         prompts = [prompts]
     params = SamplingParams(**kwargs)
-    results: dict[int, _TextState] = {}
+    results: dict[int, TextState] = {}
     for row, _, st in _run(model, tokenizer, list(prompts), params):
         results[row] = st
     return [GenerationResult(st.text, st.ids, st.finish or "length", st.prompt_tokens)

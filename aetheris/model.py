@@ -301,6 +301,11 @@ class AetherisCache:
         """Keep batch rows ``index`` (e.g. to drop finished sequences)."""
         return AetherisCache([SSMState(s.conv[index], s.ssm[index]) for s in self.states])
 
+    def cat(self, other: AetherisCache) -> AetherisCache:
+        """Rows of ``self`` followed by rows of ``other`` (e.g. to let new requests join a running batch)."""
+        return AetherisCache([SSMState(torch.cat([a.conv, b.conv]), torch.cat([a.ssm, b.ssm]))
+                              for a, b in zip(self.states, other.states)])
+
 
 IGNORE_INDEX = -100  # one ignore index everywhere (HF's convention)
 

@@ -21,7 +21,7 @@ How a request flows:
    is free (or JSON-schema constrained for ``response_format``); an action block is constrained by a
    grammar of ``[{"tool_call_id", "tool_name", "parameters": <that tool's schema>}, ...]`` so every
    call parses and validates. Sampling (``generation.sample``) and UTF-8-safe detokenisation with stop
-   strings (``generation._TextState`` / ``Detokenizer``) are the ones ``aetheris generate`` uses.
+   strings (``generation.TextState`` / ``Detokenizer``) are the ones ``aetheris generate`` uses.
 4. The worker hands per-step deltas to the event loop (``call_soon_threadsafe``); the handler turns
    them into an OpenAI response or SSE chunks. A client that disconnects cancels its job.
 """
@@ -47,8 +47,8 @@ from fastapi import Request  # module level: FastAPI resolves the handlers' stri
 from torch import Tensor
 
 from . import chat
-from .generation import SamplingParams, _TextState, sample
-from .model import AetherisCache, SSMState
+from .generation import SamplingParams, TextState, sample
+from .model import AetherisCache
 
 # ---------------------------------------------------------------------------------------------------
 # Errors
@@ -486,9 +486,9 @@ class Sequence:
         self.job, self.index, self.ids, self.grammars = job, index, ids, grammars
         self.params = spec.params
         self.phase = "open" if spec.chat else "text"
-        self.text = _TextState(tokenizer, list(spec.params.stop))
+        self.text = TextState(tokenizer, list(spec.params.stop))
         self.action = ActionStream()
-        self.action_text = _TextState(tokenizer, [])
+        self.action_text = TextState(tokenizer, [])
         self.matcher = None
         self.stop_ids = ids.chat_stops if spec.chat else ids.completion_stops
         self.tokens = 0
@@ -579,13 +579,6 @@ class TokenIds:
 # ---------------------------------------------------------------------------------------------------
 # Engine: one worker thread, continuous batching over the recurrent state
 # ---------------------------------------------------------------------------------------------------
-
-
-def _cat_caches(a: AetherisCache | None, b: AetherisCache) -> AetherisCache:
-    if a is None:
-        return b
-    return AetherisCache([SSMState(torch.cat([x.conv, y.conv]), torch.cat([x.ssm, y.ssm]))
-                          for x, y in zip(a.states, b.states)])
 
 
 class Engine:
@@ -680,7 +673,7 @@ class Engine:
                 else:
                     seqs += new
                     logits = new_logits if logits is None else torch.cat([logits, new_logits])
-                    cache = _cat_caches(cache, new_cache)
+                    cache = new_cache if cache is None else cache.cat(new_cache)
             self.metrics.active.set(len(seqs))
             if not seqs:
                 continue

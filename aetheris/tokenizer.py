@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .chat import install_chat_template
+
 BOS_TOKEN = "<BOS_TOKEN>"
 EOS_TOKEN = "<EOS_TOKEN>"
 PAD_TOKEN = "<PAD>"
@@ -37,21 +39,6 @@ COHERE_SPECIAL_TOKENS = [
 ]
 # Order fixes the ids: PAD = 0, BOS = 1, EOS = 2, then the chat markers.
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, *COHERE_SPECIAL_TOKENS]
-
-# A plain Cohere-format chat template (no tools) so `apply_chat_template` works on a freshly trained
-# tokenizer. The serving/chat code may install a richer one (tools, documents); it keeps these tokens.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{{ message['content'] }}<|END_OF_TURN_TOKEN|>"
-    "{% elif message['role'] == 'user' %}<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{{ message['content'] }}<|END_OF_TURN_TOKEN|>"
-    "{% elif message['role'] == 'assistant' %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>"
-    "{{ message['content'] }}<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>{% endif %}"
-)
-
 
 def train_bpe_tokenizer(
     texts: Iterable[str],
@@ -109,7 +96,7 @@ def train_bpe_tokenizer(
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 20,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    install_chat_template(fast)  # the project's one chat template (aetheris/chat.py), saved with the tokenizer
     return fast
 
 

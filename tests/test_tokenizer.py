@@ -26,9 +26,13 @@ def test_special_tokens_are_single_ids_and_bos_is_prepended(tiny_tokenizer):
     assert tok.decode(ids, skip_special_tokens=True) == "hello"
 
 
-def test_chat_template_uses_cohere_markers(tiny_tokenizer):
-    text = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "Jambo"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Jambo<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>"
+def test_chat_template_is_the_projects_one(tiny_tokenizer):
+    from aetheris.chat import render_messages
+
+    messages = [{"role": "user", "content": "Jambo"}]
+    text = tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == render_messages(messages)
+    assert text == "<BOS_TOKEN><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Jambo<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"
 
 
 def test_save_and_load_gives_the_same_encoding(tiny_tokenizer, tmp_path):

@@ -14,8 +14,8 @@ Data:
   "function": {...}}``. Reported as ``toolcall_gen``; xSID as ``toolcall_xsid``.
 
 Prompt: Cohere Command-R7B style (DESIGN.md §2): tools as JSON in the system turn, the answer expected
-as ``<|START_ACTION|>[{"tool_call_id", "tool_name", "parameters"}]<|END_ACTION|>``. Rendering is one
-function, ``render_prompt``, so it can move to the shared chat template module.
+as ``<|START_ACTION|>[{"tool_call_id", "tool_name", "parameters"}]<|END_ACTION|>``, rendered by the
+shared chat template (``aetheris.chat``) so evaluation, SFT and the server see one format.
 
 Scores per example (the first call in the output is scored):
 - ``parsed``: a JSON call was found (action block, or the first JSON object/array in the text);
@@ -38,6 +38,7 @@ import json
 import re
 from pathlib import Path
 
+from aetheris.chat import render_messages
 from aetheris.paths import data_path
 from aetheris.tasks import Scores
 
@@ -201,16 +202,9 @@ def normalize_tool(tool: dict) -> dict:
 
 
 def render_prompt(tools: list[dict], user: str) -> str:
-    """Cohere Command-R style turn: tools in the system turn, the model answers with an action block.
-    (BOS comes from the tokenizer.)"""
-    system = (
-        "You can call the following tools. Answer with exactly one call in this format: "
-        '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "<name>", "parameters": {<arguments>}}]<|END_ACTION|>\n'
-        "## Available Tools\n```json\n" + json.dumps([normalize_tool(t) for t in tools], ensure_ascii=False) + "\n```"
-    )
-    return (f"<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{system}<|END_OF_TURN_TOKEN|>"
-            f"<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{user}<|END_OF_TURN_TOKEN|>"
-            f"<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>")
+    """The project's chat template (``aetheris.chat``, the same one SFT trains on and the server serves):
+    tools in the system turn, the model answers with an action block. BOS comes from the tokenizer."""
+    return render_messages([{"role": "user", "content": user}], tools=tools, bos=False)
 
 
 def parse_call(text: str) -> dict | None:
