@@ -16,7 +16,20 @@ Stages (DESIGN §4), run in the order given by ``--stages`` (a comma list over a
      independent). For the first ``align.mixer_only_fraction`` of the steps only the SSM mixers train;
      then the whole pair (norms, mixer, router, experts; the MoE aux loss joins then).
   4. Measure again; write ``<out_dir>/align_report.json`` and the student to ``<out_dir>/student``.
-* **kl**, **sft**: stages 2 and 3 (not in this version; asking for them fails before anything runs).
+* **kl** (stage 2): all student parameters train on ``w_kl·τ²·KL(p_T || p_S) + w_ce·CE + MoE aux``, a
+  per-token mean over valid positions (``losses.distill_loss``: sequence chunks, reverse KL / JSD options).
+  Starts from the previous stage's student (``<run_dir>/align/student``, or ``kl.init``); reports held-out
+  KL per language and per family before and after, and the equity score of the KL (variance of the family
+  means) to ``kl_report.json``. Sampling can be balanced by language or by family (``data.temperature``,
+  ``kl.balance``); ``kl.dro`` turns on group-DRO over language families (weights logged).
+* **sft** (stage 3): chat-templated conversations (``aetheris.sft``: local JSONL and the generated
+  multilingual tool-calling set, ``aetheris.toolgen``), loss on assistant tokens only: ``CE + β·KL`` to the
+  teacher (β = ``sft.beta``; the teacher is not loaded when β = 0). Reports tool-call validity (parse,
+  schema, name, exact, BFCL AST via ``tasks.toolcall.score_output``) on held-out *templates* before and after.
+
+With ``run_dir`` set, the stages write to ``<run_dir>/align``, ``<run_dir>/kl`` and ``<run_dir>/sft`` (each:
+checkpoints/, config.json, metrics.jsonl, ``<stage>_report.json``, ``student/``), and each stage starts
+from the previous stage's ``student/``. A stage whose starting student is missing names the stage to run.
 
 Packed rows are fed as one sequence to both teacher and student (the teacher cannot reset at document
 boundaries, so the student does not either during alignment: both see the same context).
@@ -43,7 +56,6 @@ from aetheris.teacher import DEFAULT_TEACHER, DTYPES
 from aetheris.train import DataConfig, RunConfig, TokenizerConfig, TrainConfig
 
 STAGES = ("align", "kl", "sft")
-NOT_YET = {"kl": "stage 2 (KL distillation)", "sft": "stage 3 (SFT)"}
 
 # Student settings that make the transferred mixer exactly linear attention (see transfer.py).
 EXACT_TRANSFER = {"gate": "sigmoid", "xbc_activation": "identity", "ssm_norm": False}
@@ -89,7 +101,57 @@ class AlignConfig:
 
 
 @dataclass
+class KLConfig:
+    kind: str = "forward"
+    """forward KL(p_T || p_S) | reverse KL(p_S || p_T) | jsd."""
+    temperature: float = 1.0
+    """Softens both distributions; the divergence is scaled by temperature²."""
+    w_kl: float = 1.0
+    w_ce: float = 0.0
+    """Weight of the next-token cross-entropy on the data (0 = pure distillation)."""
+    chunk: int = 256
+    """Positions per fp32 softmax chunk (memory: chunk x vocab x 4 bytes, recomputed in backward)."""
+    balance: str = "language"
+    """Sampling: language (p_l ∝ n_l^(1/data.temperature)) | family (p_f ∝ n_f^(1/data.temperature), then
+    proportional within the family)."""
+    dro: bool = False
+    """Group-DRO over language families: the loss weights families by q_f, q_f ∝ q_f·exp(dro_step·KL_f)."""
+    dro_step: float = 0.1
+    """Exponentiated-gradient step size of the DRO weights."""
+    init: str | None = None
+    """Student to start from; unset: ``<align out_dir>/student``."""
+    report_rows_per_language: int = 2
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/kl", lr=5e-5))
+
+
+@dataclass
+class SFTConfig:
+    beta: float = 0.0
+    """Weight of KL to the teacher on assistant tokens (0: CE only, and the teacher is not loaded)."""
+    kind: str = "forward"
+    temperature: float = 1.0
+    chunk: int = 256
+    sources: list = field(default_factory=lambda: [{"type": "toolgen"}])
+    """Conversation sources: ``{type: toolgen, languages: all, per_language: 40, seed: 0}`` (generated
+    tool-calling set, train templates), ``{type: jsonl, path: FILE, lang: xx}`` (conversations),
+    ``{type: xsid, split: train|validation|test, per_language: N}`` (xSID via tasks.toolcall)."""
+    seq_len: int = 512
+    """Tokens per conversation row (longer conversations are cut; right padding is never trained)."""
+    temperature_sampling: float = 1.0
+    """Language sampling over conversations, as data.temperature."""
+    eval_per_language: int = 2
+    """Held-out (test-template) generated examples per language for the tool-call validity report."""
+    eval_languages: Any = "all"
+    max_new_tokens: int = 96
+    init: str | None = None
+    """Student to start from; unset: ``<kl out_dir>/student``."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft", lr=2e-5))
+
+
+@dataclass
 class DistillConfig:
+    run_dir: str | None = None
+    """One folder for the whole pipeline: stages write to run_dir/{align,kl,sft} (overrides each train.out_dir)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
@@ -98,8 +160,22 @@ class DistillConfig:
     """Unset name: the teacher's own tokenizer (distillation needs the teacher's vocabulary)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/align", lr=1e-3))
+    """The alignment stage's loop settings (stage 1)."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self):
+        from aetheris.losses import KINDS
+        if self.run_dir:
+            for stage, t in (("align", self.train), ("kl", self.kl.train), ("sft", self.sft.train)):
+                t.out_dir = str(Path(self.run_dir) / stage)
+        for where, kind in (("kl.kind", self.kl.kind), ("sft.kind", self.sft.kind)):
+            if kind not in KINDS:
+                raise ConfigError(f"{where}={kind!r}: choose one of {', '.join(KINDS)}")
+        if self.kl.balance not in ("language", "family"):
+            raise ConfigError(f"kl.balance={self.kl.balance!r}: choose language or family")
+        if self.kl.temperature <= 0 or self.sft.temperature <= 0:
+            raise ConfigError("kl.temperature and sft.temperature must be > 0")
         if not 0.0 <= self.align.mixer_only_fraction <= 1.0:
             raise ConfigError(f"align.mixer_only_fraction={self.align.mixer_only_fraction} must be in [0, 1]")
         if self.student.init_layer not in ("last", "first"):
@@ -115,7 +191,8 @@ class DistillConfig:
                 near = difflib.get_close_matches(key, sorted(fields), n=1)
                 raise ConfigError(f"student.options.{key} is not an AetherisConfig field"
                                   + (f"; did you mean {near[0]!r}?" if near else ""))
-        RunConfig(model=AetherisConfig(), tokenizer=self.tokenizer, data=self.data, train=self.train)  # loop checks
+        for t in (self.train, self.kl.train, self.sft.train):
+            RunConfig(model=AetherisConfig(), tokenizer=self.tokenizer, data=self.data, train=t)  # loop checks
 
 
 def load_distill_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DistillConfig:
@@ -136,17 +213,16 @@ def load_distill_config(path: str | Path | None = None, overrides: Sequence[str]
 
 
 def parse_stages(text: str) -> list[str]:
-    """``"align,kl"`` -> ["align", "kl"]; unknown or not-yet-built stages fail here, before any work."""
+    """``"align,kl"`` -> ["align", "kl"]; unknown stages fail here, before any work; stages run in pipeline order."""
     stages = [s.strip() for s in text.split(",") if s.strip()]
     if not stages:
         raise ValueError(f"--stages is empty; choose a comma list over {', '.join(STAGES)}")
     for s in stages:
         if s not in STAGES:
             raise ValueError(f"unknown stage {s!r} in --stages; choose from {', '.join(STAGES)}")
-        if s in NOT_YET:
-            raise NotImplementedError(f"{NOT_YET[s]} ('{s}') is not implemented yet in this version; "
-                                      "run --stages align")
-    return stages
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"--stages {text!r} names a stage twice")
+    return sorted(stages, key=STAGES.index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +452,240 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
 
 
 # ----------------------------------------------------------------------------------------------
+# Stages 2 and 3: shared pieces
+
+
+def _device() -> tuple[torch.device, bool]:
+    """This process's device and whether it writes files (rank 0), as in run_align."""
+    local_rank, main_process = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("RANK", 0)) == 0
+    return (torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")), main_process
+
+
+def previous_student(cfg: DistillConfig, stage: str) -> Path:
+    """The student a stage starts from; a missing one names the stage to run first."""
+    if stage == "kl":
+        path, prev = cfg.kl.init or Path(cfg.train.out_dir) / "student", "align"
+    else:
+        path, prev = cfg.sft.init or Path(cfg.kl.train.out_dir) / "student", "kl"
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"stage {stage!r} starts from the {prev} stage's student at {path}, which does not exist: "
+                                f"run --stages {prev} first (or set {stage}.init=FOLDER to start from another student)")
+    return path
+
+
+def load_teacher_model(cfg: DistillConfig):
+    from aetheris.teacher import load_teacher, load_teacher_config
+    load_teacher_config(cfg.teacher.name)  # architecture check before reading weights
+    return load_teacher(cfg.teacher.name, dtype=_resolve_dtype(cfg.teacher.dtype))
+
+
+def check_same_vocabulary(teacher_config, student, tokenizer, student_dir: Path) -> None:
+    """Logit distillation compares distributions token id by token id: one vocabulary, one tokenizer (DESIGN §9)."""
+    from aetheris.tokenizer import load_tokenizer
+
+    if teacher_config is not None and teacher_config.vocab_size != student.cfg.vocab_size:
+        raise ValueError(f"teacher vocab_size {teacher_config.vocab_size} != student vocab_size {student.cfg.vocab_size}: "
+                         "logit distillation needs one vocabulary; start from a student built from this teacher (stage 1)")
+    if len(tokenizer) > student.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocab_size is {student.cfg.vocab_size}")
+    if (student_dir / "tokenizer.json").is_file() or (student_dir / "tokenizer_config.json").is_file():
+        saved = load_tokenizer(student_dir)
+        if saved.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer saved with the student in {student_dir} differs from the teacher's "
+                             f"({cfg_name(tokenizer)}): teacher and student must see identical token ids")
+
+
+def cfg_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or "teacher tokenizer"
+
+
+def family_balanced_probs(stream, temperature: float) -> "np.ndarray":
+    """Language sampling probabilities balanced by family: p_f ∝ n_f^(1/temperature) over families, then
+    proportional to size within a family (n = tokens, or a stream's stand-in weight)."""
+    import numpy as np
+
+    from aetheris.data import StreamingDocs, language_weights
+    from aetheris.languages import group_of
+
+    sizes = {lang: len(d) if isinstance(d, StreamingDocs) else sum(len(x) for x in d) for lang, d in stream.docs.items()}
+    fam_sizes: dict[str, int] = {}
+    for lang, n in sizes.items():
+        fam_sizes[group_of(lang)] = fam_sizes.get(group_of(lang), 0) + n
+    fam_w = language_weights(fam_sizes, temperature)
+    probs = np.array([fam_w[group_of(lang)] * sizes[lang] / fam_sizes[group_of(lang)] for lang in stream.languages])
+    return probs / probs.sum()
+
+
+def family_summary(per_language: dict[str, float]) -> dict:
+    """Per-family mean of a per-language KL and its equity score (DES: population variance of the family
+    means; the teacher's KL to itself is 0, so the KL is the drop)."""
+    from aetheris.equity import des, group_means
+
+    fam = group_means(per_language, "family")
+    worst = max(fam, key=fam.get) if fam else None
+    return {"per_family": fam, "des": des(per_language, "family") if fam else float("nan"), "worst_family": worst,
+            "max_min_gap": (max(fam.values()) - min(fam.values())) if fam else float("nan")}
+
+
+def make_kd_loss(teacher, *, kind: str, temperature: float, chunk: int, w_kl: float, w_ce: float,
+                 lang_family: Tensor | None = None, dro: dict | None = None):
+    """The loss_fn for ``train.train`` (stages 2 and 3): ``w_kl·τ²·KL + w_ce·CE + aux`` per valid token.
+
+    The teacher runs under no_grad on the same token ids. ``dro`` (a dict holding ``q``, the family weights,
+    and ``step``) turns the KL mean into a q-weighted mean of per-family KL means, after the
+    exponentiated-gradient update ``q_f ← q_f·exp(step·KL_f)`` over the families present in the batch.
+    With ``teacher=None`` the loss is ``w_ce·CE + aux`` (SFT without a teacher).
+    """
+    from aetheris.losses import chunked_divergence, per_group_mean, valid_positions
+
+    def kd_loss(model, batch: dict) -> tuple[Tensor, dict]:
+        x, labels = batch["input_ids"], batch["labels"]
+        out = model(x, labels=labels)  # one sequence per row, as the teacher sees it (no doc_ids)
+        metrics = {"ce": out.ce_loss.detach(), "aux": out.aux_loss.detach()}
+        loss = w_ce * out.ce_loss + out.aux_loss
+        if teacher is None or w_kl == 0:
+            return loss, metrics
+        with torch.no_grad():
+            t_logits = teacher(input_ids=x).logits
+        mask = valid_positions(labels)
+        per_pos, n = chunked_divergence(t_logits, out.logits, mask, kind, temperature, chunk)  # (B, T)
+        kl = per_pos.sum() / n.clamp_min(1)
+        metrics["kl"] = kl.detach()
+        if dro is not None:
+            fam = lang_family.to(x.device)[batch["lang_ids"]]
+            means, counts = per_group_mean(per_pos, mask, fam, dro["q"].numel())
+            present = counts > 0
+            with torch.no_grad():
+                q = dro["q"].to(x.device)
+                q = torch.where(present, q * torch.exp(dro["step"] * means.detach()), q)
+                q = q / q.sum()
+                dro["q"] = q
+            w = q * present
+            kl_used = (w / w.sum().clamp_min(1e-12) * means).sum()
+            metrics["dro_weights"] = q.detach().clone()
+        else:
+            kl_used = kl
+        loss = loss + w_kl * temperature ** 2 * kl_used
+        return loss, metrics
+
+    return kd_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2
+
+
+def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
+    """Stage 2 end to end; returns the report (also ``<kl out_dir>/kl_report.json``) and writes the student."""
+    from aetheris.checkpoint import load_model, save_model
+    from aetheris.languages import group_of
+    from aetheris.tokenizer import load_tokenizer
+    from aetheris.train import build_data, train
+
+    kc = cfg.kl
+    out_dir = Path(kc.train.out_dir)
+    device, main_process = _device()
+    # 1. Starting student (checked before the teacher is read), teacher, one tokenizer, data.
+    init = previous_student(cfg, "kl")
+    if teacher is None:
+        teacher = load_teacher_model(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer.name or cfg.teacher.name)
+    student = load_model(init)
+    check_same_vocabulary(teacher.config, student, tokenizer, init)
+    run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=kc.train)
+    data, tokenizer = build_data(run_cfg, lambda _docs: tokenizer, log)
+    if kc.balance == "family":
+        data.stream.probs = family_balanced_probs(data.stream, cfg.data.temperature)
+    languages = data.stream.languages
+    families = sorted({group_of(lang) for lang in languages})
+    lang_family = torch.tensor([families.index(group_of(lang)) for lang in languages])
+    dro = {"q": torch.full((len(families),), 1.0 / len(families)), "step": kc.dro_step} if kc.dro else None
+    rows = report_rows(data.val, kc.report_rows_per_language)
+    pad_id = None if cfg.data.pack else tokenizer.pad_token_id
+
+    # 2. Before: the previous stage's student against the teacher on held-out text.
+    teacher.to(device)
+    student.to(device).eval()
+    report: dict[str, Any] = {"teacher": cfg.teacher.name, "init": str(init), "kind": kc.kind,
+                              "temperature": kc.temperature, "balance": kc.balance, "dro": kc.dro,
+                              "sampling": dict(zip(languages, map(float, data.stream.probs)))}
+    report["kl_before"] = heldout_kl(teacher, student, rows, pad_id, chunk=kc.chunk)
+    report["equity_before"] = family_summary(report["kl_before"]["per_language"])
+
+    # 3. Train every parameter through the shared loop.
+    loss_fn = make_kd_loss(teacher, kind=kc.kind, temperature=kc.temperature, chunk=kc.chunk, w_kl=kc.w_kl,
+                           w_ce=kc.w_ce, lang_family=lang_family, dro=dro)
+    result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
+                   frozen={"teacher": teacher}, resume=resume)
+    student = result.model.eval()
+
+    # 4. After, per language and per family; the student for stage 3.
+    report["kl_after"] = heldout_kl(teacher, student, rows, pad_id, chunk=kc.chunk)
+    report["equity_after"] = family_summary(report["kl_after"]["per_language"])
+    report["steps"] = result.step
+    if dro is not None:
+        report["dro_weights"] = dict(zip(families, map(float, dro["q"])))
+    log(f"stage 2: held-out KL(teacher||student) {report['kl_before']['mean']:.4f} -> {report['kl_after']['mean']:.4f} "
+        f"nats/token; family DES {report['equity_before']['des']:.5f} -> {report['equity_after']['des']:.5f}")
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "kl_report.json").write_text(json.dumps(report, indent=1, default=str))
+        save_model(student.cpu(), out_dir / "student", tokenizer=tokenizer)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3
+
+
+def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
+    """Stage 3 end to end; returns the report (also ``<sft out_dir>/sft_report.json``) and writes the student."""
+    from aetheris.chat import install_chat_template
+    from aetheris.checkpoint import load_model, save_model
+    from aetheris.sft import build_sft_data, toolcall_validity
+    from aetheris.tokenizer import load_tokenizer
+    from aetheris.toolgen import generate_examples
+    from aetheris.train import train
+
+    sc = cfg.sft
+    out_dir = Path(sc.train.out_dir)
+    device, main_process = _device()
+    init = previous_student(cfg, "sft")
+    if teacher is None and sc.beta > 0:
+        teacher = load_teacher_model(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer.name or cfg.teacher.name)
+    install_chat_template(tokenizer)
+    student = load_model(init)
+    check_same_vocabulary(teacher.config if teacher is not None else None, student, tokenizer, init)
+    # Conversations with tool schemas are longer than stage 1/2 rows; the SSM has no position limit, so the
+    # student's nominal max_seq_len (a guard for generation) grows to the SFT row length.
+    student.cfg.max_seq_len = max(student.cfg.max_seq_len, sc.seq_len)
+    run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=sc.train)
+    data = build_sft_data(sc.sources, tokenizer, sc.seq_len, temperature=sc.temperature_sampling,
+                          seed=sc.train.seed, log=log)
+    held_out = generate_examples(sc.eval_languages, split="test", per_language=sc.eval_per_language, seed=sc.train.seed)
+
+    student.to(device).eval()
+    report: dict[str, Any] = {"init": str(init), "beta": sc.beta, "train_conversations": data.stream.sizes,
+                              "malformed": dict(data.malformed.counts), "heldout_examples": len(held_out)}
+    report["toolcall_before"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
+    loss_fn = make_kd_loss(teacher, kind=sc.kind, temperature=sc.temperature, chunk=sc.chunk, w_kl=sc.beta, w_ce=1.0)
+    result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
+                   frozen={"teacher": teacher} if teacher is not None else None, resume=resume)
+    student = result.model.eval()
+    report["toolcall_after"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
+    report["steps"] = result.step
+    b, a = report["toolcall_before"]["overall"], report["toolcall_after"]["overall"]
+    log("stage 3: tool-call validity on held-out templates " + ", ".join(f"{k} {b[k]:.3f}->{a[k]:.3f}" for k in b))
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "sft_report.json").write_text(json.dumps(report, indent=1, default=str))
+        save_model(student.cpu(), out_dir / "student", tokenizer=tokenizer)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -390,14 +700,39 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         stages = parse_stages(args.stages)
-    except NotImplementedError as err:
+    except ValueError as err:
         print(f"aetheris distill: {err}", file=sys.stderr)
         return 2
     cfg = load_distill_config(args.config, args.overrides)
+    if len(stages) > 1 and args.resume not in (None, "latest"):
+        print("aetheris distill: --resume CHECKPOINT names one stage's checkpoint; run that stage alone "
+              "(or use --resume without a path)", file=sys.stderr)
+        return 2
+    try:
+        if stages[0] != "align":
+            previous_student(cfg, stages[0])
+    except FileNotFoundError as err:
+        print(f"aetheris distill: {err}", file=sys.stderr)
+        return 2
+    teacher = None
     for stage in stages:
         if stage == "align":
             report = run_align(cfg, resume=args.resume)
             print(f"stage 1 report: {Path(cfg.train.out_dir) / 'align_report.json'} "
                   f"(KL random {report['kl_random_init']['mean']:.4f} / transfer {report['kl_after_transfer']['mean']:.4f}"
                   f" / aligned {report['kl_after_align']['mean']:.4f}); student: {Path(cfg.train.out_dir) / 'student'}")
+        elif stage == "kl":
+            teacher = teacher or load_teacher_model(cfg)
+            report = run_kl(cfg, teacher=teacher, resume=args.resume)
+            print(f"stage 2 report: {Path(cfg.kl.train.out_dir) / 'kl_report.json'} (held-out KL "
+                  f"{report['kl_before']['mean']:.4f} -> {report['kl_after']['mean']:.4f}); "
+                  f"student: {Path(cfg.kl.train.out_dir) / 'student'}")
+        else:
+            if cfg.sft.beta > 0:
+                teacher = teacher or load_teacher_model(cfg)
+            report = run_sft(cfg, teacher=teacher, resume=args.resume)
+            b, a = report["toolcall_before"]["overall"], report["toolcall_after"]["overall"]
+            print(f"stage 3 report: {Path(cfg.sft.train.out_dir) / 'sft_report.json'} (tool-call parse "
+                  f"{b['parsed']:.3f} -> {a['parsed']:.3f}, name {b['name']:.3f} -> {a['name']:.3f}); "
+                  f"student: {Path(cfg.sft.train.out_dir) / 'student'}")
     return 0

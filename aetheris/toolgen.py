@@ -166,10 +166,10 @@ def generate_examples(languages="all", split: str = "train", per_language: int =
         raise ValueError(f"split={split!r}: choose train or test")
     out = []
     functions = [t["name"] for t in TOOLS]
-    for lang in resolve_languages(languages):
+    for li, lang in enumerate(resolve_languages(languages)):
         rng = random.Random(zlib.crc32(f"{seed}/{lang}/{split}".encode()))
         for i in range(per_language):
-            function = functions[i % len(functions)]
+            function = functions[(i + li) % len(functions)]  # every function, even at 1 example per language
             t_index, template = rng.choice(templates_for(lang, function, split))
             v = _values(lang, rng)
             offered = [t for t in TOOLS if t["name"] == function] + rng.sample(

@@ -78,19 +78,20 @@ def test_mixer_only_phase_then_whole_pair(tiny_cohere2_teacher):
             assert (p.grad is not None) == expect_grad, name
 
 
-def test_stages_are_a_comma_list_and_later_stages_say_not_yet():
+def test_stages_are_a_comma_list_in_pipeline_order():
     assert parse_stages("align") == ["align"]
+    assert parse_stages("sft, align,kl") == ["align", "kl", "sft"]
     with pytest.raises(ValueError, match="unknown stage 'kd'.*align, kl, sft"):
         parse_stages("align,kd")
-    with pytest.raises(NotImplementedError, match="not implemented yet in this version"):
-        parse_stages("align,kl")
+    with pytest.raises(ValueError, match="twice"):
+        parse_stages("kl,kl")
 
 
-def test_cli_refuses_unbuilt_stage_before_running(capsys, tmp_path):
+def test_cli_refuses_an_unknown_stage_before_running(capsys, tmp_path):
     from aetheris.cli import main
 
-    rc = main(["distill", "--config", str(tmp_path / "missing.yaml"), "--stages", "align,sft"])
-    assert rc == 2 and "not implemented yet" in capsys.readouterr().err
+    rc = main(["distill", "--config", str(tmp_path / "missing.yaml"), "--stages", "align,kd"])
+    assert rc == 2 and "unknown stage 'kd'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["nano-align.yaml", "tiny-aya-align.yaml"])
