@@ -142,6 +142,8 @@ class SFTConfig:
     eval_per_language: int = 2
     """Held-out (test-template) generated examples per language for the tool-call validity report."""
     eval_languages: Any = "all"
+    eval_tools_offered: int = 3
+    """Tool schemas offered per held-out example (the expected one among them)."""
     max_new_tokens: int = 96
     init: str | None = None
     """Student to start from; unset: ``<kl out_dir>/student``."""
@@ -664,7 +666,8 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=sc.train)
     data = build_sft_data(sc.sources, tokenizer, sc.seq_len, temperature=sc.temperature_sampling,
                           seed=sc.train.seed, log=log)
-    held_out = generate_examples(sc.eval_languages, split="test", per_language=sc.eval_per_language, seed=sc.train.seed)
+    held_out = generate_examples(sc.eval_languages, split="test", per_language=sc.eval_per_language, seed=sc.train.seed,
+                                 tools_offered=sc.eval_tools_offered)
 
     student.to(device).eval()
     report: dict[str, Any] = {"init": str(init), "beta": sc.beta, "train_conversations": data.stream.sizes,

@@ -10,7 +10,7 @@
   a tool call whose arguments are not JSON, …). ``load_conversations`` reports each one with its record
   id through ``data.MalformedLog`` and skips it.
 * Sources (``sft.sources`` in the distill config): ``toolgen`` (the generated multilingual tool-calling set,
-  train templates only), ``jsonl`` (one conversation per line: ``{"id", "lang", "messages", "tools"?}``;
+  train templates only; ``languages``, ``per_language``, ``seed``, ``tools_offered``), ``jsonl`` (one conversation per line: ``{"id", "lang", "messages", "tools"?}``;
   the toolgen/toolcall-task format with ``user``/``expected`` is accepted too), ``xsid`` (xSID's
   validation split mapped to calls by ``tasks.toolcall``; its test split stays for evaluation).
 * ``SFTStream``: one conversation per row (cut at ``seq_len``, right-padded, padding never trained),
@@ -118,7 +118,7 @@ def load_conversations(spec: dict, log: MalformedLog, seed: int = 0) -> list[dic
     if kind == "toolgen":
         from aetheris.toolgen import generate_examples
         raw = generate_examples(spec.get("languages", "all"), split="train", per_language=spec.get("per_language", 40),
-                                seed=spec.get("seed", seed))
+                                seed=spec.get("seed", seed), tools_offered=spec.get("tools_offered", 3))
         where = "toolgen"
     elif kind == "jsonl":
         path = Path(spec["path"])

@@ -158,10 +158,14 @@ def templates_for(lang: str, function: str, split: str) -> list[tuple[int, str]]
     return indexed[:-1] if split == "train" else indexed[-1:]
 
 
-def generate_examples(languages="all", split: str = "train", per_language: int = 40, seed: int = 0) -> list[dict]:
-    """Deterministic tool-call examples; ``languages`` is ``all`` or a list of registry codes."""
+def generate_examples(languages="all", split: str = "train", per_language: int = 40, seed: int = 0,
+                      tools_offered: int = TOOLS_OFFERED) -> list[dict]:
+    """Deterministic tool-call examples; ``languages`` is ``all`` or a list of registry codes;
+    ``tools_offered`` (1-5) schemas in each system turn, the expected one among them."""
     from aetheris.data import resolve_languages
 
+    if not 1 <= tools_offered <= len(TOOLS):
+        raise ValueError(f"tools_offered={tools_offered} must be between 1 and {len(TOOLS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}: choose train or test")
     out = []
@@ -173,7 +177,7 @@ def generate_examples(languages="all", split: str = "train", per_language: int =
             t_index, template = rng.choice(templates_for(lang, function, split))
             v = _values(lang, rng)
             offered = [t for t in TOOLS if t["name"] == function] + rng.sample(
-                [t for t in TOOLS if t["name"] != function], TOOLS_OFFERED - 1)
+                [t for t in TOOLS if t["name"] != function], tools_offered - 1)
             rng.shuffle(offered)
             out.append({"id": f"toolgen-{lang}-{split}-{i}", "lang": lang, "template": f"{function}/{t_index}",
                         "native": lang in TEMPLATES, "tools": offered, "user": template.format(**v),
