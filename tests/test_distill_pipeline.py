@@ -33,9 +33,10 @@ def _overrides(teacher_dir, run_dir, *extra):
             "data.sources=[{type: corpus, max_lines_per_language: 150}]", "student.n_pairs=2",
             "train.max_steps=40", "train.progress=false", "kl.train.progress=false", "sft.train.progress=false",
             "kl.train.max_steps=80", "kl.train.lr=3e-3", "kl.report_rows_per_language=2",
-            f"sft.sources=[{{type: toolgen, languages: {langs}, per_language: 20}}]", f"sft.eval_languages={langs}",
-            "sft.eval_per_language=5", "sft.train.max_steps=60", "sft.train.micro_batch_size=4", "sft.train.lr=3e-3",
-            "sft.max_new_tokens=72", *extra]
+            f"sft.sources=[{{type: toolgen, languages: {langs}, per_language: 30, tools_offered: 1}}]",
+            f"sft.eval_languages={langs}", "sft.eval_tools_offered=1", "sft.seq_len=512",
+            "sft.eval_per_language=5", "sft.train.max_steps=400", "sft.train.micro_batch_size=8", "sft.train.lr=5e-3", "sft.train.warmup_steps=20",
+            "sft.max_new_tokens=64", *extra]
 
 
 def test_full_pipeline_one_command(teacher_dir, tmp_path):
