@@ -1,6 +1,6 @@
 """Distillation of a teacher transformer into an Aetheris student: ``aetheris distill``.
 
-    aetheris distill --config configs/nano-align.yaml --stages align [key.sub=value ...] [--resume]
+    aetheris distill --config configs/nano-distill.yaml [--stages align,kl,sft] [key.sub=value ...] [--resume]
 
 Stages (DESIGN §4), run in the order given by ``--stages`` (a comma list over align, kl, sft):
 
@@ -695,9 +695,10 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML distillation config (see configs/*-align.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.max_steps=20")
-    parser.add_argument("--stages", default="align", help=f"comma list over {', '.join(STAGES)} (default: align)")
+    parser.add_argument("--stages", default="align,kl,sft",
+                        help=f"comma list over {', '.join(STAGES)}, run in pipeline order (default: all three)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue alignment from the newest good checkpoint in train.out_dir, or from CHECKPOINT")
+                        help="continue each stage from the newest good checkpoint in its out_dir, or (one stage) from CHECKPOINT")
 
 
 def run(args) -> int:
@@ -720,7 +721,8 @@ def run(args) -> int:
     teacher = None
     for stage in stages:
         if stage == "align":
-            report = run_align(cfg, resume=args.resume)
+            teacher = load_teacher_model(cfg)  # loaded once, shared by the stages that follow
+            report = run_align(cfg, teacher=teacher, resume=args.resume)
             print(f"stage 1 report: {Path(cfg.train.out_dir) / 'align_report.json'} "
                   f"(KL random {report['kl_random_init']['mean']:.4f} / transfer {report['kl_after_transfer']['mean']:.4f}"
                   f" / aligned {report['kl_after_align']['mean']:.4f}); student: {Path(cfg.train.out_dir) / 'student'}")
