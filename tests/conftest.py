@@ -67,3 +67,12 @@ def tiny_cohere2_teacher(tiny_tokenizer):
         opt.zero_grad(set_to_none=True)
     model.eval().requires_grad_(False)
     return model
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_cohere2_teacher, tiny_tokenizer, tmp_path_factory):
+    """The tiny Cohere2 teacher saved with its tokenizer: a folder ``teacher.name`` can point at."""
+    folder = tmp_path_factory.mktemp("nano-teacher")
+    tiny_cohere2_teacher.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -14,14 +14,6 @@ from aetheris.distill import build_student, load_distill_config, make_align_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_cohere2_teacher, tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nano-teacher")
-    tiny_cohere2_teacher.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _overrides(teacher_dir, out_dir, *extra):
     return [f"teacher.name={teacher_dir}", f"train.out_dir={out_dir}", "train.progress=false",
             "data.languages=[en, sw, hi, zh, ar, yo, fr, ru]",

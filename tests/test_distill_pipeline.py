@@ -19,14 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "fr", "sw", "hi", "zh", "ar"]
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_cohere2_teacher, tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nano-teacher")
-    tiny_cohere2_teacher.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _overrides(teacher_dir, run_dir, *extra):
     langs = "[" + ", ".join(LANGS) + "]"
     return [f"teacher.name={teacher_dir}", f"run_dir={run_dir}", f"data.languages={langs}",
