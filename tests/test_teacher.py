@@ -8,14 +8,6 @@ import torch
 from aetheris.teacher import TeacherError, hidden_states, load_teacher
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_cohere2_teacher, tiny_tokenizer, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    tiny_cohere2_teacher.save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_tiny_fixture_is_tiny_aya_shaped(tiny_cohere2_teacher, tiny_tokenizer):
     c = tiny_cohere2_teacher.config
     assert type(tiny_cohere2_teacher).__name__ == "Cohere2ForCausalLM"
