@@ -398,6 +398,8 @@ def add_arguments(parser) -> None:
                         help="JSONL of extra tool-calling examples {id, lang, tools, user, expected} (e.g. the generated 70-language set)")
     parser.add_argument("--ppl-max-sentences", type=int, default=None,
                         help="sentences per language for perplexity (default: all; --limit also caps it)")
+    parser.add_argument("--ppl-start", type=int, default=0,
+                        help="skip the first N sentences of each language in the ppl task (keep text a model trained on out)")
     parser.add_argument("--teacher", default=None,
                         help="teacher model for per-token KL(teacher||student) in the ppl task (tokenizers must match)")
 
@@ -408,6 +410,7 @@ def options_from_args(args) -> dict:
         "mgsm_shots": args.mgsm_shots,
         "toolcall_file": str(Path(args.toolcall_file).resolve()) if args.toolcall_file else None,
         "ppl_max_sentences": args.ppl_max_sentences,
+        "ppl_start": args.ppl_start,
     }
 
 

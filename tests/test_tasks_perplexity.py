@@ -75,3 +75,16 @@ def test_kl_refuses_different_tokenizers(models, tiny_tokenizer):
     with pytest.raises(ValueError, match="one tokenizer"):
         perplexity.check_same_tokenizer(SimpleNamespace(tokenizer=other), student)
     perplexity.check_same_tokenizer(teacher, student)  # same tokenizer: fine
+
+
+@needs_data
+def test_ppl_start_scores_later_sentences_and_keeps_their_indices(models):
+    _, student = models
+    later = perplexity.run(student, "sw", {"ppl_start": 5}, limit=2)["ppl"]
+    assert later.ids == [5, 6]  # the sentence indices, so teacher and student pair the same sentences
+    # Sentences 5 and 6 scored from index 5 equal sentences 5 and 6 of a run from the start.
+    whole = perplexity.run(student, "sw", {}, limit=7)["ppl"]
+    assert later.values == pytest.approx(whole.values[5:7], rel=1e-5)
+    assert later.weights == whole.weights[5:7]
+    with pytest.raises(ValueError, match="ppl-start"):
+        perplexity.run(student, "jv", {"ppl_start": 400}, limit=2)
