@@ -9,10 +9,12 @@ export AETHERIS_DATA_DIR
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help install demo test test-slow bench clean
+.PHONY: help install demo demo-quick results test test-slow bench clean
 
 help:
-	@echo "make demo       # set up, then run the embedded CPU demo"
+	@echo "make demo       # set up, then run the embedded CPU demo (FORCE=1 redoes finished steps)"
+	@echo "make demo-quick # the same pipeline cut short (~3 min): a smoke run, not a result"
+	@echo "make results    # make demo, then write docs/RESULTS.md from its report"
 	@echo "make test       # set up, then run the test suite (fast tier)"
 	@echo "make test-slow  # the slow tier as well"
 	@echo "make bench      # quick benchmarks -> bench-results/*.json"
@@ -25,11 +27,19 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+DEMO_FLAGS := $(if $(filter-out 0,$(FORCE)),--force)
+
 demo: install
-	$(PY) -m aetheris.demo
+	$(PY) -m aetheris.demo --config configs/demo.yaml $(DEMO_FLAGS)
+
+demo-quick: install
+	$(PY) -m aetheris.demo --config configs/demo-quick.yaml $(DEMO_FLAGS)
+
+results: install
+	$(PY) -m aetheris.demo --config configs/demo.yaml $(DEMO_FLAGS) --write-docs docs
 
 test: install
-	$(PY) -m pytest -q -n 2 --timeout 600
+	$(PY) -m pytest -q -n 2 --dist loadgroup --timeout 600
 
 test-slow: install
 	$(PY) -m pytest -q -m "" --timeout 1800

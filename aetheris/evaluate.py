@@ -381,6 +381,8 @@ def make_plan(tasks: list[str], languages: list[str] | None, options: dict) -> l
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
     from aetheris.tasks import TASK_NAMES
 
     parser.add_argument("--model", required=True, help="model folder (Aetheris checkpoint or any HF causal LM) or hub name")
@@ -396,6 +398,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mgsm-shots", type=int, default=8, help="few-shot exemplars (0-8) before each mGSM question")
     parser.add_argument("--toolcall-file", default=None,
                         help="JSONL of extra tool-calling examples {id, lang, tools, user, expected} (e.g. the generated 70-language set)")
+    parser.add_argument("--toolcall-xsid", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the xSID tool-calling sets (13 languages, 16 schemas per prompt); "
+                             "--no-toolcall-xsid keeps only --toolcall-file")
+    parser.add_argument("--toolcall-max-new-tokens", type=int, default=None,
+                        help="generation cap per tool-calling request (default 256; a call to these schemas needs < 100)")
     parser.add_argument("--ppl-max-sentences", type=int, default=None,
                         help="sentences per language for perplexity (default: all; --limit also caps it)")
     parser.add_argument("--ppl-start", type=int, default=0,
@@ -409,6 +416,8 @@ def options_from_args(args) -> dict:
         "mgsm_mode": args.mgsm_mode,
         "mgsm_shots": args.mgsm_shots,
         "toolcall_file": str(Path(args.toolcall_file).resolve()) if args.toolcall_file else None,
+        "toolcall_xsid": args.toolcall_xsid,
+        "toolcall_max_new_tokens": args.toolcall_max_new_tokens,
         "ppl_max_sentences": args.ppl_max_sentences,
         "ppl_start": args.ppl_start,
     }

@@ -328,6 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     parser.add_argument("--no-stream", action="store_true", help="print each completion at the end")
+    parser.add_argument("--chat", action="store_true",
+                        help="send each prompt as a user turn through the chat template; print the assistant's answer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,13 +340,33 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=args.stop)
-    if len(args.prompt) == 1 and not args.no_stream:
-        sys.stdout.write(args.prompt[0])
-        for delta in stream(model, tokenizer, args.prompt[0], **kwargs):
+    prompts, shown = list(args.prompt), list(args.prompt)
+    if args.chat:
+        prompts, kwargs["stop_token_ids"] = chat_prompts(tokenizer, args.prompt)
+        shown = [""] * len(prompts)  # print the answer only
+    if len(prompts) == 1 and not args.no_stream:
+        sys.stdout.write(shown[0])
+        for delta in stream(model, tokenizer, prompts[0], **kwargs):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    for prompt, result in zip(args.prompt, generate(model, tokenizer, args.prompt, **kwargs)):
+    for prompt, result in zip(shown, generate(model, tokenizer, prompts, **kwargs)):
         print(f"{prompt}{result.text}\n[{result.finish_reason}, {len(result.token_ids)} tokens]")
     return 0
+
+
+def chat_prompts(tokenizer, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Each text as one user turn, rendered by ``aetheris.chat`` and opened as a text answer
+    (``<|START_RESPONSE|>``); stop on the end-of-answer / end-of-turn markers. Returns (token ids, stop ids)."""
+    from . import chat
+
+    missing = [t for t in (chat.START_RESPONSE, chat.END_RESPONSE, chat.END_TURN)
+               if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing:
+        raise ValueError(f"--chat needs the chat markers {', '.join(missing)} in the tokenizer; this checkpoint's "
+                         "tokenizer lacks them (a from-scratch run without SFT): drop --chat to continue raw text")
+    ids = [tokenizer(chat.render_messages([{"role": "user", "content": t}]) + chat.START_RESPONSE,
+                     add_special_tokens=False)["input_ids"] for t in texts]
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in (chat.END_RESPONSE, chat.END_TURN)] + [tokenizer.eos_token_id]
+    return ids, [i for i in stops if i is not None]

@@ -116,8 +116,12 @@ def _extra_examples(options: dict) -> list[dict]:
     return examples
 
 
+def _with_xsid(options: dict) -> bool:
+    return options.get("toolcall_xsid", True) is not False
+
+
 def languages(options: dict) -> list[str]:
-    langs = list(XSID_FILES)
+    langs = list(XSID_FILES) if _with_xsid(options) else []
     for ex in _extra_examples(options):
         if ex["lang"] not in langs:
             langs.append(ex["lang"])
@@ -126,7 +130,7 @@ def languages(options: dict) -> list[str]:
 
 def data_files(lang: str, options: dict) -> list[Path]:
     files = []
-    if lang in XSID_FILES:
+    if lang in XSID_FILES and _with_xsid(options):
         files.append(data_path("toolcall", "xsid-0.7", f"{XSID_FILES[lang]}.test.conll", what=f"xSID {lang} test set"))
     if options.get("toolcall_file"):
         files.append(Path(options["toolcall_file"]))
@@ -341,9 +345,10 @@ def _user_text(ex: dict) -> str:
     return next(m["content"] for m in reversed(ex["messages"]) if m.get("role") == "user")
 
 
-def _score(lm, examples: list[dict], desc: str) -> Scores:
+def _score(lm, examples: list[dict], desc: str, options: dict) -> Scores:
     prompts = [render_prompt(ex["tools"], _user_text(ex)) for ex in examples]
-    outputs = lm.generate_until(prompts, STOPS, max_new_tokens=MAX_NEW_TOKENS, desc=desc, skip_special_tokens=False)
+    cap = int(options.get("toolcall_max_new_tokens") or MAX_NEW_TOKENS)
+    outputs = lm.generate_until(prompts, STOPS, max_new_tokens=cap, desc=desc, skip_special_tokens=False)
     rows = [score_output(o, ex) for o, ex in zip(outputs, examples)]
     n = max(len(rows), 1)
     extra = {f"{k}_rate" if k in ("parsed", "schema_valid") else f"{k}_acc": sum(r[k] for r in rows) / n
@@ -354,9 +359,9 @@ def _score(lm, examples: list[dict], desc: str) -> Scores:
 
 def run(lm, lang: str, options: dict, limit: int | None = None) -> dict[str, Scores]:
     results = {}
-    if lang in XSID_FILES:
-        results["toolcall_xsid"] = _score(lm, xsid_examples(lang)[:limit], f"toolcall xsid {lang}")
+    if lang in XSID_FILES and _with_xsid(options):
+        results["toolcall_xsid"] = _score(lm, xsid_examples(lang)[:limit], f"toolcall xsid {lang}", options)
     extra = [ex for ex in _extra_examples(options) if ex["lang"] == lang][:limit]
     if extra:
-        results["toolcall_gen"] = _score(lm, extra, f"toolcall gen {lang}")
+        results["toolcall_gen"] = _score(lm, extra, f"toolcall gen {lang}", options)
     return results

@@ -1,0 +1,228 @@
+"""The embedded default's teacher: a nano Cohere2 trained from scratch on this CPU (``make demo``, step 1).
+
+    python -m aetheris.nano_teacher runs/nano-teacher [key=value ...]      # e.g. steps=600 hidden_size=192
+
+Tiny Aya's structure scaled down -- transformers' own ``Cohere2ForCausalLM`` (parallel block: one bias-free
+LayerNorm feeding attention and MLP; GQA; ``[sliding x3, full]`` layers with RoPE on the sliding ones only;
+tied embeddings; ``logit_scale``) -- with a byte-level BPE carrying the Cohere special tokens, trained on the
+training split of the 70-language offline corpus. So the student downstream meets the same code path, the
+same tokenizer contract and the same chat template as with the real teacher; only the sizes differ.
+
+Training, in two phases over ``steps`` optimizer steps:
+
+1. Language modelling on packed corpus rows (``data.load_documents`` -> ``split_heldout`` -> ``PackedStream``,
+   the student's own data path, languages sampled ``p_l ∝ n_l^(1/temperature)``). The held-out documents
+   are the ones distillation holds out too (same seed, same split), and corpus lines past
+   ``lines_per_language`` are never read, so evaluation can score text the teacher never saw.
+2. For the last ``toolcall_fraction`` of the steps, every step adds ``toolcall_batch_size`` chat-templated
+   tool-calling conversations (their loss averaged with the LM loss) from the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``:
+   loss on assistant tokens only). Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a
+   tool call would make the student's tool-calling "drop" meaningless. Held-out templates stay unseen.
+
+Writes ``config.json``, ``model.safetensors``, the tokenizer (with the chat template) and
+``nano_teacher.json`` (the settings, per-phase losses and the held-out loss per language).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class NanoTeacherConfig:
+    vocab_size: int = 2048
+    """BPE vocabulary trained on the corpus (the student inherits it)."""
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    """GQA, like Tiny Aya's 16 heads / 4 kv heads."""
+    head_dim: int = 32
+    sliding_window: int = 64
+    logit_scale: float = 0.5
+    lines_per_language: int = 200
+    """Corpus lines read per language (the first ones); the rest stay unseen for evaluation."""
+    seq_len: int = 64
+    temperature: float = 3.0
+    """Language sampling temperature (as ``data.temperature`` in the run configs)."""
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2.0e-3
+    warmup_steps: int = 20
+    toolcall_fraction: float = 0.3
+    """Share of the steps (the last ones) that mix in tool-calling chat; 0 = language modelling only."""
+    toolcall_batch_size: int = 4
+    """Tool-calling conversations per step in that phase (added to the LM rows)."""
+    toolcall_per_language: int = 20
+    """Generated tool-calling conversations per language (train templates)."""
+    toolcall_tools_offered: int = 3
+    """Tool schemas in each system turn (the expected one among them); each adds ~200 nano-BPE tokens."""
+    toolcall_seq_len: int = 1024
+    seed: int = 0
+    threads: int = 0
+    """torch CPU threads; 0 = torch's default."""
+
+    def __post_init__(self):
+        if self.hidden_size != self.num_attention_heads * self.head_dim:
+            raise ValueError(f"hidden_size={self.hidden_size} must equal num_attention_heads x head_dim "
+                             f"({self.num_attention_heads} x {self.head_dim}); change one of them")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if not 0.0 <= self.toolcall_fraction < 1.0:
+            raise ValueError(f"toolcall_fraction={self.toolcall_fraction} must be in [0, 1)")
+        for name in ("steps", "batch_size", "seq_len", "lines_per_language", "num_hidden_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+
+
+def cohere2_config(cfg: NanoTeacherConfig, tokenizer):
+    """The scaled-down Tiny Aya config: every structural choice of the real one, nano sizes."""
+    from transformers import Cohere2Config
+
+    pattern = ["sliding_attention"] * 3 + ["full_attention"]  # Tiny Aya: [sliding x3, full] x 9
+    return Cohere2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, logit_scale=cfg.logit_scale,
+        layer_types=[pattern[i % 4] for i in range(cfg.num_hidden_layers)], sliding_window=cfg.sliding_window,
+        max_position_embeddings=max(2048, cfg.toolcall_seq_len),
+        rope_parameters={"rope_type": "default", "rope_theta": 50_000.0}, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _trim(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Drop the all-padding tail columns of right-padded chat rows (a 1024-wide batch is mostly padding)."""
+    used = (batch["labels"] != -100) | (batch["input_ids"] != pad_id)
+    width = int(used.any(0).nonzero()[0].max()) + 1
+    return {k: torch.as_tensor(batch[k][:, :width]) for k in ("input_ids", "labels")}
+
+
+def _lm_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # transformers shifts labels inside the loss (labels are aligned with input_ids, -100 = not trained),
+    # the same convention as aetheris.data and aetheris.sft.
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+@torch.no_grad()
+def heldout_loss(model, val: dict[str, dict]) -> dict[str, float]:
+    """Mean next-token cross-entropy per language on the held-out rows."""
+    model.eval()
+    out = {}
+    for lang, rows in sorted(val.items()):
+        out[lang] = float(_lm_batch(model, {k: torch.as_tensor(rows[k]) for k in ("input_ids", "labels")}))
+    model.train()
+    return out
+
+
+def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, log=print):
+    """Train the nano teacher and save it (model + tokenizer + report) to ``out``; returns (model, tokenizer)."""
+    from transformers import Cohere2ForCausalLM
+
+    from aetheris.data import load_documents, split_heldout, tokenize_documents, validation_rows, PackedStream
+    from aetheris.sft import build_sft_data
+    from aetheris.tokenizer import train_bpe_tokenizer
+
+    cfg = cfg or NanoTeacherConfig()
+    out = Path(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+
+    # 1. Data and tokenizer: the training split only; the BPE never sees held-out documents.
+    docs = load_documents([{"type": "corpus", "max_lines_per_language": cfg.lines_per_language}], "all")
+    train_docs, val_docs = split_heldout(docs, 0.05, seed=cfg.seed)
+    tokenizer = train_bpe_tokenizer([d.text for lang in sorted(train_docs) for d in train_docs[lang]], cfg.vocab_size)
+    pad = tokenizer.pad_token_id
+    stream = PackedStream({lang: tokenize_documents(d, tokenizer) for lang, d in train_docs.items()}, cfg.seq_len,
+                          temperature=cfg.temperature, seed=cfg.seed, pack=True, pad_id=pad)
+    val = validation_rows({lang: tokenize_documents(d, tokenizer) for lang, d in val_docs.items()}, cfg.seq_len, 2,
+                          pad_id=pad)
+    tool_steps = int(round(cfg.steps * cfg.toolcall_fraction))
+    chat = None
+    if tool_steps:
+        chat = build_sft_data([{"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
+                                "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}],
+                              tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
+
+    # 2. Model and optimizer.
+    torch.manual_seed(cfg.seed)
+    model = Cohere2ForCausalLM(cohere2_config(cfg, tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"nano teacher: Cohere2ForCausalLM, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
+        f"vocab {len(tokenizer)}; {cfg.steps} steps ({tool_steps} with tool-calling chat)")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine to 10%
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # 3. The loop: language modelling, then LM rows + tool-calling conversations, one loss each, averaged.
+    before = heldout_loss(model, val)
+    model.train()
+    history = []
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = _lm_batch(model, _trim(stream.next_batch(cfg.batch_size), pad))
+        record = {"step": step + 1, "lm_loss": loss.item()}
+        if chat is not None and step >= cfg.steps - tool_steps:
+            chat_loss = _lm_batch(model, _trim(chat.next_batch(cfg.toolcall_batch_size), pad))
+            record["chat_loss"] = chat_loss.item()
+            loss = 0.5 * (loss + chat_loss)
+        if not math.isfinite(record["lm_loss"]) or not math.isfinite(record.get("chat_loss", 0.0)):
+            raise FloatingPointError(f"the nano teacher's loss became non-finite at step {step + 1} ({record}); "
+                                     "nothing was saved: lower lr or raise warmup_steps")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+            history.append(record)
+            log("  teacher step {step}: lm loss {lm_loss:.3f}".format(**record)
+                + (f", chat loss {record['chat_loss']:.3f}" if "chat_loss" in record else ""))
+    after = heldout_loss(model, val)
+    model.eval()
+
+    # 4. Save: an ordinary HF folder, so `teacher.name` (and AutoModelForCausalLM) can point at it.
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report = {"config": asdict(cfg), "parameters": n_params, "seconds": round(time.perf_counter() - start, 1),
+              "heldout_loss_before": float(np.mean(list(before.values()))),
+              "heldout_loss_after": float(np.mean(list(after.values()))),
+              "heldout_loss_per_language": after, "history": history}
+    (out / "nano_teacher.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    log(f"nano teacher: held-out loss {report['heldout_loss_before']:.3f} -> {report['heldout_loss_after']:.3f} "
+        f"(mean over {len(after)} languages), {report['seconds']:.0f} s -> {out}")
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from aetheris.config_io import apply_overrides, build
+
+    p = argparse.ArgumentParser(prog="python -m aetheris.nano_teacher", description=__doc__.splitlines()[0])
+    p.add_argument("out", nargs="?", default="runs/nano-teacher")
+    p.add_argument("overrides", nargs="*", help="NanoTeacherConfig fields as key=value (e.g. steps=600)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = build(NanoTeacherConfig, apply_overrides({}, a.overrides, NanoTeacherConfig))
+    train_nano_teacher(a.out, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
