@@ -189,3 +189,15 @@ def test_bad_demo_settings_say_what_to_change():
         load_demo_config(QUICK, ["eval.ppl_start=10"])  # would score lines the teacher trained on
     with pytest.raises(ValueError, match="mgsm_mode"):
         load_demo_config(QUICK, ["eval.mgsm_mode=cot"])
+
+
+def test_write_docs_builds_the_results_page_from_the_run(demo_run, tmp_path):
+    from aetheris.demo import write_docs
+
+    run = Run(load_demo_config(QUICK, [f"run_dir={demo_run}"]))
+    page = write_docs(run, tmp_path, "configs/demo-quick.yaml").read_text()
+    report = json.loads((demo_run / "report" / "report.json").read_text())
+    assert "Scale caveat" in page and "--ppl-start" in page
+    assert f"| ppl | bits_per_byte | {report['tasks']['ppl']['mean_drop']:.3f} |" in page  # the report's own table
+    for png in ("drops_by_language.png", "family_task_heatmap.png"):
+        assert f"results/{png}" in page and (tmp_path / "results" / png).is_file()
