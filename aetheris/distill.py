@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -145,6 +146,9 @@ class SFTConfig:
     eval_tools_offered: int = 3
     """Tool schemas offered per held-out example (the expected one among them)."""
     max_new_tokens: int = 96
+    replay_every: int = 0
+    """0 = off; k: every k-th step is a stage-2 batch instead (KL to the teacher on ``data`` rows, as in stage 2),
+    so tuning on chat does not erase the languages. Loads the teacher. The report then has held-out KL before/after."""
     init: str | None = None
     """Student to start from; unset: ``<kl out_dir>/student``."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft", lr=2e-5))
@@ -182,6 +186,9 @@ class DistillConfig:
             raise ConfigError(f"align.mixer_only_fraction={self.align.mixer_only_fraction} must be in [0, 1]")
         if self.student.init_layer not in ("last", "first"):
             raise ConfigError(f"student.init_layer={self.student.init_layer!r}: choose last or first")
+        if self.sft.replay_every < 0 or self.sft.replay_every == 1:
+            raise ConfigError(f"sft.replay_every={self.sft.replay_every}: 0 turns replay off; k >= 2 makes every k-th "
+                              "stage-3 step a stage-2 batch (1 would leave no SFT step)")
         if self.transfer.dt_init not in ("mamba2", "span"):
             raise ConfigError(f"transfer.dt_init={self.transfer.dt_init!r}: choose mamba2 or span")
         if self.teacher.dtype != "auto" and self.teacher.dtype not in DTYPES:
@@ -574,6 +581,45 @@ def make_kd_loss(teacher, *, kind: str, temperature: float, chunk: int, w_kl: fl
     return kd_loss
 
 
+class ReplayMix:
+    """Stage 3's stream with replay: every ``every``-th batch comes from ``replay`` (stage-2 rows, marked with a
+    ``replay`` key so the loss knows), the others from ``sft``. Each step is one kind, so every step is a single
+    forward and a batch keeps one width; all ranks draw the same batch, so all take the same kind of step."""
+
+    def __init__(self, sft, replay, every: int):
+        self.sft, self.replay, self.every, self.count = sft, replay, every, 0
+        self.sizes = sft.sizes
+
+    def next_batch(self, n: int) -> dict:
+        self.count += 1
+        if self.count % self.every:
+            return self.sft.next_batch(n)
+        rows = self.replay.next_batch(n)
+        return {**rows, "replay": np.ones(n, dtype=np.int64)}
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "sft": self.sft.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        self.sft.load_state_dict(state["sft"])
+        self.replay.load_state_dict(state["replay"])
+
+
+def make_sft_loss(teacher, sc: "SFTConfig"):
+    """Stage 3's loss_fn: ``CE + β·KL`` on assistant tokens; on replay batches, stage 2's KL on every token."""
+    chat = make_kd_loss(teacher, kind=sc.kind, temperature=sc.temperature, chunk=sc.chunk, w_kl=sc.beta, w_ce=1.0)
+    replay = make_kd_loss(teacher, kind="forward", temperature=1.0, chunk=sc.chunk, w_kl=1.0, w_ce=0.0)
+
+    def sft_loss(model, batch: dict) -> tuple[Tensor, dict]:
+        if "replay" not in batch:
+            return chat(model, batch)
+        loss, metrics = replay(model, {k: v for k, v in batch.items() if k != "replay"})
+        return loss, {"replay_kl": metrics["kl"], "aux": metrics["aux"]}  # its CE is not the SFT CE: not logged as ce
+
+    return sft_loss
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 2
 
@@ -654,7 +700,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     out_dir = Path(sc.train.out_dir)
     device, main_process = _device()
     init = previous_student(cfg, "sft")
-    if teacher is None and sc.beta > 0:
+    if teacher is None and (sc.beta > 0 or sc.replay_every):
         teacher = load_teacher_model(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer.name or cfg.teacher.name)
     install_chat_template(tokenizer)
@@ -666,18 +712,39 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=sc.train)
     data = build_sft_data(sc.sources, tokenizer, sc.seq_len, temperature=sc.temperature_sampling,
                           seed=sc.train.seed, log=log)
+    kl_rows = None
+    if sc.replay_every:  # stage 2's data: replayed during training, and its held-out rows measure forgetting
+        from aetheris.train import build_data
+        lm_data, _ = build_data(dataclasses.replace(run_cfg, train=sc.train), lambda _docs: tokenizer, log)
+        data = dataclasses.replace(data, stream=ReplayMix(data.stream, lm_data.stream, sc.replay_every))
+        kl_rows = report_rows(lm_data.val, cfg.kl.report_rows_per_language)
+    pad_id = None if cfg.data.pack else tokenizer.pad_token_id
     held_out = generate_examples(sc.eval_languages, split="test", per_language=sc.eval_per_language, seed=sc.train.seed,
                                  tools_offered=sc.eval_tools_offered)
+    # The held-out prompts (tool schemas + request) may be longer than the training rows; the guard grows to them.
+    from aetheris.chat import render_messages
+    from aetheris.sft import record_messages
+    longest = max((len(tokenizer.encode(render_messages(record_messages(ex)[:1], ex["tools"]), add_special_tokens=False))
+                   for ex in held_out), default=0)
+    student.cfg.max_seq_len = max(student.cfg.max_seq_len, longest + sc.max_new_tokens)
 
     student.to(device).eval()
     report: dict[str, Any] = {"init": str(init), "beta": sc.beta, "train_conversations": data.stream.sizes,
                               "malformed": dict(data.malformed.counts), "heldout_examples": len(held_out)}
     report["toolcall_before"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
-    loss_fn = make_kd_loss(teacher, kind=sc.kind, temperature=sc.temperature, chunk=sc.chunk, w_kl=sc.beta, w_ce=1.0)
+    if kl_rows is not None:
+        teacher.to(device)
+        report["replay_every"] = sc.replay_every
+        report["kl_before"] = heldout_kl(teacher, student, kl_rows, pad_id, chunk=sc.chunk)
+    loss_fn = make_sft_loss(teacher, sc)
     result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
                    frozen={"teacher": teacher} if teacher is not None else None, resume=resume)
     student = result.model.eval()
     report["toolcall_after"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
+    if kl_rows is not None:
+        report["kl_after"] = heldout_kl(teacher, student, kl_rows, pad_id, chunk=sc.chunk)
+        log(f"stage 3: held-out KL(teacher||student) {report['kl_before']['mean']:.4f} -> "
+            f"{report['kl_after']['mean']:.4f} nats/token (replay every {sc.replay_every} steps)")
     report["steps"] = result.step
     b, a = report["toolcall_before"]["overall"], report["toolcall_after"]["overall"]
     log("stage 3: tool-call validity on held-out templates " + ", ".join(f"{k} {b[k]:.3f}->{a[k]:.3f}" for k in b))

@@ -8,14 +8,15 @@ tied embeddings; ``logit_scale``) -- with a byte-level BPE carrying the Cohere s
 training split of the 70-language offline corpus. So the student downstream meets the same code path, the
 same tokenizer contract and the same chat template as with the real teacher; only the sizes differ.
 
-Training, in two phases over ``steps`` optimizer steps:
+Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was made), each with its own
+warmup + cosine schedule:
 
-1. Language modelling on packed corpus rows (``data.load_documents`` -> ``split_heldout`` -> ``PackedStream``,
+1. ``steps`` of language modelling on packed corpus rows (``data.load_documents`` -> ``split_heldout`` -> ``PackedStream``,
    the student's own data path, languages sampled ``p_l ∝ n_l^(1/temperature)``). The held-out documents
    are the ones distillation holds out too (same seed, same split), and corpus lines past
    ``lines_per_language`` are never read, so evaluation can score text the teacher never saw.
-2. For the last ``toolcall_fraction`` of the steps, every step adds ``toolcall_batch_size`` chat-templated
-   tool-calling conversations (their loss averaged with the LM loss) from the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``:
+2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
+   (their loss averaged with the LM loss, which keeps the languages from being forgotten) from the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``:
    loss on assistant tokens only). Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a
    tool call would make the student's tool-calling "drop" meaningless. Held-out templates stay unseen.
 
@@ -58,8 +59,9 @@ class NanoTeacherConfig:
     batch_size: int = 16
     lr: float = 2.0e-3
     warmup_steps: int = 20
-    toolcall_fraction: float = 0.3
-    """Share of the steps (the last ones) that mix in tool-calling chat; 0 = language modelling only."""
+    chat_steps: int = 100
+    """Phase 2 steps (LM rows + tool-calling conversations); 0 = a base model only."""
+    chat_lr: float = 2.0e-3
     toolcall_batch_size: int = 4
     """Tool-calling conversations per step in that phase (added to the LM rows)."""
     toolcall_per_language: int = 20
@@ -78,8 +80,8 @@ class NanoTeacherConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
-        if not 0.0 <= self.toolcall_fraction < 1.0:
-            raise ValueError(f"toolcall_fraction={self.toolcall_fraction} must be in [0, 1)")
+        if self.chat_steps < 0:
+            raise ValueError(f"chat_steps={self.chat_steps} must be >= 0 (0 = no tool-calling phase)")
         for name in ("steps", "batch_size", "seq_len", "lines_per_language", "num_hidden_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -148,9 +150,8 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
                           temperature=cfg.temperature, seed=cfg.seed, pack=True, pad_id=pad)
     val = validation_rows({lang: tokenize_documents(d, tokenizer) for lang, d in val_docs.items()}, cfg.seq_len, 2,
                           pad_id=pad)
-    tool_steps = int(round(cfg.steps * cfg.toolcall_fraction))
     chat = None
-    if tool_steps:
+    if cfg.chat_steps:
         chat = build_sft_data([{"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
                                 "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}],
                               tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
@@ -160,36 +161,39 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
     model = Cohere2ForCausalLM(cohere2_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"nano teacher: Cohere2ForCausalLM, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
-        f"vocab {len(tokenizer)}; {cfg.steps} steps ({tool_steps} with tool-calling chat)")
+        f"vocab {len(tokenizer)}; {cfg.steps} language-modelling steps, then {cfg.chat_steps} with tool-calling chat")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-    def lr_at(step: int) -> float:  # linear warmup, cosine to 10%
+    def lr_at(step: int, total: int, peak: float) -> float:  # linear warmup, cosine to 10%
         if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            return peak * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     # 3. The loop: language modelling, then LM rows + tool-calling conversations, one loss each, averaged.
     before = heldout_loss(model, val)
     model.train()
     history = []
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+    total = cfg.steps + cfg.chat_steps
+    for step in range(total):
+        chat_phase = step >= cfg.steps
+        for group in opt.param_groups:  # each phase warms up and decays on its own
+            group["lr"] = lr_at(step - cfg.steps, cfg.chat_steps, cfg.chat_lr) if chat_phase else \
+                lr_at(step, cfg.steps, cfg.lr)
         loss = _lm_batch(model, _trim(stream.next_batch(cfg.batch_size), pad))
         record = {"step": step + 1, "lm_loss": loss.item()}
-        if chat is not None and step >= cfg.steps - tool_steps:
+        if chat_phase:
             chat_loss = _lm_batch(model, _trim(chat.next_batch(cfg.toolcall_batch_size), pad))
             record["chat_loss"] = chat_loss.item()
             loss = 0.5 * (loss + chat_loss)
         if not math.isfinite(record["lm_loss"]) or not math.isfinite(record.get("chat_loss", 0.0)):
             raise FloatingPointError(f"the nano teacher's loss became non-finite at step {step + 1} ({record}); "
-                                     "nothing was saved: lower lr or raise warmup_steps")
+                                     "nothing was saved: lower lr / chat_lr or raise warmup_steps")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+        if (step + 1) % 50 == 0 or step + 1 in (cfg.steps, total):
             history.append(record)
             log("  teacher step {step}: lm loss {lm_loss:.3f}".format(**record)
                 + (f", chat loss {record['chat_loss']:.3f}" if "chat_loss" in record else ""))

@@ -28,6 +28,14 @@ def test_every_yaml_opens_with_its_command_and_loads(path):
 
         assert isinstance(load_distill_config(path), DistillConfig)
         return
+    if first.startswith("# aetheris demo"):
+        from aetheris.demo import DemoConfig, load_demo_config
+
+        cfg = load_demo_config(path)
+        assert isinstance(cfg, DemoConfig)
+        from aetheris.distill import load_distill_config  # its distillation overrides apply cleanly
+        load_distill_config(ROOT / cfg.distill_config, cfg.distill)
+        return
     assert first.startswith("# aetheris train"), f"{path.name}: a command this test does not know how to load"
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
