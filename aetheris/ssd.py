@@ -148,7 +148,7 @@ def ssd_step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tens
     a = torch.exp(dt * A.to(f)).view(b, G, R, 1, 1)                          # (b, G, R, 1, 1)
     dx = dt.view(b, G, R, 1) * x[:, :, None, :]                                # (b, G, R, P)
     S.mul_(a).add_(dx[..., None] * B[:, :, None, None, :])                     # (b, G, R, P, N)
-    y = torch.einsum("bgrpn,bgrn->bgrp", S, C.view(b, G, R, N)).reshape(b, H, P)
+    y = torch.matmul(state, C[..., None]).view(b, H, P)                        # (b, H, P, N) @ (b, H, N, 1)
     return y, state
 
 
