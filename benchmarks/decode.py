@@ -12,7 +12,7 @@ cost depends on the cache's size, not its contents). Also reported: cache bytes,
 from the weight-streaming bound (active weight bytes / memory bandwidth measured in the same run), and
 the bandwidth-bound speedup (bytes the teacher must read per step / bytes the student must read).
 
-    python benchmarks/decode.py --json bench-results/decode.json [--quick] [--threads N]
+    python benchmarks/decode.py --json bench-results/decode.json [--quick] [--threads N] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from __future__ import annotations
 import copy
 import inspect
 import statistics
-import time
 
 import torch
-from common import emit, median_seconds, parser, setup
+from common import clock, emit, median_seconds, parser, setup
 
 from aetheris.config import AetherisConfig
 from aetheris.model import Aetheris
@@ -61,9 +60,9 @@ def models(quick: bool):
 def time_steps(step, n: int) -> float:
     times = []
     for _ in range(n):
-        start = time.perf_counter()
+        start = clock()
         step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times[2:]) * 1e3  # ms, skipping warm-up steps
 
 

@@ -8,7 +8,7 @@ Two levels, tokens/s for forward and forward+backward at T in {1024, 4096} (batc
 - ``mixer``: the whole mixer module, projections included, d_model = d_inner = 1024 for both (mambapy
   with expand 1). At these widths the in/out projections dominate, so ratios are much smaller.
 
-    python benchmarks/scan.py --json bench-results/scan.json [--quick] [--threads N]
+    python benchmarks/scan.py --json bench-results/scan.json [--quick] [--threads N] [--clock cpu]
 """
 
 from __future__ import annotations
