@@ -9,8 +9,9 @@ and every layer full attention is timed too (an upper bound on what attention co
 For each context length the prompt is prefilled once at batch 1 (untimed), then single-token decode
 steps are timed (fp32, median) at batch 1 and at batch 8 (the batch-1 cache repeated 8 times: decode
 cost depends on the cache's size, not its contents). Also reported: cache bytes, how far the student is
-from the weight-streaming bound (active weight bytes / memory bandwidth measured in the same run), and
-the bandwidth-bound speedup (bytes the teacher must read per step / bytes the student must read).
+from the weight-streaming bound (active weight bytes / memory bandwidth measured in the same run) and
+from its weight matmuls timed alone (what is left is per-token Python/dispatch work), and the
+bandwidth-bound speedup (bytes the teacher must read per step / bytes the student must read).
 
     python benchmarks/decode.py --json bench-results/decode.json [--quick] [--threads N] [--clock cpu]
 """
@@ -36,6 +37,24 @@ def memory_bandwidth_gbs() -> float:
     dst = torch.empty_like(src)
     seconds = median_seconds(lambda: dst.copy_(src), repeats=7)
     return 2 * src.numel() * 4 / seconds / 1e9
+
+
+@torch.no_grad()
+def matvec_ms(model: Aetheris, n: int) -> float:
+    """The weight matmuls of one batch-1 step alone (projections, router, top-k experts, logits), without
+    anything else the step does: the floor for this step on this machine with these kernels."""
+    import torch.nn.functional as F
+
+    from aetheris.model import MoE, SSMMixer
+    weights = []
+    for m in model.modules():
+        if isinstance(m, SSMMixer):
+            weights += [m.in_proj.weight, m.out_proj.weight]
+        elif isinstance(m, MoE):
+            weights += [m.router.weight] + [w[e] for e in range(m.cfg.top_k) for w in (m.w_gate, m.w_up, m.w_down)]
+    weights.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)
+    inputs = [torch.randn(1, w.shape[1]) for w in weights]
+    return time_steps(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], n)
 
 
 def models(quick: bool):
@@ -119,6 +138,7 @@ def main() -> None:
                "memory_bandwidth_gbs": bandwidth, "student_active_weight_bytes": active_bytes,
                "teacher_weight_bytes": teacher_weight_bytes}
     per = {name: {} for name in ("student", "teacher", "teacher_full_attention")}
+    results["student_matvec_ms"] = matvec_ms(student, 2 * n)
     for ctx in contexts:
         per["student"][ctx] = student_ms(student, ctx, n)
         per["teacher"][ctx] = teacher_ms(teacher, ctx, n)
@@ -153,6 +173,8 @@ def main() -> None:
         "student_flatness": results["student_ms_per_token"][last] / results["student_ms_per_token"][first],
         "weight_streaming_bound_ms": bound_ms,
         "student_vs_bandwidth_bound": results["student_ms_per_token"][last] / bound_ms,
+        "student_vs_matvec_only": results["student_ms_per_token"][last] / results["student_matvec_ms"],
+        "matvec_only_vs_bandwidth_bound": results["student_matvec_ms"] / bound_ms,
     })
     emit(args, results)
 
