@@ -75,7 +75,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     Bg = B.reshape(b * c, L, G, N).permute(2, 0, 1, 3).reshape(M, L, N).contiguous()  # (M, L, N)
     Cg = C.reshape(b * c, L, G, R, N).permute(2, 0, 3, 1, 4).reshape(M, R, L, N).contiguous()
     dtg = dt.reshape(b * c, L, G, R).permute(2, 0, 3, 1).reshape(M, R, L)     # (M, R, L) small
-    A_cum = (dtg * A.view(G, 1, R, 1).expand(G, b * c, R, 1).reshape(M, R, 1)).cumsum(-1)  # log-decay from chunk start
+    A_cum = (dtg.reshape(G, b * c, R, L) * A.view(G, 1, R, 1)).cumsum(-1).reshape(M, R, L)  # log-decay from chunk start
 
     causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()   # (l, s): s <= l
     if seg is not None:
@@ -95,11 +95,11 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
         keep_state = keep_carry = keep_chunk = None
 
     # 2. Inside each chunk: y_l = sum_{s<=l} (C_l . B_s) * exp(A_cum_l - A_cum_s) * dt_s * x_s.
-    # The mask enters as an additive 0 / -inf bias on the small (M, R, 1, s) side, so the big (l, s)
-    # tensor is built by one add and needs no masking pass (nor a negation in backward).
+    # The mask is an additive 0 / -inf bias added in place, and -A_cum is negated while still small:
+    # backward then has no masking pass and no full-size negation.
     CB = torch.bmm(Cg.reshape(M, R * L, N), Bg.transpose(1, 2)).view(M, R, L, L)
     mask_bias = torch.zeros(keep_diag.shape, dtype=f, device=x.device).masked_fill_(~keep_diag, float("-inf"))
-    log_decay = A_cum[..., :, None] + ((-A_cum)[..., None, :] + mask_bias)  # (M, R, l, s), -inf above the diagonal
+    log_decay = (A_cum[..., :, None] + (-A_cum)[..., None, :]).add_(mask_bias)  # (M, R, l, s), -inf where masked
     W = CB * (torch.exp(log_decay) * dtg[..., None, :])
     y_diag = torch.bmm(W.view(M, R * L, L), xT.transpose(1, 2))                          # (M, R*L, P)
 
