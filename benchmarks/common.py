@@ -18,7 +18,8 @@ def parser(description: str, clock: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", type=Path, help="write results to this JSON file")
     p.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; 1 with --quick, which must stay fast on a busy machine)")
     if clock:
         p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                        help="wall: elapsed time (default). cpu: this process's CPU time, which leaves out the "
@@ -38,6 +39,10 @@ def clock() -> float:
 def setup(args: argparse.Namespace) -> None:
     global _clock, _load_at_start
     _load_at_start = os.getloadavg()  # 1/5/15-minute load averages: how busy the machine was
+    if args.quick and not args.threads:
+        # Two threads on a 2-core machine that other jobs are using oversubscribe the cores: OpenMP
+        # then takes 10x longer, and the quick scan/decode runs took 1-2 minutes instead of ~10 s.
+        args.threads = 1
     if getattr(args, "clock", "wall") == "cpu":
         if args.threads != 1:
             raise SystemExit("--clock cpu sums the CPU time of all threads; use it with --threads 1")
