@@ -26,7 +26,7 @@ import torch
 from common import clock, emit, median_seconds, parser, setup
 
 from aetheris.config import AetherisConfig
-from aetheris.model import Aetheris
+from aetheris.model import Aetheris, MoE
 
 BATCH = 8  # the second batch size timed besides 1
 
@@ -45,7 +45,7 @@ def matvec_ms(model: Aetheris, n: int) -> float:
     anything else the step does: the floor for this step on this machine with these kernels."""
     import torch.nn.functional as F
 
-    from aetheris.model import MoE, SSMMixer
+    from aetheris.model import SSMMixer
     weights = []
     for m in model.modules():
         if isinstance(m, SSMMixer):
@@ -93,8 +93,14 @@ def student_ms(model: Aetheris, context: int, n: int) -> dict:
     batched = cache.select(torch.zeros(BATCH, dtype=torch.long))
     out = {"cache_bytes": cache.nbytes()}
     for b, c in ((1, cache), (BATCH, batched)):
-        token = torch.ones(b, dtype=torch.long)
+        # A different token per row, so the rows of the repeated cache route to different experts
+        # (identical rows would all use one expert per layer and read fewer weights than a real batch).
+        token = torch.arange(1, b + 1)
         out[b] = time_steps(lambda: model.step(token, c), n)
+    # Experts the batch's last step used per MoE layer (batch > 1 goes through the sorted dispatch, which
+    # records the load).
+    out["experts_used_batch"] = [int((m.last_load > 0).sum()) for m in model.modules()
+                                 if isinstance(m, MoE) and m.last_load is not None]
     return out
 
 
@@ -109,7 +115,7 @@ def teacher_ms(model, context: int, n: int) -> dict:
     out = {"cache_bytes": sum(t.numel() * t.element_size() for layer in cache.layers
                               for t in (layer.keys, layer.values))}
     for b, c in ((1, cache), (BATCH, batched)):
-        token = torch.ones(b, 1, dtype=torch.long)
+        token = torch.arange(1, b + 1)[:, None]
         pos = [context]
 
         def step():
@@ -147,6 +153,8 @@ def main() -> None:
         results[f"{name}_ms_per_token"] = {ctx: r[1] for ctx, r in by_ctx.items()}             # batch 1
         results[f"{name}_ms_per_step_batch{BATCH}"] = {ctx: r[BATCH] for ctx, r in by_ctx.items()}
         results[f"{name}_cache_bytes"] = {ctx: r["cache_bytes"] for ctx, r in by_ctx.items()}  # batch 1
+    results[f"student_experts_used_per_layer_batch{BATCH}"] = {ctx: r["experts_used_batch"]
+                                                             for ctx, r in per["student"].items()}
     first, last = contexts[0], contexts[-1]
     bound_ms = active_bytes / (bandwidth * 1e9) * 1e3
 
