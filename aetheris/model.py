@@ -129,16 +129,22 @@ class SSMMixer(nn.Module):
         Bsz = u.shape[0]
         H, P, N, G = cfg.n_heads, cfg.head_dim, cfg.d_state, cfg.n_groups
         z, xbc, dt = self.in_proj(u).split([self.split_sizes[0], cfg.d_xbc, H], dim=-1)
-        # Conv over the window [last K-1 inputs, this input].
-        window = torch.cat([state.conv, xbc[:, None]], dim=1)                 # (B, K, C)
-        xbc = torch.einsum("bkc,ck->bc", window, self.conv_weight) + self.conv_bias
-        state.conv.copy_(window[:, 1:])
-        x, B, C = self._split_xbc(self._act(xbc))
+        # Conv over the window [last K-1 inputs, this input]: one multiply-add per tap, in place.
+        conv, w = state.conv, self.conv_weight                                # (B, K-1, C), (C, K)
+        K = w.shape[1]
+        out = torch.addcmul(self.conv_bias, xbc, w[:, K - 1])
+        for j in range(K - 1):
+            out.addcmul_(conv[:, j], w[:, j])
+        if K > 1:
+            conv[:, :-1] = conv[:, 1:].clone()
+            conv[:, -1] = xbc
+        x, B, C = self._split_xbc(self._act(out))
         x = x.view(Bsz, G, P)
         dt = F.softplus(dt + self.dt_bias)
         y, _ = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B.view(Bsz, G, N), C.view(Bsz, H, N))
-        y = y.to(u.dtype) + self.D.view(1, G, H // G, 1).mul(x[:, :, None]).reshape(Bsz, H, P)
-        return self.out_proj(self._gate(y.reshape(Bsz, H * P), z))
+        # D skip (x is shared by the heads of its group): y (B, G, R, P) += D (G, R, 1) * x (B, G, 1, P).
+        y = y.to(u.dtype).view(Bsz, G, H // G, P).addcmul_(self.D.view(G, H // G, 1), x[:, :, None])
+        return self.out_proj(self._gate(y.view(Bsz, H * P), z))
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SSMState:
         cfg = self.cfg
@@ -229,8 +235,21 @@ class MoE(nn.Module):
         return out.view(x.shape), self.aux_loss(logits, top_i)
 
     def step(self, x: Tensor) -> Tensor:
-        """Decoding: x (B, D) -> (B, D). Same sorted dispatch, no aux loss."""
-        return self.dispatch(x)[0]
+        """Decoding: x (B, D) -> (B, D). Same routing, no aux loss.
+
+        One row (batch-1 decoding) skips the sort/scatter machinery: its K experts run directly on it.
+        The matmuls are matrix-vector products bound by streaming the weights, so the dispatch ops
+        (argsort, bincount, index, index_add) were a large share of the step's time.
+        """
+        if x.shape[0] != 1:
+            return self.dispatch(x)[0]
+        _, weights, top_i = self.route(x)
+        out = None
+        for k, e in enumerate(top_i[0].tolist()):
+            h = F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e])          # (1, F)
+            y = F.linear(h, self.w_down[e]) * weights[:, k:k + 1].to(x.dtype)          # (1, D)
+            out = y if out is None else out + y
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,15 +14,39 @@ from pathlib import Path
 import torch
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, clock: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--json", type=Path, help="write results to this JSON file")
     p.add_argument("--quick", action="store_true", help="small sizes, finishes in under a minute")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; 1 with --quick, which must stay fast on a busy machine)")
+    if clock:
+        p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                       help="wall: elapsed time (default). cpu: this process's CPU time, which leaves out the "
+                            "time other jobs hold the cores on a shared machine; needs --threads 1")
     return p
 
 
+_clock = time.perf_counter
+_load_at_start: tuple[float, float, float] | None = None
+
+
+def clock() -> float:
+    """The timer chosen by --clock (wall time unless ``setup`` was given --clock cpu)."""
+    return _clock()
+
+
 def setup(args: argparse.Namespace) -> None:
+    global _clock, _load_at_start
+    _load_at_start = os.getloadavg()  # 1/5/15-minute load averages: how busy the machine was
+    if args.quick and not args.threads:
+        # Two threads on a 2-core machine that other jobs are using oversubscribe the cores: OpenMP
+        # then takes 10x longer, and the quick scan/decode runs took 1-2 minutes instead of ~10 s.
+        args.threads = 1
+    if getattr(args, "clock", "wall") == "cpu":
+        if args.threads != 1:
+            raise SystemExit("--clock cpu sums the CPU time of all threads; use it with --threads 1")
+        _clock = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -33,14 +57,16 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "clock": "cpu" if _clock is time.process_time else "wall",
+            "load_average_start": _load_at_start, "load_average_end": os.getloadavg(),
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

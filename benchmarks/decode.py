@@ -1,23 +1,34 @@
 """Per-token decode latency: Aetheris (fixed-size recurrent state) vs a transformers Cohere2 (KV cache).
 
-Both models have the same width and depth (the student has one (SSM, MoE) pair per teacher layer) and
-random weights. For each context length the prompt is prefilled once (untimed), then single-token
-decode steps are timed (batch 1, fp32, median). Also reported: cache bytes, and how far the student is
-from the weight-streaming bound (active weight bytes / memory bandwidth measured in the same run).
+Both models have the same width and depth and random weights: the student has one (SSM, MoE) pair per
+teacher layer, d_model equal, the active expert as wide as the teacher's MLP, its SSM heads/groups equal
+to the teacher's query/kv heads (GQA 4:1, as Tiny Aya). The teacher keeps Tiny Aya's attention layout
+(``[sliding, sliding, sliding, full]`` per 4 layers, window 4096); a second teacher with the same weights
+and every layer full attention is timed too (an upper bound on what attention costs a teacher).
 
-    python benchmarks/decode.py --json bench-results/decode.json [--quick]
+For each context length the prompt is prefilled once at batch 1 (untimed), then single-token decode
+steps are timed (fp32, median) at batch 1 and at batch 8 (the batch-1 cache repeated 8 times: decode
+cost depends on the cache's size, not its contents). Also reported: cache bytes, how far the student is
+from the weight-streaming bound (active weight bytes / memory bandwidth measured in the same run) and
+from its weight matmuls timed alone (what is left is per-token Python/dispatch work), and the
+bandwidth-bound speedup (bytes the teacher must read per step / bytes the student must read).
+
+    python benchmarks/decode.py --json bench-results/decode.json [--quick] [--threads N] [--clock cpu]
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import statistics
-import time
 
 import torch
-from common import emit, median_seconds, parser, setup
+from common import clock, emit, median_seconds, parser, setup
 
 from aetheris.config import AetherisConfig
-from aetheris.model import Aetheris
+from aetheris.model import Aetheris, MoE
+
+BATCH = 8  # the second batch size timed besides 1
 
 
 def memory_bandwidth_gbs() -> float:
@@ -28,52 +39,92 @@ def memory_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
+@torch.no_grad()
+def matvec_ms(model: Aetheris, n: int) -> float:
+    """The weight matmuls of one batch-1 step alone (projections, router, top-k experts, logits), without
+    anything else the step does: the floor for this step on this machine with these kernels."""
+    import torch.nn.functional as F
+
+    from aetheris.model import SSMMixer
+    weights = []
+    for m in model.modules():
+        if isinstance(m, SSMMixer):
+            weights += [m.in_proj.weight, m.out_proj.weight]
+        elif isinstance(m, MoE):
+            weights += [m.router.weight] + [w[e] for e in range(m.cfg.top_k) for w in (m.w_gate, m.w_up, m.w_down)]
+    weights.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)
+    inputs = [torch.randn(1, w.shape[1]) for w in weights]
+    return time_steps(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], n)
+
+
 def models(quick: bool):
+    """Student, teacher with Tiny Aya's attention layout, and the same teacher with full attention everywhere."""
     from transformers import Cohere2Config, Cohere2ForCausalLM
 
-    D, L, heads, kv, Fh, V = (256, 2, 4, 2, 704, 8192) if quick else (512, 4, 8, 2, 1408, 16384)
+    D, L, heads, kv, Fh, V = (256, 2, 4, 1, 704, 8192) if quick else (512, 4, 8, 2, 1408, 16384)
     student = Aetheris(AetherisConfig(vocab_size=V, d_model=D, n_layer=2 * L, n_heads=heads, head_dim=D // heads,
                                       d_state=D // heads, n_groups=kv, d_ff=Fh, max_seq_len=1 << 20)).eval()
-    teacher_cfg = Cohere2Config(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=heads,
-                                num_key_value_heads=kv, intermediate_size=Fh, max_position_embeddings=1 << 15,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                layer_types=["full_attention"] * L, sliding_window=1 << 15)  # all layers attend fully
-    teacher = Cohere2ForCausalLM(teacher_cfg).eval()
-    return student, teacher
+    common = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=heads,
+                  num_key_value_heads=kv, intermediate_size=Fh, max_position_embeddings=1 << 15,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    pattern = ["sliding_attention"] * 3 + ["full_attention"]  # Tiny Aya: [sliding x3, full] x 9, window 4096
+    teacher = Cohere2ForCausalLM(Cohere2Config(**common, layer_types=[pattern[i % 4] for i in range(L)],
+                                               sliding_window=4096)).eval()
+    full = Cohere2ForCausalLM(Cohere2Config(**common, layer_types=["full_attention"] * L,
+                                            sliding_window=1 << 15)).eval()
+    full.load_state_dict(teacher.state_dict())
+    return student, teacher, full
 
 
 def time_steps(step, n: int) -> float:
     times = []
     for _ in range(n):
-        start = time.perf_counter()
+        start = clock()
         step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times[2:]) * 1e3  # ms, skipping warm-up steps
 
 
 @torch.no_grad()
-def student_ms(model: Aetheris, context: int, n: int) -> tuple[float, int]:
+def student_ms(model: Aetheris, context: int, n: int) -> dict:
+    """ms per decode step at batch 1 and BATCH, and the batch-1 cache bytes."""
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context))
     cache = model(prompt, logits_to_keep=1).cache
-    token = torch.tensor([1])
-    return time_steps(lambda: model.step(token, cache), n), cache.nbytes()
+    batched = cache.select(torch.zeros(BATCH, dtype=torch.long))
+    out = {"cache_bytes": cache.nbytes()}
+    for b, c in ((1, cache), (BATCH, batched)):
+        # A different token per row, so the rows of the repeated cache route to different experts
+        # (identical rows would all use one expert per layer and read fewer weights than a real batch).
+        token = torch.arange(1, b + 1)
+        out[b] = time_steps(lambda: model.step(token, c), n)
+    # Experts the batch's last step used per MoE layer (batch > 1 goes through the sorted dispatch, which
+    # records the load).
+    out["experts_used_batch"] = [int((m.last_load > 0).sum()) for m in model.modules()
+                                 if isinstance(m, MoE) and m.last_load is not None]
+    return out
 
 
 @torch.no_grad()
-def teacher_ms(model, context: int, n: int) -> tuple[float, int]:
+def teacher_ms(model, context: int, n: int) -> dict:
+    # Newer transformers 5.x name the cache argument/output `cache` (`past_key_values` is deprecated there).
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     prompt = torch.randint(0, model.config.vocab_size, (1, context))
-    out = model(prompt, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    token = torch.tensor([[1]])
-    pos = [context]
+    cache = model(prompt, use_cache=True, logits_to_keep=1)[kw]
+    batched = copy.deepcopy(cache)
+    batched.batch_repeat_interleave(BATCH)
+    out = {"cache_bytes": sum(t.numel() * t.element_size() for layer in cache.layers
+                              for t in (layer.keys, layer.values))}
+    for b, c in ((1, cache), (BATCH, batched)):
+        token = torch.arange(1, b + 1)[:, None]
+        pos = [context]
 
-    def step():
-        model(token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos[0]]]))
-        pos[0] += 1
+        def step():
+            model(token, **{kw: c}, use_cache=True, logits_to_keep=1,
+                  position_ids=torch.full((b, 1), pos[0]))
+            pos[0] += 1
 
-    ms = time_steps(step, n)
-    nbytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return ms, nbytes
+        out[b] = time_steps(step, n)
+    return out
 
 
 def main() -> None:
@@ -81,26 +132,57 @@ def main() -> None:
     setup(args)
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
     n = 20 if args.quick else 40
-    student, teacher = models(args.quick)
+    student, teacher, full = models(args.quick)
     bandwidth = memory_bandwidth_gbs()
-    active_bytes = student.cfg.param_counts()["active"] * 4
-    results = {"contexts": contexts, "student_params": student.num_parameters(),
+    counts = student.cfg.param_counts()
+    active_bytes = counts["active"] * 4
+    expert_bytes = 3 * student.cfg.d_model * student.cfg.d_ff * 4 * student.cfg.layer_kinds.count("M")
+    teacher_weight_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    results = {"contexts": contexts, "batch_sizes": [1, BATCH], "student_params": student.num_parameters(),
                "teacher_params": sum(p.numel() for p in teacher.parameters()),
+               "teacher_layer_types": teacher.config.layer_types, "teacher_sliding_window": teacher.config.sliding_window,
                "memory_bandwidth_gbs": bandwidth, "student_active_weight_bytes": active_bytes,
-               "student_ms_per_token": {}, "teacher_ms_per_token": {}, "student_cache_bytes": {},
-               "teacher_cache_bytes": {}}
+               "teacher_weight_bytes": teacher_weight_bytes}
+    per = {name: {} for name in ("student", "teacher", "teacher_full_attention")}
+    results["student_matvec_ms"] = matvec_ms(student, 2 * n)
     for ctx in contexts:
-        s_ms, s_bytes = student_ms(student, ctx, n)
-        t_ms, t_bytes = teacher_ms(teacher, ctx, n)
-        results["student_ms_per_token"][ctx], results["student_cache_bytes"][ctx] = s_ms, s_bytes
-        results["teacher_ms_per_token"][ctx], results["teacher_cache_bytes"][ctx] = t_ms, t_bytes
+        per["student"][ctx] = student_ms(student, ctx, n)
+        per["teacher"][ctx] = teacher_ms(teacher, ctx, n)
+        per["teacher_full_attention"][ctx] = teacher_ms(full, ctx, n)
+    for name, by_ctx in per.items():
+        results[f"{name}_ms_per_token"] = {ctx: r[1] for ctx, r in by_ctx.items()}             # batch 1
+        results[f"{name}_ms_per_step_batch{BATCH}"] = {ctx: r[BATCH] for ctx, r in by_ctx.items()}
+        results[f"{name}_cache_bytes"] = {ctx: r["cache_bytes"] for ctx, r in by_ctx.items()}  # batch 1
+    results[f"student_experts_used_per_layer_batch{BATCH}"] = {ctx: r["experts_used_batch"]
+                                                             for ctx, r in per["student"].items()}
     first, last = contexts[0], contexts[-1]
     bound_ms = active_bytes / (bandwidth * 1e9) * 1e3
+
+    def ratio(name: str, key: str) -> float:
+        return results[f"{name}_{key}"][last] / results[f"student_{key}"][last]
+
+    def bound(batch: int, teacher_name: str) -> float:
+        """Bytes read per step, teacher / student: weights once plus every row's cache (the student's
+        batch may touch up to min(E, batch*K) experts per layer, counted in full)."""
+        experts = min(student.cfg.n_experts, batch * student.cfg.top_k)
+        student_bytes = active_bytes + (experts - student.cfg.top_k) * expert_bytes + batch * per["student"][last]["cache_bytes"]
+        teacher_bytes = teacher_weight_bytes + batch * per[teacher_name][last]["cache_bytes"]
+        return teacher_bytes / student_bytes
+
     results.update({
-        f"speedup_vs_teacher_at_{last}": results["teacher_ms_per_token"][last] / results["student_ms_per_token"][last],
+        f"speedup_vs_teacher_at_{last}": ratio("teacher", "ms_per_token"),
+        f"speedup_vs_full_attention_teacher_at_{last}": ratio("teacher_full_attention", "ms_per_token"),
+        f"batch{BATCH}_speedup_vs_teacher_at_{last}": ratio("teacher", f"ms_per_step_batch{BATCH}"),
+        f"batch{BATCH}_speedup_vs_full_attention_teacher_at_{last}":
+            ratio("teacher_full_attention", f"ms_per_step_batch{BATCH}"),
+        f"bandwidth_bound_speedup_at_{last}": {
+            b: {"teacher": bound(b, "teacher"), "teacher_full_attention": bound(b, "teacher_full_attention")}
+            for b in (1, BATCH)},
         "student_flatness": results["student_ms_per_token"][last] / results["student_ms_per_token"][first],
         "weight_streaming_bound_ms": bound_ms,
         "student_vs_bandwidth_bound": results["student_ms_per_token"][last] / bound_ms,
+        "student_vs_matvec_only": results["student_ms_per_token"][last] / results["student_matvec_ms"],
+        "matvec_only_vs_bandwidth_bound": results["student_matvec_ms"] / bound_ms,
     })
     emit(args, results)
 

@@ -145,7 +145,7 @@ async def load(url: str, clients: int, rounds: int, max_tokens: int, timeout: fl
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], clock=False)
     p.add_argument("--clients", type=int, default=32, help="concurrent streaming clients (>= 32 for the acceptance run)")
     p.add_argument("--rounds", type=int, default=None, help="requests per client (default 2, quick 1)")
     p.add_argument("--max-tokens", type=int, default=None, help="per request (default 64, quick 32)")

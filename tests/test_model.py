@@ -24,9 +24,10 @@ def ids(b=2, T=29, seed=1, vocab=101):
 @pytest.mark.parametrize("variant", [{}, {"parallel_pairs": True}, {"top_k": 2}, {"layout": "SSM", "n_layer": 6},
                                      {"xbc_activation": "identity", "gate": "sigmoid", "ssm_norm": False},
                                      {"norm": "rmsnorm", "logit_scale": 0.5, "tie_embeddings": False}])
-def test_step_decoding_equals_full_forward(variant):
+@pytest.mark.parametrize("b", [1, 2])  # batch 1 takes MoE.step's direct path, batch 2 the sorted dispatch
+def test_step_decoding_equals_full_forward(variant, b):
     model = tiny(**variant)
-    x = ids()
+    x = ids(b=b)
     full = model(x).logits
     prefix = model(x[:, :11])
     cache, logits = prefix.cache, [prefix.logits[:, -1]]
