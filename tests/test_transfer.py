@@ -93,7 +93,9 @@ def test_upcycled_moe_equals_teacher_mlp_exactly(tiny_cohere2_teacher, parallel)
         _, _, moe = pair_modules(student, k)
         out, _ = moe(x)
         ref = teacher.model.layers[k].mlp(x)
-        assert torch.equal(out, ref), (out - ref).abs().max()
+        # Same function, same weights; the only freedom left is fp64 summation order (BLAS may block the experts'
+        # per-group GEMMs differently from one GEMM over every token, depending on sizes and threads).
+        torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-14)
 
 
 def test_norms_embeddings_logit_scale_copied(tiny_cohere2_teacher):
