@@ -77,7 +77,7 @@ class StudentConfig:
     """Each pair reads one normalised input, mirroring Cohere2's parallel block."""
     init_layer: str = "last"
     """Which teacher layer of a group initialises its pair: last | first."""
-    options: dict = field(default_factory=lambda: dict(EXACT_TRANSFER))
+    options: dict = field(default_factory=lambda: dict(EXACT_TRANSFER), metadata={"keys": AetherisConfig})
     """Other AetherisConfig fields (n_experts, top_k, gate, chunk_size, gradient_checkpointing, ...);
     the fields that follow the teacher (width, heads, vocab, norm, ...) cannot be set here."""
 
@@ -199,19 +199,8 @@ class DistillConfig:
 
 def load_distill_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DistillConfig:
     """A distillation config from YAML plus ``key.sub=value`` overrides (``student.options.top_k=2`` too)."""
-    import yaml
-
     raw = load_yaml(path) if path is not None else {}
-    prefix = "student.options."
-    raw = apply_overrides(raw, [o for o in overrides if not o.startswith(prefix)], DistillConfig)
-    for item in (o for o in overrides if o.startswith(prefix)):  # free-form dict: checked in __post_init__
-        key, _, text = item.partition("=")
-        student = raw.setdefault("student", {}) or {}
-        raw["student"] = student
-        options = student.get("options")
-        student["options"] = dict(EXACT_TRANSFER if options is None else options)
-        student["options"][key[len(prefix):].strip()] = yaml.safe_load(text) if text.strip() else None
-    return build(DistillConfig, raw)
+    return build(DistillConfig, apply_overrides(raw, list(overrides), DistillConfig))
 
 
 def parse_stages(text: str) -> list[str]:

@@ -129,7 +129,7 @@ def test_student_fields_that_follow_the_teacher_cannot_be_overridden(tiny_cohere
     cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml", ["student.options.n_heads=8"])
     with pytest.raises(ValueError, match="n_heads"):
         build_student(cfg, tiny_cohere2_teacher.config)
-    with pytest.raises(ValueError, match="did you mean 'n_heads'"):
+    with pytest.raises(ValueError, match="did you mean 'student.options.n_heads'"):
         load_distill_config(ROOT / "configs" / "nano-align.yaml", ["student.options.n_head=8"])
 
 
