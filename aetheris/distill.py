@@ -13,8 +13,9 @@ Stages (DESIGN §4), run in the order given by ``--stages`` (a comma list over a
      receives the teacher's hidden state at the input of its group of teacher layers and is trained to
      produce the teacher's hidden state at the group output, loss = normalised MSE
      ``||h_S - h_T||² / ||h_T - h_in||²`` averaged over pairs. All pairs train in one pass (they are
-     independent). For the first ``align.mixer_only_fraction`` of the steps only the SSM mixers train;
-     then the whole pair (norms, mixer, router, experts; the MoE aux loss joins then).
+     independent), inside the forward of ``PairAligner`` (the module the loop DDP-wraps). For the first
+     ``align.mixer_only_fraction`` of the steps only the SSM mixers train; then the whole pair (norms,
+     mixer, router, experts; the MoE aux loss joins then).
   4. Measure again; write ``<out_dir>/align_report.json`` and the student to ``<out_dir>/student``.
 * **kl** (stage 2): all student parameters train on ``w_kl·τ²·KL(p_T || p_S) + w_ce·CE + MoE aux``, a
   per-token mean over valid positions (``losses.distill_loss``: sequence chunks, reverse KL / JSD options).
