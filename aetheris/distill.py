@@ -87,6 +87,8 @@ class StudentConfig:
 class TransferConfig:
     dt_init: str = "mamba2"
     """mamba2 (log-uniform dt, A in [1, 16]) | span (A = -1, dt from each layer's attention span)."""
+    attention_scale: bool = True
+    """C <- W_Q · head_dim^-1/2 (the teacher's attention scaling); false: C <- W_Q unscaled."""
     expert_noise: float = 0.0
     """Each upcycled expert gets noise * std(w) * N(0, 1) added so the experts can diverge."""
     router_std: float = 1e-3
@@ -434,8 +436,9 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     torch.manual_seed(cfg.transfer.seed)
     random_student = Aetheris(scfg)
     student = Aetheris(scfg)
-    sources = transfer(teacher, student, pairs, dt_init=cfg.transfer.dt_init, expert_noise=cfg.transfer.expert_noise,
-                       router_std=cfg.transfer.router_std, seed=cfg.transfer.seed)
+    tc = cfg.transfer
+    sources = transfer(teacher, student, pairs, dt_init=tc.dt_init, attention_scale=tc.attention_scale,
+                       expert_noise=tc.expert_noise, router_std=tc.router_std, seed=tc.seed)
     teacher.to(device)
     report: dict[str, Any] = {"teacher": cfg.teacher.name, "student_config": scfg.to_dict(),
                               "layer_map": [dataclasses.asdict(p) for p in pairs],
