@@ -278,9 +278,10 @@ class PairAligner(torch.nn.Module):
     (``pair_forward``). Under several processes DDP must then be built with
     ``find_unused_parameters=True`` (see ``run_align``): it finds the parameters the step did not use,
     and a parameter unused on every rank keeps grad None, so AdamW skips it (no update, no weight decay,
-    no optimizer state) exactly as in a single process. Toggling ``requires_grad`` instead would break
-    DDP, whose gradient buckets are fixed when it is built and would wait forever for the missing
-    gradients; zeroing gradients would still let AdamW's weight decay shrink the "frozen" weights.
+    no optimizer state) exactly as in a single process. Toggling ``requires_grad`` instead breaks DDP:
+    its gradient buckets are fixed when it is built, a bucket whose gradients never arrive is never
+    reduced, and the next step fails; zeroed gradients would still let AdamW's weight decay shrink the
+    "frozen" weights.
     """
 
     def __init__(self, student, pairs):
