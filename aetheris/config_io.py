@@ -3,6 +3,11 @@
 Every key is checked against the dataclass fields; a key that does not exist is an error naming the
 nearest valid key (``train.lr_warmup`` -> "did you mean train.warmup_steps?"). Override values are
 parsed as YAML, so ``train.lr=3e-4``, ``data.languages=[en,sw]`` and ``train.max_steps=20`` all work.
+
+A ``dict`` field is a mapping of free-form keys; an override sets one entry (``student.options.top_k=2``)
+on top of the YAML's mapping, or of the field's default when the YAML has none. A dict field whose
+``metadata={"keys": SomeDataclass}`` names a dataclass takes only that dataclass's fields as keys, checked
+and typed like any other key (nearest-key hint, numbers parsed).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def schema_keys(cls, prefix: str = "") -> list[str]:
-    """Every dotted key a dataclass tree accepts (sections and leaves)."""
+    """Every dotted key a dataclass tree accepts (sections and leaves; the keys of typed dict fields)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -48,7 +53,45 @@ def schema_keys(cls, prefix: str = "") -> list[str]:
         sub = _dataclass_of(hints.get(f.name))
         if sub is not None:
             keys += schema_keys(sub, key + ".")
+        elif _dict_keys(f) is not None:
+            keys += [f"{key}.{k}" for k in _field_names(_dict_keys(f))]
     return keys
+
+
+def _is_dict(tp) -> bool:
+    """``dict``, ``dict[K, V]``, or either of them ``| None``."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(a is dict or typing.get_origin(a) is dict for a in args)
+
+
+def _dict_keys(f: dataclasses.Field):
+    """The dataclass whose fields a dict field's keys must be (``metadata={"keys": cls}``), else None."""
+    return f.metadata.get("keys")
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _locate(cls, parts: list[str]) -> tuple[int, dataclasses.Field] | None:
+    """If a prefix ``parts[:i+1]`` of a dotted key names a dict field, (i, that field); else None."""
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        if part not in fields:
+            return None
+        hint = typing.get_type_hints(cls).get(part)
+        if _is_dict(hint):
+            return i, fields[part]
+        cls = _dataclass_of(hint)
+        if cls is None:
+            return None
+    return None
 
 
 def _nearest(key: str, valid: list[str]) -> str:
@@ -68,17 +111,21 @@ def apply_overrides(raw: dict, overrides: list[str], cls) -> dict:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.max_steps=20)")
         key, text = item.split("=", 1)
         key = key.strip()
-        if key not in valid:
+        parts = key.split(".")
+        in_dict = _locate(cls, parts)
+        free_form = in_dict is not None and _dict_keys(in_dict[1]) is None and in_dict[0] == len(parts) - 2
+        if key not in valid and not free_form:
             raise ConfigError(f"unknown config key {key!r} in override {item!r}{_nearest(key, valid)}")
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
         node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             if node.get(part) is None:
-                node[part] = {}
+                # A dict field the YAML leaves out starts from its default, so one entry can be changed.
+                seed = _field_default(in_dict[1]) if in_dict is not None and i == in_dict[0] else None
+                node[part] = to_dict(seed) if seed is not None else {}
             node = node[part]
         node[parts[-1]] = value
     return raw
@@ -110,6 +157,8 @@ def build(cls, data: dict | None, where: str = ""):
         sub = _dataclass_of(hints.get(key))
         if sub is not None and (value is not None or hints.get(key) is sub):
             value = build(sub, value, f"{where}{key}.")
+        elif _dict_keys(fields[key]) is not None and value is not None:
+            value = _build_typed_dict(_dict_keys(fields[key]), value, f"{where}{key}.")
         else:
             value = _coerce(value, hints.get(key), where + key)
         kwargs[key] = value
@@ -117,6 +166,21 @@ def build(cls, data: dict | None, where: str = ""):
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _build_typed_dict(keys_cls, data, where: str) -> dict:
+    """A dict field whose keys are ``keys_cls``'s fields: unknown keys name the nearest one; values are typed."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where[:-1]} must be a mapping of {keys_cls.__name__} fields, got {type(data).__name__}: {data!r}")
+    hints, names = typing.get_type_hints(keys_cls), _field_names(keys_cls)
+    valid = [f"{where}{k}" for k in names]
+    out = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {where + str(key)!r} ({keys_cls.__name__} has no field "
+                              f"{key!r}){_nearest(where + str(key), valid)}")
+        out[key] = _coerce(value, hints[key], where + key)
+    return out
 
 
 def _coerce(value, tp, key: str):

@@ -13,8 +13,9 @@ Stages (DESIGN §4), run in the order given by ``--stages`` (a comma list over a
      receives the teacher's hidden state at the input of its group of teacher layers and is trained to
      produce the teacher's hidden state at the group output, loss = normalised MSE
      ``||h_S - h_T||² / ||h_T - h_in||²`` averaged over pairs. All pairs train in one pass (they are
-     independent). For the first ``align.mixer_only_fraction`` of the steps only the SSM mixers train;
-     then the whole pair (norms, mixer, router, experts; the MoE aux loss joins then).
+     independent), inside the forward of ``PairAligner`` (the module the loop DDP-wraps). For the first
+     ``align.mixer_only_fraction`` of the steps only the SSM mixers train; then the whole pair (norms,
+     mixer, router, experts; the MoE aux loss joins then).
   4. Measure again; write ``<out_dir>/align_report.json`` and the student to ``<out_dir>/student``.
 * **kl** (stage 2): all student parameters train on ``w_kl·τ²·KL(p_T || p_S) + w_ce·CE + MoE aux``, a
   per-token mean over valid positions (``losses.distill_loss``: sequence chunks, reverse KL / JSD options).
@@ -78,7 +79,7 @@ class StudentConfig:
     """Each pair reads one normalised input, mirroring Cohere2's parallel block."""
     init_layer: str = "last"
     """Which teacher layer of a group initialises its pair: last | first."""
-    options: dict = field(default_factory=lambda: dict(EXACT_TRANSFER))
+    options: dict = field(default_factory=lambda: dict(EXACT_TRANSFER), metadata={"keys": AetherisConfig})
     """Other AetherisConfig fields (n_experts, top_k, gate, chunk_size, gradient_checkpointing, ...);
     the fields that follow the teacher (width, heads, vocab, norm, ...) cannot be set here."""
 
@@ -87,6 +88,8 @@ class StudentConfig:
 class TransferConfig:
     dt_init: str = "mamba2"
     """mamba2 (log-uniform dt, A in [1, 16]) | span (A = -1, dt from each layer's attention span)."""
+    attention_scale: bool = True
+    """C <- W_Q · head_dim^-1/2 (the teacher's attention scaling); false: C <- W_Q unscaled."""
     expert_noise: float = 0.0
     """Each upcycled expert gets noise * std(w) * N(0, 1) added so the experts can diverge."""
     router_std: float = 1e-3
@@ -206,19 +209,8 @@ class DistillConfig:
 
 def load_distill_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DistillConfig:
     """A distillation config from YAML plus ``key.sub=value`` overrides (``student.options.top_k=2`` too)."""
-    import yaml
-
     raw = load_yaml(path) if path is not None else {}
-    prefix = "student.options."
-    raw = apply_overrides(raw, [o for o in overrides if not o.startswith(prefix)], DistillConfig)
-    for item in (o for o in overrides if o.startswith(prefix)):  # free-form dict: checked in __post_init__
-        key, _, text = item.partition("=")
-        student = raw.setdefault("student", {}) or {}
-        raw["student"] = student
-        options = student.get("options")
-        student["options"] = dict(EXACT_TRANSFER if options is None else options)
-        student["options"][key[len(prefix):].strip()] = yaml.safe_load(text) if text.strip() else None
-    return build(DistillConfig, raw)
+    return build(DistillConfig, apply_overrides(raw, list(overrides), DistillConfig))
 
 
 def parse_stages(text: str) -> list[str]:
@@ -238,17 +230,25 @@ def parse_stages(text: str) -> list[str]:
 # Pair forward, loss and measurements
 
 
-def pair_forward(student, k: int, h: Tensor) -> tuple[Tensor, Tensor]:
+def pair_forward(student, k: int, h: Tensor, mixer_only: bool = False) -> tuple[Tensor, Tensor]:
     """Student pair k on a residual stream h (B, T, D) -> (h after the pair, MoE aux loss).
 
-    Honours ``gradient_checkpointing`` as the model's own forward does (one checkpoint per layer).
+    ``mixer_only``: the pair's parameters outside its SSM mixer take part detached, so no gradient reaches
+    them (the function computed is the same). Honours ``gradient_checkpointing`` as the model's own forward
+    does (one checkpoint per layer).
     """
+    from torch.func import functional_call
     from torch.utils.checkpoint import checkpoint
 
     def call(layer, h):
+        run = layer
+        if mixer_only:
+            keep = {id(p) for p in mixer_parameters(layer)}
+            params = {name: p if id(p) in keep else p.detach() for name, p in layer.named_parameters()}
+            run = lambda *args: functional_call(layer, params, args)  # noqa: E731
         if student.cfg.gradient_checkpointing and student.training and torch.is_grad_enabled():
-            return checkpoint(layer, h, None, None, use_reentrant=False)
-        return layer(h, None, None)
+            return checkpoint(run, h, None, None, use_reentrant=False)
+        return run(h, None, None)
 
     if student.cfg.parallel_pairs:
         h, aux, _ = call(student.layers[k], h)
@@ -258,9 +258,10 @@ def pair_forward(student, k: int, h: Tensor) -> tuple[Tensor, Tensor]:
     return h, aux
 
 
-def mixer_parameters(student) -> list[torch.nn.Parameter]:
+def mixer_parameters(module) -> list[torch.nn.Parameter]:
+    """The parameters of the SSM mixers inside ``module`` (the student, or one of its layers)."""
     from aetheris.model import SSMMixer
-    return [p for m in student.modules() if isinstance(m, SSMMixer) for p in m.parameters()]
+    return [p for m in module.modules() if isinstance(m, SSMMixer) for p in m.parameters()]
 
 
 def normalised_mse(out: Tensor, target: Tensor, h_in: Tensor) -> Tensor:
@@ -269,26 +270,56 @@ def normalised_mse(out: Tensor, target: Tensor, h_in: Tensor) -> Tensor:
     return (out - target).square().sum() / (target - h_in).square().sum().clamp_min(1e-12)
 
 
-def make_align_loss(teacher, pairs, mixer_only_steps: int, progress: dict):
-    """The loss_fn for ``train.train``: layer-local, teacher-forced normalised MSE over all pairs."""
-    from aetheris.teacher import hidden_states
+class PairAligner(torch.nn.Module):
+    """Stage 1's training module: every student pair, teacher-forced, and the alignment loss, in ``forward``.
 
-    def align_loss(model, batch: dict) -> tuple[Tensor, dict]:
-        student = getattr(model, "module", model)
-        mixer_only = progress["step"] < mixer_only_steps
-        mixer_ids = {id(p) for p in mixer_parameters(student)}
-        for p in student.parameters():  # frozen parts keep grad None, so AdamW leaves them untouched
-            p.requires_grad_(not mixer_only or id(p) in mixer_ids)
-        states = hidden_states(teacher, batch["input_ids"])
-        dtype = next(student.parameters()).dtype
-        losses, aux = [], torch.zeros((), device=batch["input_ids"].device)
-        for pm in pairs:
+    The training loop prepares (DDP-wraps) this module rather than the bare student, because DDP
+    all-reduces the gradients of the parameters used in the forward of the module it wraps: calling the
+    student's layers from outside that forward would leave every rank with its own gradients. It holds
+    the student (the parameters the optimizer updates and the loop checkpoints) and no teacher: the
+    teacher's hidden states come in as input, so DDP never registers or broadcasts the teacher's weights.
+
+    Which parameters train changes during the run: the SSM mixers only, then the whole pair; the
+    embeddings and final norm never (the pair losses do not reach them). All parameters stay registered
+    with ``requires_grad`` on, and the mixer-only phase uses the rest of each pair detached
+    (``pair_forward``). Under several processes DDP must then be built with
+    ``find_unused_parameters=True`` (see ``run_align``): it finds the parameters the step did not use,
+    and a parameter unused on every rank keeps grad None, so AdamW skips it (no update, no weight decay,
+    no optimizer state) exactly as in a single process. Toggling ``requires_grad`` instead breaks DDP:
+    its gradient buckets are fixed when it is built, a bucket whose gradients never arrive is never
+    reduced, and the next step fails; zeroed gradients would still let AdamW's weight decay shrink the
+    "frozen" weights.
+    """
+
+    def __init__(self, student, pairs):
+        super().__init__()
+        self.student = student
+        self.pairs = list(pairs)
+
+    def forward(self, states: Sequence[Tensor], mixer_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher hidden states (``teacher.hidden_states``: L + 1 of (B, T, D)) -> (loss, per-pair
+        normalised MSE (n_pairs,), MoE aux loss). The aux loss joins the loss in the whole-pair phase."""
+        dtype = self.student.embed.weight.dtype
+        losses, aux = [], states[0].new_zeros((), dtype=torch.float32)
+        for pm in self.pairs:
             h_in, target = states[pm.first].to(dtype), states[pm.last + 1].to(dtype)
-            out, pair_aux = pair_forward(student, pm.pair, h_in)
+            out, pair_aux = pair_forward(self.student, pm.pair, h_in, mixer_only=mixer_only)
             losses.append(normalised_mse(out, target, h_in))
             aux = aux + pair_aux
         per_pair = torch.stack(losses)
-        loss = per_pair.mean() + (0 if mixer_only else aux)
+        return per_pair.mean() + (0 if mixer_only else aux), per_pair, aux
+
+
+def make_align_loss(teacher, mixer_only_steps: int, progress: dict):
+    """The loss_fn for ``train.train`` with ``forward_module=PairAligner(...)``: the teacher's hidden states
+    (no grad), then the (possibly DDP-wrapped) aligner. The first ``mixer_only_steps`` train the mixers only."""
+    from aetheris.teacher import hidden_states
+
+    def align_loss(aligner, batch: dict) -> tuple[Tensor, dict]:
+        mixer_only = progress["step"] < mixer_only_steps
+        with torch.no_grad():
+            states = hidden_states(teacher, batch["input_ids"])
+        loss, per_pair, aux = aligner(states, mixer_only=mixer_only)
         return loss, {"nmse": per_pair.mean().detach(), "aux": aux.detach(), "pair_nmse": per_pair.detach(),
                       "mixer_only": torch.tensor(float(mixer_only))}
 
@@ -387,7 +418,7 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     from aetheris.model import Aetheris
     from aetheris.teacher import load_teacher
     from aetheris.tokenizer import load_tokenizer
-    from aetheris.train import build_data, find_resume_checkpoint, train
+    from aetheris.train import build_data, find_resume_checkpoint, make_accelerator, train
     from aetheris.transfer import transfer
 
     out_dir = Path(cfg.train.out_dir)
@@ -413,8 +444,9 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     torch.manual_seed(cfg.transfer.seed)
     random_student = Aetheris(scfg)
     student = Aetheris(scfg)
-    sources = transfer(teacher, student, pairs, dt_init=cfg.transfer.dt_init, expert_noise=cfg.transfer.expert_noise,
-                       router_std=cfg.transfer.router_std, seed=cfg.transfer.seed)
+    tc = cfg.transfer
+    sources = transfer(teacher, student, pairs, dt_init=tc.dt_init, attention_scale=tc.attention_scale,
+                       expert_noise=tc.expert_noise, router_std=tc.router_std, seed=tc.seed)
     teacher.to(device)
     report: dict[str, Any] = {"teacher": cfg.teacher.name, "student_config": scfg.to_dict(),
                               "layer_map": [dataclasses.asdict(p) for p in pairs],
@@ -435,13 +467,14 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
             start_step = json.loads((Path(ckpt) / "state.json").read_text())["step"]
     progress = {"step": start_step}
     mixer_only_steps = round(cfg.align.mixer_only_fraction * cfg.train.max_steps)
-    loss_fn = make_align_loss(teacher, pairs, mixer_only_steps, progress)
-    result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
-                   frozen={"teacher": teacher}, resume=resume,
+    loss_fn = make_align_loss(teacher, mixer_only_steps, progress)
+    # The parameters a step trains change with the phase, and the embeddings never train here, so DDP
+    # must look for unused parameters every step (see PairAligner).
+    result = train(run_cfg, loss_fn=loss_fn, model=student, forward_module=PairAligner(student, pairs),
+                   accelerator=make_accelerator(cfg.train, find_unused_parameters=True), tokenizer=tokenizer,
+                   data=data, frozen={"teacher": teacher}, resume=resume,
                    hooks=[lambda record: progress.__setitem__("step", record["step"])])
     student = result.model
-    for p in student.parameters():
-        p.requires_grad_(True)
 
     # 4. After alignment.
     student.eval()

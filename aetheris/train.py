@@ -16,7 +16,9 @@
 
 A distillation stage plugs in without subclassing: it passes its own ``loss_fn`` (closing over a
 teacher), lists the teacher in ``frozen`` (moved to the device, eval mode, no grads), and may pass its
-own ``data`` (any object with ``next_batch(n)``, ``state_dict()`` and ``load_state_dict()``).
+own ``data`` (any object with ``next_batch(n)``, ``state_dict()`` and ``load_state_dict()``). A stage
+whose loss is not a plain ``model(...)`` call passes a ``forward_module`` wrapping the model, so the
+module DDP wraps is the one whose forward runs (otherwise gradients are not all-reduced).
 
 Checkpoint folder ``<out_dir>/checkpoints/step-0000100/``::
 
@@ -411,6 +413,23 @@ def _build_streaming_data(cfg: RunConfig, tokenizer_for, malformed: MalformedLog
     return TrainData(stream, val, malformed), tokenizer
 
 
+def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
+    """The run's Accelerator: mixed precision and tracker from ``t``; ``ddp_options`` (e.g.
+    ``find_unused_parameters=True``) go to DistributedDataParallel when the run has several processes."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = t.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    tracker = None if t.tracker in (None, "", "none") else t.tracker
+    # Accelerate only sets up multi-process CPU (gloo) when told cpu=True; on GPUs it picks nccl itself.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [DistributedDataParallelKwargs(**ddp_options)] if ddp_options else None
+    return Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(Path(t.out_dir)), cpu=multi_cpu,
+                       kwargs_handlers=handlers)
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -422,14 +441,19 @@ def train(
     resume: str | Path | bool | None = None,
     hooks: Sequence[Callable[[dict], None]] = (),
     accelerator=None,
+    forward_module: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Train ``model`` (default: a fresh ``Aetheris(cfg.model)``) and return what happened.
 
     ``resume``: True/"latest" = newest good checkpoint in ``out_dir`` (fresh start if none);
     a path = that checkpoint (an error if it is corrupt). ``hooks`` run after every optimizer step
     with a dict of the step's numbers (a stage may adjust weights there; a test may stop the run).
+    ``forward_module``: a module holding ``model`` whose forward computes a stage's own loss (stage 1
+    runs teacher-forced pairs); ``loss_fn`` then receives it instead of ``model``. Accelerate prepares
+    (DDP-wraps) the module ``loss_fn`` calls, because DDP all-reduces gradients only through the forward
+    of the module it wraps; ``model`` is still what is optimised, validated and checkpointed.
+    ``accelerator``: one made by ``make_accelerator`` (e.g. with DDP options); default: one from ``cfg.train``.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -441,13 +465,7 @@ def train(
 
     # 1. Accelerator and seeds -------------------------------------------------------------------
     if accelerator is None:
-        precision = t.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        tracker = None if t.tracker in (None, "", "none") else t.tracker
-        # Accelerate only sets up multi-process CPU (gloo) when told cpu=True; on GPUs it picks nccl itself.
-        multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        accelerator = Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(out_dir), cpu=multi_cpu)
+        accelerator = make_accelerator(t)
     say = accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(t.seed)
@@ -500,8 +518,14 @@ def train(
     for module in (frozen or {}).values():
         module.eval().requires_grad_(False)
         module.to(accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    if forward_module is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        raw_model = accelerator.unwrap_model(model)
+    else:  # the wrapper shares model's parameters: preparing it moves and DDP-wraps them
+        if not any(m is model for m in forward_module.modules()):
+            raise ValueError("forward_module must hold model as a submodule (it trains model's parameters)")
+        raw_model = model
+        model, optimizer = accelerator.prepare(forward_module, optimizer)
     params = [p for p in raw_model.parameters() if p.requires_grad]
 
     if accelerator.is_main_process and accelerator.log_with:

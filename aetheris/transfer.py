@@ -9,7 +9,8 @@ Sources: MambaInLlama (Wang et al. 2024) for attention -> SSM, sparse upcycling 
    initialised from one of them (the last of the group by default).
 3. ``transfer(teacher, student)``: per pair, from the initialising teacher layer,
 
-       C <- W_Q   (H*N rows)     B <- W_K   (G*N rows)     x <- W_V   (G*P rows)     out_proj <- W_O
+       C <- W_Q·s (H*N rows)     B <- W_K   (G*N rows)     x <- W_V   (G*P rows)     out_proj <- W_O
+       (s = the teacher's attention scaling head_dim^-1/2, or 1 with attention_scale=False)
        z rows 0 (with gate="sigmoid": y * 2*sigmoid(0) = y, a pass-through gate)
        dt rows 0, dt_bias / A_log: Mamba-2 defaults or from the teacher's attention span
        conv: identity (last tap 1, others 0, bias 0);  D = 0
@@ -17,8 +18,9 @@ Sources: MambaInLlama (Wang et al. 2024) for attention -> SSM, sparse upcycling 
 
    and norms, embeddings, logit_scale copied. With A = 0, dt = 1, ``xbc_activation="identity"`` and
    ``ssm_norm=False`` the mixer then computes causal linear attention from the teacher's own Q/K/V/O:
-   ``y_t = W_O · Σ_{s≤t} (q_t·k_s) v_s`` (x and B stay group-sized: the scan serves head h from group
-   h // (H/G), exactly like repeat_kv).
+   ``y_t = W_O · Σ_{s≤t} s·(q_t·k_s) v_s`` (x and B stay group-sized: the scan serves head h from group
+   h // (H/G), exactly like repeat_kv). The scaling keeps the kernel on the scale of the teacher's
+   attention logits; without it the unnormalised sum is too large by sqrt(head_dim) (11x at Tiny Aya).
 
 Every student tensor is either copied from a named teacher tensor or set by a named rule; the returned
 map says which, and a shape mismatch is an error (never a silent partial copy). On the ``meta`` device
@@ -168,12 +170,14 @@ def span_dt(span: float, n_heads: int) -> Tensor:
 
 
 def transfer(teacher: nn.Module, student: nn.Module, pairs: list[PairMap] | None = None, *,
-             dt_init: str = "mamba2", expert_noise: float = 0.0, router_std: float = 1e-3,
-             shape_only: bool | None = None, seed: int = 0) -> dict[str, str]:
+             dt_init: str = "mamba2", attention_scale: bool = True, expert_noise: float = 0.0,
+             router_std: float = 1e-3, shape_only: bool | None = None, seed: int = 0) -> dict[str, str]:
     """Copy the teacher into ``student`` in place; return {student tensor (or row range): source}.
 
     ``dt_init``: ``mamba2`` keeps the student's Mamba-2 dt/A initialisation; ``span`` sets A = -1 and dt
     from each initialising layer's attention span (sliding window, else the context length).
+    ``attention_scale``: C <- W_Q times the teacher's attention scaling (head_dim^-1/2), so the linear
+    kernel q·k is on the scale of the teacher's attention logits; False copies W_Q unscaled.
     ``expert_noise``: each expert's weights get ``noise * std(w) * N(0, 1)`` added, so experts can diverge.
     """
     tcfg = teacher.config
@@ -221,7 +225,11 @@ def transfer(teacher: nn.Module, student: nn.Module, pairs: list[PairMap] | None
         c.fill(w, "zeros (pass-through z gate)", lambda t: t.zero_(), slice(0, z_end))
         c.set(w, at.v_proj.weight, f"{src}.self_attn.v_proj.weight", x_rows)
         c.set(w, at.k_proj.weight, f"{src}.self_attn.k_proj.weight", b_rows)
-        c.set(w, at.q_proj.weight, f"{src}.self_attn.q_proj.weight", c_rows)
+        if attention_scale:
+            scale = float(getattr(at, "scaling", None) or at.head_dim ** -0.5)
+            c.set(w, at.q_proj.weight * scale, f"{src}.self_attn.q_proj.weight * {scale:.6g} (attention scaling)", c_rows)
+        else:
+            c.set(w, at.q_proj.weight, f"{src}.self_attn.q_proj.weight", c_rows)
         c.fill(w, "zeros (dt from dt_bias only)", lambda t: t.zero_(), dt_rows)
         c.set(ssm.out_proj.weight, at.o_proj.weight, f"{src}.self_attn.o_proj.weight")
         c.fill(ssm.conv_weight, "identity conv (last tap 1)", lambda t: t.zero_()[:, -1].fill_(1.0))

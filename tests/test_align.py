@@ -44,23 +44,28 @@ def test_distill_align_cli_kl_random_vs_transfer_vs_aligned(teacher_dir, tmp_pat
 
 
 def test_mixer_only_phase_then_whole_pair(tiny_cohere2_teacher):
-    from aetheris.model import Aetheris, SSMMixer
+    from aetheris.distill import PairAligner, mixer_parameters
+    from aetheris.model import Aetheris
     from aetheris.transfer import layer_map, student_config, transfer
 
     tcfg = tiny_cohere2_teacher.config
     student = Aetheris(student_config(tcfg, n_pairs=4, gate="sigmoid", xbc_activation="identity", ssm_norm=False))
     pairs = layer_map(4, 4)
     transfer(tiny_cohere2_teacher, student, pairs)
+    aligner = PairAligner(student, pairs)
     progress = {"step": 0}
-    loss_fn = make_align_loss(tiny_cohere2_teacher, pairs, mixer_only_steps=5, progress=progress)
+    loss_fn = make_align_loss(tiny_cohere2_teacher, mixer_only_steps=5, progress=progress)
     batch = {"input_ids": torch.randint(0, tcfg.vocab_size, (2, 16))}
-    mixer_ids = {id(p) for m in student.modules() if isinstance(m, SSMMixer) for p in m.parameters()}
+    mixer_ids = {id(p) for p in mixer_parameters(student)}
     for step, whole in ((0, False), (5, True)):
         student.zero_grad(set_to_none=True)
         progress["step"] = step
-        loss, metrics = loss_fn(student, batch)
+        loss, metrics = loss_fn(aligner, batch)
         loss.backward()
         assert metrics["pair_nmse"].shape == (4,) and float(metrics["mixer_only"]) == (not whole)
+        # Every parameter stays trainable (DDP's buckets are fixed when it is built); the phase decides
+        # which ones the forward lets gradients reach. Grad None means AdamW leaves it untouched.
+        assert all(p.requires_grad for p in student.parameters())
         for name, p in student.named_parameters():
             if id(p) in mixer_ids and not name.endswith(("in_proj.weight", "out_proj.weight", "A_log", "dt_bias", "D",
                                                          "conv_weight", "conv_bias")):
@@ -68,6 +73,23 @@ def test_mixer_only_phase_then_whole_pair(tiny_cohere2_teacher):
             used = not name.startswith(("embed", "norm_f"))  # the pair loss never touches embeddings or the head
             expect_grad = used and (whole or id(p) in mixer_ids)
             assert (p.grad is not None) == expect_grad, name
+
+
+def test_mixer_only_phase_computes_the_same_pairs(tiny_cohere2_teacher):
+    """Detaching the non-mixer parameters changes which gradients flow, never the function."""
+    from aetheris.distill import pair_forward
+    from aetheris.model import Aetheris
+    from aetheris.transfer import student_config
+
+    for parallel in (False, True):
+        torch.manual_seed(0)
+        student = Aetheris(student_config(tiny_cohere2_teacher.config, n_pairs=2, parallel_pairs=parallel))
+        h = torch.randn(2, 9, tiny_cohere2_teacher.config.hidden_size)
+        for k in range(2):
+            a, aux_a = pair_forward(student, k, h)
+            b, aux_b = pair_forward(student, k, h, mixer_only=True)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(aux_a, aux_b, rtol=0, atol=0)
 
 
 def test_stages_are_a_comma_list_in_pipeline_order():
@@ -107,7 +129,7 @@ def test_student_fields_that_follow_the_teacher_cannot_be_overridden(tiny_cohere
     cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml", ["student.options.n_heads=8"])
     with pytest.raises(ValueError, match="n_heads"):
         build_student(cfg, tiny_cohere2_teacher.config)
-    with pytest.raises(ValueError, match="did you mean 'n_heads'"):
+    with pytest.raises(ValueError, match="did you mean 'student.options.n_heads'"):
         load_distill_config(ROOT / "configs" / "nano-align.yaml", ["student.options.n_head=8"])
 
 
@@ -180,3 +202,43 @@ def test_pair_forward_with_gradient_checkpointing_gives_the_same_gradients(tiny_
         assert (a.grad is None) == (b.grad is None), name
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def _run_align_cli(teacher_dir, out_dir, nproc, *extra):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                     "--master_port", str(29700 + nproc + os.getpid() % 500)]
+    cmd = [*launcher, "-m", "aetheris.cli", "distill", "--config", str(ROOT / "configs" / "nano-align.yaml"),
+           "--stages", "align",
+           *_overrides(teacher_dir, out_dir, "student.n_pairs=2", "train.max_steps=4", "align.mixer_only_fraction=0.5",
+                       "train.warmup_steps=1", "train.log_every=1", "train.threads=1", "align.report_rows_per_language=1",
+                       "data.languages=[en, sw, hi, zh]", "data.sources=[{type: corpus, max_lines_per_language: 60}]",
+                       *extra)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_process_alignment_matches_one_process_with_grad_accumulation(teacher_dir, tmp_path):
+    """torchrun (2 ranks, gloo) == 1 process x 2 micro-batches, through both phases (mixer-only, whole pair):
+    the pairs run inside the DDP-wrapped module, so their gradients are all-reduced."""
+    from safetensors.torch import load_file
+
+    one = _run_align_cli(teacher_dir, tmp_path / "one", 1, "train.micro_batch_size=2", "train.grad_accum=2")
+    two = _run_align_cli(teacher_dir, tmp_path / "two", 2, "train.micro_batch_size=2", "train.grad_accum=1")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["mixer_only"] for r in one] == [r["mixer_only"] for r in two] == [1.0, 1.0, 0.0, 0.0]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["pair_nmse"] == pytest.approx(a["pair_nmse"], rel=1e-5)
+    w1, w2 = (load_file(str(tmp_path / run / "student" / "model.safetensors")) for run in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)

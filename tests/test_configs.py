@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,64 @@ def test_invalid_values_are_errors():
         load_config(tiny, ["train.lr"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(ROOT / "configs" / "nope.yaml")
+
+
+def test_overrides_set_one_entry_of_a_dict_field():
+    from aetheris.distill import EXACT_TRANSFER, load_distill_config
+
+    path = ROOT / "configs" / "nano-align.yaml"
+    shipped = load_distill_config(path).student.options
+    cfg = load_distill_config(path, ["student.options.gate=silu", "student.options.dt_min=1e-3"])
+    assert cfg.student.options == {**shipped, "gate": "silu", "dt_min": 0.001}  # merged into the YAML's mapping
+    # No YAML: the entry goes on top of the field's default, not into an empty mapping.
+    assert load_distill_config(None, ["student.options.top_k=2"]).student.options == {**EXACT_TRANSFER, "top_k": 2}
+    # The whole mapping can still be replaced.
+    assert load_distill_config(path, ["student.options={top_k: 2}"]).student.options == {"top_k": 2}
+
+
+@pytest.mark.parametrize("override, error", [
+    ("student.options.n_head=8", "unknown config key 'student.options.n_head'.*did you mean 'student.options.n_heads'"),
+    ("student.options.top_k=two", "student.options.top_k='two' must be an integer"),
+    ("student.options.ssm_norm=maybe", "student.options.ssm_norm='maybe' must be true or false"),
+    ("student.option.top_k=2", "did you mean 'student.options.top_k'"),
+    ("student.options.top_k.x=2", "unknown config key 'student.options.top_k.x'"),
+    ("student.options=3", "student.options must be a mapping of AetherisConfig fields"),
+])
+def test_keys_inside_a_typed_dict_field_are_checked_like_any_key(override, error):
+    from aetheris.distill import load_distill_config
+
+    with pytest.raises(ConfigError, match=error):
+        load_distill_config(ROOT / "configs" / "nano-align.yaml", [override])
+
+
+def test_a_typed_dict_field_in_yaml_is_checked_too(tmp_path):
+    from aetheris.distill import load_distill_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("student:\n  options:\n    n_expert: 4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'student.options.n_expert'.*did you mean 'student.options.n_experts'"):
+        load_distill_config(path)
+    path.write_text("student:\n  options:\n    dt_max: 1e-1\n")  # YAML 1.1 reads 1e-1 as a string
+    assert load_distill_config(path).student.options == {"dt_max": 0.1}
+
+
+@dataclass
+class Section:  # a section with a free-form dict field (no ``keys`` schema)
+    extra: dict = field(default_factory=lambda: {"a": 1})
+    n: int = 0
+
+
+@dataclass
+class Top:
+    section: Section = field(default_factory=Section)
+
+
+def test_a_free_form_dict_field_takes_any_key_one_level_deep():
+    from aetheris.config_io import apply_overrides, build
+
+    cfg = build(Top, apply_overrides({}, ["section.extra.b=[1, 2]"], Top))
+    assert cfg.section.extra == {"a": 1, "b": [1, 2]}
+    with pytest.raises(ConfigError, match="unknown config key 'section.extra.b.c'"):
+        apply_overrides({}, ["section.extra.b.c=1"], Top)
+    with pytest.raises(ConfigError, match="did you mean 'section.n'"):
+        apply_overrides({}, ["section.nn=1"], Top)

@@ -16,12 +16,12 @@ from aetheris.transfer import check_compatible, layer_map, pair_modules, student
 EXACT = dict(gate="sigmoid", xbc_activation="identity", ssm_norm=False, chunk_size=8)
 
 
-def _transferred(teacher, **kw):
+def _transferred(teacher, attention_scale=True, **kw):
     teacher = copy.deepcopy(teacher).double()
     cfg = student_config(teacher.config, n_pairs=teacher.config.num_hidden_layers, **{**EXACT, **kw})
     torch.manual_seed(0)
     student = Aetheris(cfg).double()
-    sources = transfer(teacher, student)
+    sources = transfer(teacher, student, attention_scale=attention_scale)
     return teacher, student, sources
 
 
@@ -33,8 +33,8 @@ def _no_decay(mixer):
         mixer.D.zero_()
 
 
-def linear_attention(attn, u, expand="head"):
-    """y_t = W_O · Σ_{s≤t} (q_t·k_s) v_s from raw projections (no RoPE, no softmax, no scaling)."""
+def linear_attention(attn, u, expand="head", scale=1.0):
+    """y_t = W_O · Σ_{s≤t} scale·(q_t·k_s) v_s from raw projections (no RoPE, no softmax)."""
     B, T, _ = u.shape
     H, KV = attn.config.num_attention_heads, attn.config.num_key_value_heads
     hd, R = attn.head_dim, H // KV
@@ -45,20 +45,26 @@ def linear_attention(attn, u, expand="head"):
     else:                  # the bug to catch: every row of W_K / W_V repeated R times, then cut into heads
         k = attn.k_proj(u).repeat_interleave(R, dim=-1).view(B, T, H, hd)
         v = attn.v_proj(u).repeat_interleave(R, dim=-1).view(B, T, H, hd)
-    scores = torch.einsum("bthd,bshd->bhts", q, k).tril()           # causal: s <= t
+    scores = scale * torch.einsum("bthd,bshd->bhts", q, k).tril()   # causal: s <= t
     y = torch.einsum("bhts,bshd->bthd", scores, v).reshape(B, T, H * hd)
     return attn.o_proj(y)
 
 
+@pytest.mark.parametrize("attention_scale", [False, True])
 @pytest.mark.parametrize("layer", [0, 3])  # a sliding (RoPE) layer and a full layer: raw projections either way
-def test_transferred_mixer_is_causal_linear_attention(tiny_cohere2_teacher, layer):
-    teacher, student, _ = _transferred(tiny_cohere2_teacher)
+def test_transferred_mixer_is_causal_linear_attention(tiny_cohere2_teacher, layer, attention_scale):
+    teacher, student, sources = _transferred(tiny_cohere2_teacher, attention_scale=attention_scale)
     _, mixer, _ = pair_modules(student, layer)
     _no_decay(mixer)
     u = torch.randn(2, 21, teacher.config.hidden_size, dtype=torch.float64) * 0.5  # 21: spans 3 scan chunks
     y, _ = mixer(u)
-    ref = linear_attention(teacher.model.layers[layer].self_attn, u)
-    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    attn = teacher.model.layers[layer].self_attn
+    # Scaled (the default): the kernel is the teacher's own attention logit q·k / sqrt(head_dim).
+    scale = attn.head_dim ** -0.5 if attention_scale else 1.0
+    torch.testing.assert_close(y, linear_attention(attn, u, scale=scale), rtol=1e-10, atol=1e-10)
+    if attention_scale:
+        assert not torch.allclose(y, linear_attention(attn, u), rtol=1e-3, atol=1e-6)
+        assert any("attention scaling" in src for src in sources.values())
 
 
 def test_gqa_is_expanded_per_head_not_per_row(tiny_cohere2_teacher):
@@ -69,7 +75,8 @@ def test_gqa_is_expanded_per_head_not_per_row(tiny_cohere2_teacher):
     u = torch.randn(1, 9, teacher.config.hidden_size, dtype=torch.float64)
     y, _ = mixer(u)
     attn = teacher.model.layers[0].self_attn
-    per_head, per_row = linear_attention(attn, u, "head"), linear_attention(attn, u, "row")
+    s = attn.head_dim ** -0.5
+    per_head, per_row = linear_attention(attn, u, "head", s), linear_attention(attn, u, "row", s)
     assert (per_head - per_row).abs().max() > 1e-3 * per_head.abs().max()  # the two expansions really differ
     torch.testing.assert_close(y, per_head, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(y, per_row, rtol=1e-6, atol=1e-6)
@@ -200,7 +207,8 @@ def test_llama_teacher_transfers_with_rmsnorm():
     _, mixer, _ = pair_modules(student, 1)
     _no_decay(mixer)
     u = torch.randn(1, 10, 32, dtype=torch.float64)
-    torch.testing.assert_close(mixer(u)[0], linear_attention(teacher.model.layers[1].self_attn, u), rtol=1e-10, atol=1e-10)
+    ref = linear_attention(teacher.model.layers[1].self_attn, u, scale=8 ** -0.5)  # head_dim 8
+    torch.testing.assert_close(mixer(u)[0], ref, rtol=1e-10, atol=1e-10)
 
 
 def test_span_dt_init_follows_each_layers_attention_span(tiny_cohere2_teacher):
