@@ -166,29 +166,17 @@ def load_conversations(spec: dict, log: MalformedLog, seed: int = 0) -> list[dic
 
 
 def xsid_conversations(split: str = "validation", languages=None, per_language: int | None = None) -> list[dict]:
-    """xSID as tool-call records, through ``tasks.toolcall``'s intent -> function / slot -> argument mapping.
-    ``split=test`` is the evaluation set; train on ``validation`` (the only other split shipped)."""
-    from aetheris.paths import data_path
+    """xSID as tool-call records through ``tasks.toolcall.xsid_examples`` (its intent -> function and
+    slot -> argument mapping). ``split=test`` is the evaluation set; train on ``validation`` (the only
+    other split shipped). ``per_language`` keeps the first N usable examples of each language."""
     from aetheris.tasks import toolcall
 
-    stem = {"validation": "valid", "valid": "valid", "test": "test"}[split]
     out = []
-    for lang, file in toolcall.XSID_FILES.items():
+    for lang in toolcall.XSID_FILES:
         if languages and lang not in languages:
             continue
-        path = data_path("toolcall", "xsid-0.7", f"{file}.{stem}.conll", what=f"xSID {lang} {split} set")
-        tools = toolcall.xsid_tools()
-        for ex in toolcall.parse_conll(path)[:per_language]:
-            if ex["intent"] not in toolcall.FUNCTIONS:
-                continue
-            name, _, slots = toolcall.FUNCTIONS[ex["intent"]]
-            args: dict[str, str] = {}
-            for slot, value in ex["slots"]:  # the same mapping as toolcall.xsid_examples, on another split
-                if slot in slots:
-                    key = toolcall.param_name(slot)
-                    args[key] = f"{args[key]} {value}" if key in args else value
-            out.append({"id": f"xsid-{lang}-{split}-{ex['id']}", "lang": lang, "tools": tools, "user": ex["text"],
-                        "expected": {"name": name, "arguments": args}})
+        for ex in toolcall.xsid_examples(lang, split)[:per_language]:
+            out.append({**ex, "id": f"xsid-{lang}-{split}-{ex['id']}"})
     return out
 
 

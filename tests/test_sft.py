@@ -103,3 +103,14 @@ def test_xsid_validation_split_becomes_tool_call_records():
 def test_stream_refuses_an_empty_dataset():
     with pytest.raises(ValueError, match="no SFT conversations"):
         SFTStream({}, 16)
+
+
+def test_xsid_records_use_the_toolcall_task_mapping_on_the_requested_split():
+    from aetheris.tasks import toolcall
+
+    records = xsid_conversations("validation", ["da"])
+    valid, test = toolcall.xsid_examples("da", "validation"), toolcall.xsid_examples("da", "test")
+    assert [(r["user"], r["expected"]) for r in records] == [(e["user"], e["expected"]) for e in valid]
+    assert len({e["user"] for e in valid} & {e["user"] for e in test}) < len(valid) // 10  # another split
+    with pytest.raises(ValueError, match="choose test or validation"):
+        toolcall.xsid_examples("da", "train")
