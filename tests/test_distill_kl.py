@@ -171,3 +171,13 @@ def test_two_process_torchrun_stage2_with_dro_matches_one_process(teacher_dir, s
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the same 2-process run from a teacher cache that does not exist yet: rank 0 writes it (k = V, float32)
+    # while rank 1 waits, then both train from it without the teacher == the online runs
+    V = json.loads((Path(teacher_dir) / "config.json").read_text())["vocab_size"]
+    cached, _ = _torchrun_kl(tmp_path / "two-cached", 2, teacher_dir, start_student, "kl.train.micro_batch_size=2",
+                             "kl.train.grad_accum=1", f"kl.cache={tmp_path / 'cache'}", f"kl.cache_k={V}",
+                             "kl.cache_dtype=float32")
+    assert json.loads((tmp_path / "cache" / "cache.json").read_text())["rows"] == 6 * 2 * 2
+    for a, b in zip(one, cached):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["dro_weights"] == pytest.approx(a["dro_weights"], rel=1e-4)
