@@ -1,5 +1,5 @@
 """Stage 2 on the tiny Cohere2 teacher: training from an offline teacher cache with k = V (float32) is online
-distillation (same loss trajectory and weights); a small-k cache still lowers the held-out KL; a cache built
+distillation (same loss trajectory and weights; also with 2 processes); a small-k cache still lowers the held-out KL; a cache built
 from other settings is refused; kill + resume from the cache (with group-DRO) == uninterrupted; 2 processes (torchrun, gloo)
 == 1 process with grad_accum 2, with identical group-DRO weights on both ranks."""
 
@@ -171,8 +171,13 @@ def test_two_process_torchrun_stage2_with_dro_matches_one_process(teacher_dir, s
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
-    # the same 2-process run from a teacher cache that does not exist yet: rank 0 writes it (k = V, float32)
-    # while rank 1 waits, then both train from it without the teacher == the online runs
+
+
+def test_two_process_run_writes_the_cache_on_rank_0_and_matches_online(teacher_dir, start_student, tmp_path):
+    # a 2-process run from a teacher cache that does not exist yet: rank 0 writes it (k = V, float32) while
+    # rank 1 waits, then both train from it without the teacher == the 1-process online run
+    one, _ = _torchrun_kl(tmp_path / "one", 1, teacher_dir, start_student, "kl.train.micro_batch_size=2",
+                          "kl.train.grad_accum=2")
     V = json.loads((Path(teacher_dir) / "config.json").read_text())["vocab_size"]
     cached, _ = _torchrun_kl(tmp_path / "two-cached", 2, teacher_dir, start_student, "kl.train.micro_batch_size=2",
                              "kl.train.grad_accum=1", f"kl.cache={tmp_path / 'cache'}", f"kl.cache_k={V}",
