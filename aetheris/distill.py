@@ -22,7 +22,13 @@ Stages (DESIGN §4), run in the order given by ``--stages`` (a comma list over a
   Starts from the previous stage's student (``<run_dir>/align/student``, or ``kl.init``); reports held-out
   KL per language and per family before and after, and the equity score of the KL (variance of the family
   means) to ``kl_report.json``. Sampling can be balanced by language or by family (``data.temperature``,
-  ``kl.balance``); ``kl.dro`` turns on group-DRO over language families (weights logged).
+  ``kl.balance``); ``kl.dro`` turns on group-DRO over language families (weights logged, identical on every
+  process: the per-family KL is all-reduced before each exponentiated-gradient step, ``FamilyDRO``).
+  With ``kl.cache=FOLDER`` stage 2 trains from an offline teacher cache (``aetheris.teacher_cache``: top-k
+  log-probs per position) without loading the teacher; the loss is the top-k approximation of forward KL
+  (exact at ``kl.cache_k`` = vocab). A folder that does not exist yet is written first from this config (the
+  teacher runs once over exactly the rows the run will consume, then is dropped); an existing one must have
+  been built from the same teacher, tokenizer, seq_len, data settings, k and temperature (else a clear error).
 * **sft** (stage 3): chat-templated conversations (``aetheris.sft``: local JSONL and the generated
   multilingual tool-calling set, ``aetheris.toolgen``), loss on assistant tokens only: ``CE + β·KL`` to the
   teacher (β = ``sft.beta``; the teacher is not loaded when β = 0). Reports tool-call validity (parse,
@@ -125,6 +131,16 @@ class KLConfig:
     init: str | None = None
     """Student to start from; unset: ``<align out_dir>/student``."""
     report_rows_per_language: int = 2
+    cache: str | None = None
+    """Offline teacher cache folder: train from it without loading the teacher (top-k approximation of forward
+    KL). Missing: written first from this config (teacher runs once); existing: checked against this config."""
+    cache_k: int = 64
+    """Top-k teacher log-probs kept per position (k = vocab size: the exact KL)."""
+    cache_rows: int = 0
+    """Training rows to cache; 0 = what kl.train consumes (max_steps x micro_batch_size x grad_accum x
+    processes). A shorter cache is cycled over."""
+    cache_dtype: str = "float16"
+    """Storage of the cached log-probs: float16 | bfloat16 | float32 (exact)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/kl", lr=5e-5))
 
 
@@ -183,6 +199,13 @@ class DistillConfig:
                 raise ConfigError(f"{where}={kind!r}: choose one of {', '.join(KINDS)}")
         if self.kl.balance not in ("language", "family"):
             raise ConfigError(f"kl.balance={self.kl.balance!r}: choose language or family")
+        if self.kl.cache and self.kl.kind != "forward":
+            raise ConfigError(f"kl.kind={self.kl.kind!r} with kl.cache: a top-k teacher cache supports forward KL only; "
+                              "set kl.kind=forward or drop kl.cache (online distillation)")
+        if self.kl.cache_k < 1 or self.kl.cache_rows < 0:
+            raise ConfigError("kl.cache_k must be >= 1 and kl.cache_rows >= 0 (0 = what kl.train consumes)")
+        if self.kl.cache_dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"kl.cache_dtype={self.kl.cache_dtype!r}: choose float16, bfloat16 or float32")
         if self.kl.temperature <= 0 or self.sft.temperature <= 0:
             raise ConfigError("kl.temperature and sft.temperature must be > 0")
         if not 0.0 <= self.align.mixer_only_fraction <= 1.0:
@@ -570,42 +593,78 @@ def family_summary(per_language: dict[str, float]) -> dict:
             "max_min_gap": (max(fam.values()) - min(fam.values())) if fam else float("nan")}
 
 
+class FamilyDRO:
+    """Group-DRO weights over language families (the online algorithm of Sagawa et al. 2020, ICLR).
+
+    The loss of a step weights each family's token-mean KL by ``q_f``; after the optimizer step
+    ``q_f ← q_f·exp(step·KL_f)`` (families present in the step), renormalised. ``KL_f`` is the family's mean
+    over the whole global batch: the loss reports per-family KL sums and token counts, and the training loop
+    all-reduces every metric across micro-batches and processes before the hooks run, so every process
+    takes the same step and holds identical weights (2 processes == 1 process with grad_accum 2). The
+    weights used at step s therefore come from steps < s. Saved in checkpoints (``train(stateful=...)``).
+    """
+
+    def __init__(self, families: list[str], step: float):
+        self.families, self.step = list(families), step
+        self.q = torch.full((len(families),), 1.0 / len(families))
+
+    def update(self, record: dict) -> None:
+        """The exponentiated-gradient step from a training record (the hook ``train.train`` calls)."""
+        sums = torch.tensor(record["family_kl_sum"], dtype=torch.float64)
+        counts = torch.tensor(record["family_tokens"], dtype=torch.float64)
+        present = counts > 0
+        means = sums / counts.clamp_min(1e-12)
+        q = torch.where(present, self.q.double() * torch.exp(self.step * means), self.q.double())
+        self.q = (q / q.sum()).float()
+
+    def state_dict(self) -> dict:
+        return {"q": self.q.tolist(), "families": self.families}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("families", self.families) != self.families:
+            raise ValueError(f"the checkpoint's DRO families {state['families']} differ from this run's {self.families}")
+        self.q = torch.tensor(state["q"], dtype=torch.float32)
+
+
 def make_kd_loss(teacher, *, kind: str, temperature: float, chunk: int, w_kl: float, w_ce: float,
-                 lang_family: Tensor | None = None, dro: dict | None = None):
+                 lang_family: Tensor | None = None, dro: FamilyDRO | None = None):
     """The loss_fn for ``train.train`` (stages 2 and 3): ``w_kl·τ²·KL + w_ce·CE + aux`` per valid token.
 
-    The teacher runs under no_grad on the same token ids. ``dro`` (a dict holding ``q``, the family weights,
-    and ``step``) turns the KL mean into a q-weighted mean of per-family KL means, after the
-    exponentiated-gradient update ``q_f ← q_f·exp(step·KL_f)`` over the families present in the batch.
-    With ``teacher=None`` the loss is ``w_ce·CE + aux`` (SFT without a teacher).
+    ``model`` is the module ``train`` prepared with Accelerate (DDP under several processes); the student's
+    forward goes through it so its gradients are all-reduced. The teacher runs under no_grad on the same token
+    ids — or, when the batch carries a teacher cache's ``t_values``/``t_ids``/``t_tail``, the KL is the top-k
+    approximation against the cache and no teacher is needed (``teacher`` may be None). ``dro`` (a
+    ``FamilyDRO``) turns the KL mean into a ``q``-weighted mean of per-family KL means and reports the
+    per-family KL sums and token counts its update reads. With neither teacher nor cache the loss is
+    ``w_ce·CE + aux`` (SFT without a teacher).
     """
-    from aetheris.losses import chunked_divergence, per_group_mean, valid_positions
+    from aetheris.losses import chunked_divergence, chunked_topk_divergence, per_group_mean, valid_positions
 
     def kd_loss(model, batch: dict) -> tuple[Tensor, dict]:
         x, labels = batch["input_ids"], batch["labels"]
         out = model(x, labels=labels)  # one sequence per row, as the teacher sees it (no doc_ids)
         metrics = {"ce": out.ce_loss.detach(), "aux": out.aux_loss.detach()}
         loss = w_ce * out.ce_loss + out.aux_loss
-        if teacher is None or w_kl == 0:
+        cached = "t_values" in batch
+        if (teacher is None and not cached) or w_kl == 0:
             return loss, metrics
-        with torch.no_grad():
-            t_logits = teacher(input_ids=x).logits
         mask = valid_positions(labels)
-        per_pos, n = chunked_divergence(t_logits, out.logits, mask, kind, temperature, chunk)  # (B, T)
+        if cached:
+            per_pos, n = chunked_topk_divergence(batch["t_values"], batch["t_ids"], batch["t_tail"], out.logits, mask,
+                                                 temperature, chunk)                              # (B, T)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x).logits
+            per_pos, n = chunked_divergence(t_logits, out.logits, mask, kind, temperature, chunk)  # (B, T)
         kl = per_pos.sum() / n.clamp_min(1)
         metrics["kl"] = kl.detach()
         if dro is not None:
             fam = lang_family.to(x.device)[batch["lang_ids"]]
-            means, counts = per_group_mean(per_pos, mask, fam, dro["q"].numel())
-            present = counts > 0
-            with torch.no_grad():
-                q = dro["q"].to(x.device)
-                q = torch.where(present, q * torch.exp(dro["step"] * means.detach()), q)
-                q = q / q.sum()
-                dro["q"] = q
-            w = q * present
+            means, counts = per_group_mean(per_pos, mask, fam, dro.q.numel())
+            q = dro.q.to(x.device)
+            w = q * (counts > 0)
             kl_used = (w / w.sum().clamp_min(1e-12) * means).sum()
-            metrics["dro_weights"] = q.detach().clone()
+            metrics.update(family_kl_sum=(means * counts).detach(), family_tokens=counts.detach(), dro_weights=q.clone())
         else:
             kl_used = kl
         loss = loss + w_kl * temperature ** 2 * kl_used
@@ -657,23 +716,107 @@ def make_sft_loss(teacher, sc: "SFTConfig"):
 # Stage 2
 
 
-def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
-    """Stage 2 end to end; returns the report (also ``<kl out_dir>/kl_report.json``) and writes the student."""
+def cache_ready(cfg: DistillConfig) -> bool:
+    """Stage 2 trains from an existing teacher cache (so the teacher need not be loaded)."""
+    return bool(cfg.kl.cache) and (Path(cfg.kl.cache) / "cache.json").is_file()
+
+
+def cache_source(cfg: DistillConfig, teacher_config, tokenizer) -> dict:
+    """What a stage-2 teacher cache is built from; a cache is only used by a run whose settings match."""
+    from aetheris.config_io import to_dict
+    from aetheris.teacher_cache import vocab_hash
+
+    name = cfg.teacher.name
+    arch = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "logit_scale")
+    return {"teacher": str(Path(name).resolve()) if Path(name).is_dir() else name,
+            "teacher_config": {key: getattr(teacher_config, key, None) for key in arch},
+            "teacher_dtype": str(_resolve_dtype(cfg.teacher.dtype)).removeprefix("torch."),
+            "tokenizer_vocab": vocab_hash(tokenizer), "seq_len": cfg.data.seq_len, "data": to_dict(cfg.data),
+            "balance": cfg.kl.balance, "seed": cfg.kl.train.seed}
+
+
+@torch.no_grad()
+def heldout_kl_cached(student, heldout: dict[str, dict[str, Tensor]], pad_id: int | None = None,
+                      batch_size: int = 1, chunk: int = 256) -> dict:
+    """``heldout_kl`` against a teacher cache's held-out rows: the top-k approximation of KL(teacher || student)
+    (exact at k = V), over the same positions (every non-pad one)."""
+    from aetheris.losses import chunked_topk_divergence
+
+    device = next(student.parameters()).device
+    per_lang, total, count = {}, 0.0, 0
+    for lang, rows in heldout.items():
+        s, n = 0.0, 0
+        for start in range(0, len(rows["input_ids"]), batch_size):
+            b = {key: v[start:start + batch_size].to(device) for key, v in rows.items()}
+            x = b["input_ids"]
+            mask = torch.ones_like(x, dtype=torch.bool) if pad_id is None else x != pad_id
+            per_pos, m = chunked_topk_divergence(b["t_values"], b["t_ids"], b["t_tail"], student(x).logits, mask,
+                                                 chunk=chunk)
+            s, n = s + float(per_pos.sum()), n + int(m)
+        per_lang[lang] = s / max(n, 1)
+        total, count = total + s, count + n
+    return {"mean": total / max(count, 1), "per_language": per_lang, "tokens": count}
+
+
+def prepare_cache(cfg: DistillConfig, teacher, data, tokenizer, teacher_config, rows: dict[str, Tensor], log) -> dict:
+    """Write ``kl.cache`` if it does not exist (process 0; the others wait), then check it against the run:
+    recorded settings first, then the held-out rows themselves. Returns the cache's metadata."""
+    from accelerate import PartialState
+
+    from aetheris.teacher_cache import CacheMismatchError, check_cache, load_heldout, write_cache
+
+    kc = cfg.kl
+    folder = Path(kc.cache)
+    source = cache_source(cfg, teacher_config, tokenizer)
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=multi_cpu)  # the process group train() will reuse
+    with state.main_process_first():
+        if state.is_main_process and not (folder / "cache.json").is_file():
+            if teacher is None:
+                teacher = load_teacher_model(cfg)
+            n = kc.cache_rows or kc.train.max_steps * kc.train.micro_batch_size * kc.train.grad_accum * state.num_processes
+            log(f"stage 2: writing the teacher cache {folder} ({n} rows of {cfg.data.seq_len} tokens, top-{kc.cache_k}, "
+                f"{kc.cache_dtype}); later runs with this config reuse it without the teacher")
+            device = _device()[0]
+            teacher.to(device)
+            write_cache(teacher, data.stream, folder, rows=n, k=kc.cache_k, temperature=kc.temperature,
+                        dtype=kc.cache_dtype, batch_size=kc.train.micro_batch_size, source=source, heldout=rows,
+                        tokenizer_hash=source["tokenizer_vocab"], log=log)
+    k = min(kc.cache_k, teacher_config.vocab_size)
+    meta = check_cache(folder, {"k": k, "temperature": kc.temperature, "dtype": kc.cache_dtype, **source})
+    heldout = load_heldout(folder) or {}
+    same = sorted(heldout) == sorted(rows) and all(torch.equal(heldout[lang]["input_ids"], rows[lang]) for lang in rows)
+    if not same:
+        raise CacheMismatchError(f"the teacher cache {folder} holds other held-out rows than this run "
+                                 f"(kl.report_rows_per_language={kc.report_rows_per_language}, data settings): point "
+                                 "kl.cache at a new folder or delete this one to rebuild it")
+    return meta
+
+
+def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()) -> dict:
+    """Stage 2 end to end; returns the report (also ``<kl out_dir>/kl_report.json``) and writes the student.
+
+    With ``kl.cache`` the teacher is only loaded (here, if not passed) when the cache must be written first.
+    """
     from aetheris.checkpoint import load_model, save_model
     from aetheris.languages import group_of
+    from aetheris.teacher import load_teacher_config
+    from aetheris.teacher_cache import CacheStream, load_heldout
     from aetheris.tokenizer import load_tokenizer
-    from aetheris.train import build_data, train
+    from aetheris.train import TrainData, build_data, train
 
     kc = cfg.kl
     out_dir = Path(kc.train.out_dir)
     device, main_process = _device()
     # 1. Starting student (checked before the teacher is read), teacher, one tokenizer, data.
     init = previous_student(cfg, "kl")
-    if teacher is None:
+    if teacher is None and not kc.cache:
         teacher = load_teacher_model(cfg)
+    teacher_config = teacher.config if teacher is not None else load_teacher_config(cfg.teacher.name)
     tokenizer = load_tokenizer(cfg.tokenizer.name or cfg.teacher.name)
     student = load_model(init)
-    check_same_vocabulary(teacher.config, student, tokenizer, init)
+    check_same_vocabulary(teacher_config, student, tokenizer, init)
     run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=kc.train)
     data, tokenizer = build_data(run_cfg, lambda _docs: tokenizer, log)
     if kc.balance == "family":
@@ -681,32 +824,53 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
     languages = data.stream.languages
     families = sorted({group_of(lang) for lang in languages})
     lang_family = torch.tensor([families.index(group_of(lang)) for lang in languages])
-    dro = {"q": torch.full((len(families),), 1.0 / len(families)), "step": kc.dro_step} if kc.dro else None
+    dro = FamilyDRO(families, kc.dro_step) if kc.dro else None
     rows = report_rows(data.val, kc.report_rows_per_language)
     pad_id = None if cfg.data.pack else tokenizer.pad_token_id
-
-    # 2. Before: the previous stage's student against the teacher on held-out text.
-    teacher.to(device)
-    student.to(device).eval()
     report: dict[str, Any] = {"teacher": cfg.teacher.name, "init": str(init), "kind": kc.kind,
                               "temperature": kc.temperature, "balance": kc.balance, "dro": kc.dro,
                               "sampling": dict(zip(languages, map(float, data.stream.probs)))}
-    report["kl_before"] = heldout_kl(teacher, student, rows, pad_id, chunk=kc.chunk)
+    if kc.cache:  # the training rows come from the cache, in the order the stream drew them when it was written
+        meta = prepare_cache(cfg, teacher, data, tokenizer, teacher_config, rows, log)
+        data = TrainData(CacheStream(kc.cache), data.val, data.malformed)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        needed = kc.train.max_steps * kc.train.micro_batch_size * kc.train.grad_accum * world
+        log(f"stage 2: training from the teacher cache {kc.cache} (top-{meta['k']}, {meta['rows']} rows; this run "
+            f"consumes {needed}" + (f", so it cycles over the cache {needed / meta['rows']:.1f} times)" if needed > meta["rows"] else ")"))
+        heldout = load_heldout(kc.cache)
+        teacher = None  # not needed any more: every teacher number comes from the cache
+        report["cache"] = {"folder": str(kc.cache), "k": meta["k"], "rows": meta["rows"], "dtype": meta["dtype"],
+                           "kl_measure": "top-k approximation (exact at k = vocab size)"}
+
+        def measure(student):
+            return heldout_kl_cached(student, heldout, pad_id, chunk=kc.chunk)
+    else:
+        def measure(student):
+            return heldout_kl(teacher, student, rows, pad_id, chunk=kc.chunk)
+
+    # 2. Before: the previous stage's student against the teacher on held-out text.
+    if teacher is not None:
+        teacher.to(device)
+    student.to(device).eval()
+    report["kl_before"] = measure(student)
     report["equity_before"] = family_summary(report["kl_before"]["per_language"])
 
     # 3. Train every parameter through the shared loop.
     loss_fn = make_kd_loss(teacher, kind=kc.kind, temperature=kc.temperature, chunk=kc.chunk, w_kl=kc.w_kl,
                            w_ce=kc.w_ce, lang_family=lang_family, dro=dro)
     result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
-                   frozen={"teacher": teacher}, resume=resume)
+                   frozen={"teacher": teacher} if teacher is not None else None, resume=resume,
+                   hooks=[dro.update, *hooks] if dro is not None else hooks,
+                   stateful={"dro": dro} if dro is not None else None)
     student = result.model.eval()
 
     # 4. After, per language and per family; the student for stage 3.
-    report["kl_after"] = heldout_kl(teacher, student, rows, pad_id, chunk=kc.chunk)
+    report["kl_after"] = measure(student)
     report["equity_after"] = family_summary(report["kl_after"]["per_language"])
     report["steps"] = result.step
     if dro is not None:
-        report["dro_weights"] = dict(zip(families, map(float, dro["q"])))
+        report["dro_weights"] = dict(zip(families, map(float, dro.q)))
+        report["dro_weights_rank_spread"] = _rank_spread(dro.q)
     log(f"stage 2: held-out KL(teacher||student) {report['kl_before']['mean']:.4f} -> {report['kl_after']['mean']:.4f} "
         f"nats/token; family DES {report['equity_before']['des']:.5f} -> {report['equity_after']['des']:.5f}")
     if main_process:
@@ -714,6 +878,18 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
         (out_dir / "kl_report.json").write_text(json.dumps(report, indent=1, default=str))
         save_model(student.cpu(), out_dir / "student", tokenizer=tokenizer)
     return report
+
+
+def _rank_spread(q: Tensor) -> float:
+    """Largest difference of a tensor across processes (0 in one process): the DRO weights must agree."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, q.tolist())
+    stacked = torch.tensor(everyone)
+    return float((stacked.max(0).values - stacked.min(0).values).max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,7 +1003,8 @@ def run(args) -> int:
                   f"(KL random {report['kl_random_init']['mean']:.4f} / transfer {report['kl_after_transfer']['mean']:.4f}"
                   f" / aligned {report['kl_after_align']['mean']:.4f}); student: {Path(cfg.train.out_dir) / 'student'}")
         elif stage == "kl":
-            teacher = teacher or load_teacher_model(cfg)
+            if not cfg.kl.cache:  # with a cache, run_kl loads the teacher only if the cache must be written
+                teacher = teacher or load_teacher_model(cfg)
             report = run_kl(cfg, teacher=teacher, resume=args.resume)
             print(f"stage 2 report: {Path(cfg.kl.train.out_dir) / 'kl_report.json'} (held-out KL "
                   f"{report['kl_before']['mean']:.4f} -> {report['kl_after']['mean']:.4f}); "

@@ -112,18 +112,25 @@ def topk_kl(t_values: Tensor, t_ids: Tensor, t_tail: Tensor, s_logits: Tensor, t
     return kl + torch.where(r > 0, r * (t_tail - s_tail), torch.zeros_like(r))
 
 
+def chunked_topk_divergence(t_values: Tensor, t_ids: Tensor, t_tail: Tensor, s_logits: Tensor, mask: Tensor,
+                            temperature: float = 1.0, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """``topk_kl`` against a cached teacher, ``chunk`` positions at a time, masked: (per-position (B, T) with
+    zeros at masked positions, number of valid positions) — the cache's counterpart of ``chunked_divergence``."""
+    need_grad = s_logits.requires_grad and torch.is_grad_enabled()
+    pieces = []
+    for c in range(0, s_logits.shape[1], chunk):
+        args = (t_values[:, c:c + chunk].float(), t_ids[:, c:c + chunk], t_tail[:, c:c + chunk].float(),
+                s_logits[:, c:c + chunk], temperature)
+        d = checkpoint(topk_kl, *args, use_reentrant=False) if need_grad else topk_kl(*args)
+        pieces.append(torch.where(mask[:, c:c + chunk], d, torch.zeros_like(d)))
+    return torch.cat(pieces, dim=1), mask.sum()
+
+
 def cached_distill_loss(t_values: Tensor, t_ids: Tensor, t_tail: Tensor, s_logits: Tensor, labels: Tensor,
                         temperature: float = 1.0, chunk: int = 256) -> Tensor:
     """τ² · mean over valid positions of ``topk_kl`` (teacher from a cache, no teacher model)."""
-    mask = valid_positions(labels)
-    total = s_logits.new_zeros((), dtype=torch.float32)
-    need_grad = s_logits.requires_grad and torch.is_grad_enabled()
-    for c in range(0, s_logits.shape[1], chunk):
-        args = (t_values[:, c:c + chunk], t_ids[:, c:c + chunk], t_tail[:, c:c + chunk], s_logits[:, c:c + chunk],
-                temperature)
-        d = checkpoint(topk_kl, *args, use_reentrant=False) if need_grad else topk_kl(*args)
-        total = total + torch.where(mask[:, c:c + chunk], d, torch.zeros_like(d)).sum()
-    return temperature ** 2 * total / mask.sum().clamp_min(1)
+    per_pos, n = chunked_topk_divergence(t_values, t_ids, t_tail, s_logits, valid_positions(labels), temperature, chunk)
+    return temperature ** 2 * per_pos.sum() / n.clamp_min(1)
 
 
 def per_group_mean(per_pos: Tensor, mask: Tensor, group_ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:

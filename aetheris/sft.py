@@ -12,7 +12,10 @@
 * Sources (``sft.sources`` in the distill config): ``toolgen`` (the generated multilingual tool-calling set,
   train templates only; ``languages``, ``per_language``, ``seed``, ``tools_offered``), ``jsonl`` (one conversation per line: ``{"id", "lang", "messages", "tools"?}``;
   the toolgen/toolcall-task format with ``user``/``expected`` is accepted too), ``xsid`` (xSID's
-  validation split mapped to calls by ``tasks.toolcall``; its test split stays for evaluation).
+  validation split mapped to calls by ``tasks.toolcall.xsid_examples``; its test split stays for evaluation),
+  ``hub`` (``datasets``: a hub id with ``name``/``config``/``split``/``streaming``/``limit``, or a local copy
+  via ``path``; ``messages`` / ShareGPT ``conversations`` / xLAM ``query``+``answers`` / prompt-response
+  columns, ``tools`` as a list or JSON text, language from ``lang`` or a ``lang``/``language_code`` column).
 * ``SFTStream``: one conversation per row (cut at ``seq_len``, right-padded, padding never trained),
   languages sampled by temperature, resumable like ``data.PackedStream``.
 * ``toolcall_validity``: greedy generation on held-out tool-call examples, scored by
@@ -143,8 +146,11 @@ def load_conversations(spec: dict, log: MalformedLog, seed: int = 0) -> list[dic
     elif kind == "xsid":
         raw = xsid_conversations(spec.get("split", "validation"), spec.get("languages"), spec.get("per_language"))
         where = "xsid"
+    elif kind == "hub":
+        raw = hub_conversations(spec, log)
+        where = f"hub {spec.get('name') or spec.get('path')}"
     else:
-        raise ValueError(f"sft source type {kind!r}: choose toolgen, jsonl or xsid")
+        raise ValueError(f"sft source type {kind!r}: choose toolgen, jsonl, xsid or hub")
     out = []
     for i, rec in enumerate(raw):
         if isinstance(rec, dict) and "messages" not in rec and "expected" in rec:
@@ -165,30 +171,179 @@ def load_conversations(spec: dict, log: MalformedLog, seed: int = 0) -> list[dic
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Hub datasets (and local copies of them)
+
+# Speaker names of common chat datasets -> our roles (ShareGPT ``from``; Aya/Gemma ``model``; Cohere ``chatbot``).
+ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant",
+              "model": "assistant", "chatbot": "assistant", "bot": "assistant", "system": "system",
+              "developer": "developer", "tool": "tool", "observation": "tool", "function_response": "tool",
+              "ipython": "tool", "function_call": "assistant"}
+# Instruction datasets without a message list: (prompt column, response column), tried in order.
+PROMPT_RESPONSE = (("inputs", "targets"), ("instruction", "output"), ("prompt", "response"), ("prompt", "completion"),
+                   ("question", "answer"))
+HUB_KEYS = {"type", "name", "path", "config", "split", "streaming", "limit", "lang", "lang_field", "messages_field",
+            "tools_field", "prompt_field", "response_field", "id_field"}
+
+
+def open_dataset(spec: dict):
+    """The records of a ``{type: hub}`` source through ``datasets``: a hub id (``name``, ``config``, ``split``,
+    ``streaming`` — default on for the hub, so ``limit`` reads only the first rows), or a local copy
+    (``path``: a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or JSON/JSONL/
+    Parquet files or a glob)."""
+    import datasets
+
+    split = spec.get("split", "train")
+    if spec.get("path"):
+        path = Path(str(spec["path"]))
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"{path} has splits {', '.join(ds)}; set split: to one of them")
+                ds = ds[split]
+            return ds
+        from aetheris.data import _expand_files
+        files = [str(f) for f in _expand_files(str(path), f"sft hub source {path}")]
+        fmt = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
+        return datasets.load_dataset(fmt, data_files=files, split="train", streaming=bool(spec.get("streaming", False)))
+    name = spec.get("name")
+    if not name:
+        raise ValueError(f"sft source {spec}: a hub source needs name: (a dataset id) or path: (a local copy)")
+    config, streaming = spec.get("config"), bool(spec.get("streaming", True))
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as err:  # offline, gated, misspelt: say which and what to do
+        raise FileNotFoundError(
+            f"could not open hub dataset {name!r} (config {config!r}, split {split!r}): {err}. Offline, pass a local "
+            "copy instead: {type: hub, path: FOLDER} (written by datasets' save_to_disk) or {type: hub, path: FILE} "
+            "(JSON/JSONL/Parquet, same columns), or export the conversations to {type: jsonl, path: FILE}."
+        ) from err
+
+
+def _json_value(value, what: str):
+    """A column that some datasets store as JSON text (tools, calls): parsed; ValueError naming it if broken."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} is a string but not valid JSON ({err.msg})") from None
+    return value
+
+
+def _call(name, arguments, index: int) -> dict:
+    return {"id": str(index), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _message(m, i: int) -> dict:
+    """One chat message in any common shape ({role, content} or ShareGPT {from, value}) -> ours."""
+    if not isinstance(m, dict):
+        raise ValueError(f"message {i} is not an object")
+    speaker = m.get("role", m.get("from"))
+    role = ROLE_NAMES.get(str(speaker).lower()) if speaker is not None else None
+    if role is None:
+        raise ValueError(f"unknown role {speaker!r} in message {i}")
+    content = m.get("content", m.get("value"))
+    if str(speaker).lower() == "function_call":  # glaive/ShareGPT: the call itself as JSON text
+        call = _json_value(content, f"function_call in message {i}")
+        calls = call if isinstance(call, list) else [call]
+        return {"role": "assistant", "content": None,
+                "tool_calls": [_call(c.get("name"), c.get("arguments", c.get("parameters", {})), j) for j, c in enumerate(calls)]}
+    out = {"role": role, "content": content}
+    if m.get("tool_calls"):  # OpenAI shape, or bare {name, arguments}; ids added where a dataset has none
+        out["tool_calls"] = []
+        for j, tc in enumerate(m["tool_calls"]):
+            fn = tc.get("function", tc) if isinstance(tc, dict) else {}
+            call = _call(fn.get("name"), fn.get("arguments", {}), j)
+            call["id"] = str(tc.get("id") or j) if isinstance(tc, dict) else str(j)
+            out["tool_calls"].append(call)
+    if role == "tool":
+        out["tool_call_id"] = m.get("tool_call_id", "0")
+    return out
+
+
+def hub_record(row: dict, spec: dict) -> dict:
+    """A dataset row -> ``{"id", "lang", "messages", "tools"?}``. Shapes understood (columns auto-detected,
+    or named with ``messages_field`` / ``prompt_field`` + ``response_field`` / ``tools_field``):
+
+    * a message list — ``messages`` ({role, content}, OpenAI tool_calls) or ``conversations`` (ShareGPT
+      {from, value}; ``function_call`` / ``observation`` turns become calls / tool results), plus ``tools``
+      (a list, or JSON text) for tool-calling sets;
+    * ``query`` + ``answers`` + ``tools`` (xLAM-style function calling: answers are the calls);
+    * a prompt/response pair (Aya ``inputs``/``targets``, Alpaca ``instruction``/``output``, ``prompt``/``response``).
+    ValueError says what is missing or malformed.
+    """
+    tools = row.get(spec.get("tools_field", "tools"))
+    tools = _json_value(tools, "tools") if tools not in (None, "", []) else None
+    field = spec.get("messages_field") or next((f for f in ("messages", "conversations", "conversation") if f in row), None)
+    if field is not None:
+        raw = row.get(field)
+        if not isinstance(raw, list):
+            raise ValueError(f"column {field!r} is not a list of messages")
+        messages = [_message(m, i) for i, m in enumerate(raw)]
+    elif "query" in row and "answers" in row:
+        answers = _json_value(row["answers"], "answers")
+        if not isinstance(answers, list):
+            raise ValueError("answers is not a list of calls")
+        messages = [{"role": "user", "content": row["query"]},
+                    {"role": "assistant", "content": None,
+                     "tool_calls": [_call(c.get("name"), c.get("arguments", {}), j) for j, c in enumerate(answers)]}]
+    else:
+        pairs = [(spec["prompt_field"], spec["response_field"])] if spec.get("prompt_field") else PROMPT_RESPONSE
+        pair = next(((p, r) for p, r in pairs if p in row and r in row), None)
+        if pair is None:
+            raise ValueError(f"no conversation columns among {sorted(row)}: set messages_field, or prompt_field and "
+                             "response_field")
+        prompt = row[pair[0]] if pair[0] != "instruction" or not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row[pair[1]]}]
+    system = row.get("system")
+    if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]  # a separate system column
+    lang = spec.get("lang")
+    if lang is None:
+        lang_field = spec.get("lang_field") or next((f for f in ("lang", "language_code", "language") if row.get(f)), None)
+        lang = row.get(lang_field) if lang_field else None
+    record = {"messages": messages, "lang": lang}
+    if tools is not None:
+        record["tools"] = tools
+    return record
+
+
+def hub_conversations(spec: dict, log: MalformedLog) -> list[dict]:
+    """Conversations from a hub dataset (or its local copy), ``limit`` rows at most; rows that cannot be
+    mapped are reported with their id and skipped."""
+    unknown = set(spec) - HUB_KEYS
+    if unknown:
+        raise ValueError(f"sft hub source: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(HUB_KEYS))}")
+    ds = open_dataset(spec)
+    limit, id_field = spec.get("limit"), spec.get("id_field", "id")
+    where = spec.get("name") or spec.get("path")
+    out = []
+    for i, row in enumerate(ds):
+        if limit is not None and i >= limit:
+            break
+        rid = row.get(id_field) if isinstance(row, dict) and row.get(id_field) is not None else i
+        try:
+            record = hub_record(row, spec)
+        except (ValueError, AttributeError, TypeError) as err:
+            log.add(f"hub {where} record {rid}", str(err))
+            continue
+        out.append({"id": f"{where}#{rid}", **record})
+    return out
+
+
 def xsid_conversations(split: str = "validation", languages=None, per_language: int | None = None) -> list[dict]:
-    """xSID as tool-call records, through ``tasks.toolcall``'s intent -> function / slot -> argument mapping.
-    ``split=test`` is the evaluation set; train on ``validation`` (the only other split shipped)."""
-    from aetheris.paths import data_path
+    """xSID as tool-call records through ``tasks.toolcall.xsid_examples`` (its intent -> function and
+    slot -> argument mapping). ``split=test`` is the evaluation set; train on ``validation`` (the only
+    other split shipped). ``per_language`` keeps the first N usable examples of each language."""
     from aetheris.tasks import toolcall
 
-    stem = {"validation": "valid", "valid": "valid", "test": "test"}[split]
     out = []
-    for lang, file in toolcall.XSID_FILES.items():
+    for lang in toolcall.XSID_FILES:
         if languages and lang not in languages:
             continue
-        path = data_path("toolcall", "xsid-0.7", f"{file}.{stem}.conll", what=f"xSID {lang} {split} set")
-        tools = toolcall.xsid_tools()
-        for ex in toolcall.parse_conll(path)[:per_language]:
-            if ex["intent"] not in toolcall.FUNCTIONS:
-                continue
-            name, _, slots = toolcall.FUNCTIONS[ex["intent"]]
-            args: dict[str, str] = {}
-            for slot, value in ex["slots"]:  # the same mapping as toolcall.xsid_examples, on another split
-                if slot in slots:
-                    key = toolcall.param_name(slot)
-                    args[key] = f"{args[key]} {value}" if key in args else value
-            out.append({"id": f"xsid-{lang}-{split}-{ex['id']}", "lang": lang, "tools": tools, "user": ex["text"],
-                        "expected": {"name": name, "arguments": args}})
+        for ex in toolcall.xsid_examples(lang, split)[:per_language]:
+            out.append({**ex, "id": f"xsid-{lang}-{split}-{ex['id']}"})
     return out
 
 

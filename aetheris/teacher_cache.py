@@ -1,24 +1,33 @@
 """Offline teacher cache for stage 2: run the teacher once over a fixed sequence of training rows, keep per
 position its top-k log-probs (+ token ids + tail log-mass), and train later from the cache without the teacher.
 
-    write_cache(teacher, stream, folder, rows=..., k=64, temperature=1.0)  -> shards in folder
+    write_cache(teacher, stream, folder, rows=..., k=64, temperature=1.0, source={...}, heldout={lang: ids})
+    check_cache(folder, source)  -> the metadata, or CacheMismatchError naming every setting that differs
     CacheStream(folder).next_batch(n)  -> input_ids, labels, doc_ids, lang_ids, t_values, t_ids, t_tail
-    losses.cached_distill_loss(t_values, t_ids, t_tail, student_logits, labels, temperature)
+    losses.chunked_topk_divergence(t_values, t_ids, t_tail, student_logits, mask, temperature)
 
-Files: ``cache.json`` (k, temperature, vocab_size, rows, shard list, the tokenizer's vocab hash) and
+``aetheris distill`` uses it through ``kl.cache`` (``distill.run_kl``): a folder that does not exist yet is
+written first (the teacher runs once, then is dropped), an existing one is checked against the run config.
+
+Files: ``cache.json`` (k, temperature, dtype, vocab_size, rows, shard list, ``source``: what the cache was
+built from — teacher, tokenizer vocabulary hash, seq_len, data settings — checked on every use) and
 ``shard-00000.safetensors``, … each holding ``shard_rows`` rows: ``input_ids``/``labels``/``doc_ids``/
-``lang_ids`` (int64, (R, T)), ``t_values`` (float16, (R, T, k)), ``t_ids`` (int32, (R, T, k)), ``t_tail``
-(float32, (R, T)). At Tiny Aya scale with k = 64 one position costs 64·(2 + 4) + 4 = 388 bytes instead of
-1 MiB of fp32 logits. The KL against a cache is the documented top-k approximation (``losses.topk_kl``):
-a lower bound of the full KL, equal to it at k = V.
-
-Status: the cache writer, reader and loss are built and tested; ``aetheris distill`` does not use a cache yet
-(stage 2 runs the teacher online).
+``lang_ids`` (int64, (R, T)), ``t_values`` (``dtype``, default float16, (R, T, k)), ``t_ids`` (int32,
+(R, T, k)), ``t_tail`` (float32, (R, T)); optionally ``heldout.safetensors``: the held-out report rows
+(``input_ids``, ``lang_index``) with the same teacher fields, so stage 2 can report held-out KL without the
+teacher. At Tiny Aya scale with k = 64 one position costs 64·(2 + 4) + 4 = 388 bytes instead of 1 MiB of
+fp32 logits. The KL against a cache is the documented top-k approximation (``losses.topk_kl``): a lower
+bound of the full forward KL, equal to it at k = V (up to the storage dtype; float32 makes it exact).
+The folder is written under a temporary name and renamed into place, so a killed write leaves no cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +36,41 @@ from safetensors.torch import load_file, save_file
 
 from aetheris.losses import topk_teacher
 
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class CacheMismatchError(ValueError):
+    """A teacher cache built from other settings than the run that wants to use it."""
+
+
+def vocab_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's token -> id table: one number that says "same token ids"."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def _teacher_fields(teacher, ids: torch.Tensor, k: int, temperature: float, dtype: torch.dtype) -> dict:
+    device = next(teacher.parameters()).device
+    logits = teacher(input_ids=ids.to(device)).logits
+    values, t_ids, tail = topk_teacher(logits, k, temperature)
+    return {"t_values": values.to(dtype).cpu(), "t_ids": t_ids.int().cpu(), "t_tail": tail.float().cpu()}
+
 
 @torch.no_grad()
 def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, temperature: float = 1.0,
-                batch_size: int = 8, shard_rows: int = 1024, tokenizer_hash: str | None = None) -> Path:
-    """Draw ``rows`` rows from ``stream`` (``next_batch``) and store them with the teacher's top-k."""
+                batch_size: int = 8, shard_rows: int = 1024, dtype: str = "float16", source: dict | None = None,
+                heldout: dict[str, torch.Tensor] | None = None, tokenizer_hash: str | None = None, log=None) -> Path:
+    """Draw ``rows`` rows from ``stream`` (``next_batch``, in order) and store them with the teacher's top-k;
+    ``heldout`` ({lang: (n, T) ids}) is stored beside them; ``source`` records what the cache was built from."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"cache dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+    if rows < 1:
+        raise ValueError(f"a teacher cache needs rows >= 1 (got {rows})")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    device = next(teacher.parameters()).device
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    store = STORAGE_DTYPES[dtype]
+    vocab = teacher.config.vocab_size if hasattr(teacher, "config") else None
     shards, pending, done = [], [], 0
 
     def flush():
@@ -42,25 +78,79 @@ def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, 
             return
         blob = {key: torch.cat([p[key] for p in pending]) for key in pending[0]}
         name = f"shard-{len(shards):05d}.safetensors"
-        save_file(blob, str(folder / name))
+        save_file(blob, str(tmp / name))
         shards.append({"file": name, "rows": int(blob["input_ids"].shape[0])})
         pending.clear()
 
     while done < rows:
         n = min(batch_size, rows - done, shard_rows - sum(int(p["input_ids"].shape[0]) for p in pending))
         batch = {key: torch.as_tensor(v) for key, v in stream.next_batch(n).items()}
-        logits = teacher(input_ids=batch["input_ids"].to(device)).logits
-        values, ids, tail = topk_teacher(logits, k, temperature)
-        pending.append({**{key: v.contiguous() for key, v in batch.items()}, "t_values": values.half().cpu(),
-                        "t_ids": ids.int().cpu(), "t_tail": tail.float().cpu()})
+        fields = _teacher_fields(teacher, batch["input_ids"], k, temperature, store)
+        vocab = vocab or fields["t_values"].shape[-1]
+        pending.append({**{key: v.contiguous() for key, v in batch.items()}, **fields})
         done += n
+        if log is not None and (done == rows or done % max(1, rows // 10) < n):
+            log(f"teacher cache: {done}/{rows} rows")
         if sum(int(p["input_ids"].shape[0]) for p in pending) >= shard_rows:
             flush()
     flush()
-    meta = {"k": min(k, int(logits.shape[-1])), "temperature": temperature, "vocab_size": int(logits.shape[-1]),
-            "rows": rows, "shards": shards, "tokenizer_hash": tokenizer_hash}
-    (folder / "cache.json").write_text(json.dumps(meta, indent=1))
+    meta = {"k": int(min(k, vocab)), "temperature": temperature, "dtype": dtype, "vocab_size": int(vocab),
+            "rows": rows, "shards": shards, "tokenizer_hash": tokenizer_hash, "source": source or {}}
+    if heldout:
+        langs = sorted(heldout)
+        ids = torch.cat([heldout[lang] for lang in langs])
+        index = torch.cat([torch.full((len(heldout[lang]),), i, dtype=torch.long) for i, lang in enumerate(langs)])
+        parts = [_teacher_fields(teacher, ids[i:i + batch_size], k, temperature, store)
+                 for i in range(0, len(ids), batch_size)]
+        blob = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        save_file({"input_ids": ids.contiguous(), "lang_index": index, **blob}, str(tmp / "heldout.safetensors"))
+        meta["heldout_languages"] = langs
+    (tmp / "cache.json").write_text(json.dumps(meta, indent=1, default=str))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
     return folder
+
+
+def read_meta(folder: str | Path) -> dict:
+    meta_path = Path(folder) / "cache.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} is missing: {folder} is not a teacher cache (stage 2 writes one when "
+                                "kl.cache names a folder that does not exist yet)")
+    return json.loads(meta_path.read_text())
+
+
+def check_cache(folder: str | Path, expected: dict) -> dict:
+    """The cache's metadata if it was built from ``expected`` (keys: k, temperature, dtype and ``source``
+    fields); otherwise CacheMismatchError listing each differing setting, cache value vs run value."""
+    meta = read_meta(folder)
+    have = {**{key: meta.get(key) for key in ("k", "temperature", "dtype")}, **meta.get("source", {})}
+    diffs = [f"{key}: cache {have.get(key)!r} != run {value!r}" for key, value in expected.items()
+             if _normal(have.get(key)) != _normal(value)]
+    if diffs:
+        raise CacheMismatchError(f"the teacher cache {folder} was built from other settings than this run:\n  "
+                                 + "\n  ".join(diffs) + "\nPoint kl.cache at a new folder (it is then written from "
+                                 "this config), delete this one to rebuild it, or change the run config to match.")
+    return meta
+
+
+def _normal(value):
+    """JSON round trip, so tuples/lists and ints/floats written and read compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def load_heldout(folder: str | Path) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The cached held-out rows per language ({lang: {input_ids, t_values, t_ids, t_tail}}), or None."""
+    meta = read_meta(folder)
+    path = Path(folder) / "heldout.safetensors"
+    if not path.is_file():
+        return None
+    blob = load_file(str(path))
+    out = {}
+    for i, lang in enumerate(meta["heldout_languages"]):
+        sel = blob["lang_index"] == i
+        out[lang] = {key: v[sel] for key, v in blob.items() if key != "lang_index"}
+    return out
 
 
 class CacheStream:
@@ -68,11 +158,7 @@ class CacheStream:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        meta_path = self.folder / "cache.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path} is missing: {self.folder} is not a teacher cache (write one with "
-                                    "teacher_cache.write_cache)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.folder)
         self.position = 0
         self._shard_index, self._shard = -1, None
 
@@ -83,7 +169,7 @@ class CacheStream:
             if i < start + shard["rows"]:
                 if index != self._shard_index:
                     self._shard, self._shard_index = load_file(str(self.folder / shard["file"])), index
-                return {key: v[i - start].float().numpy() if v.dtype == torch.float16 else v[i - start].numpy()
+                return {key: (v[i - start].float() if v.dtype in (torch.float16, torch.bfloat16) else v[i - start]).numpy()
                         for key, v in self._shard.items()}
             start += shard["rows"]
         raise IndexError(i)

@@ -440,6 +440,7 @@ def train(
     frozen: dict[str, torch.nn.Module] | None = None,
     resume: str | Path | bool | None = None,
     hooks: Sequence[Callable[[dict], None]] = (),
+    stateful: dict[str, Any] | None = None,
     accelerator=None,
     forward_module: torch.nn.Module | None = None,
 ) -> TrainResult:
@@ -453,6 +454,8 @@ def train(
     (DDP-wraps) the module ``loss_fn`` calls, because DDP all-reduces gradients only through the forward
     of the module it wraps; ``model`` is still what is optimised, validated and checkpointed.
     ``accelerator``: one made by ``make_accelerator`` (e.g. with DDP options); default: one from ``cfg.train``.
+    ``stateful``: named objects with ``state_dict()`` -> JSON-able dict and ``load_state_dict()`` (a loss's own
+    state, e.g. stage 2's group-DRO weights), saved in every checkpoint's state.json and restored on resume.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -513,6 +516,11 @@ def train(
         step, tokens_seen = state["step"], state["tokens_seen"]
         val_history = state.get("val_history", [])
         data.stream.load_state_dict(state["data"])
+        for name, obj in (stateful or {}).items():
+            if name not in state.get("stateful", {}):
+                raise CheckpointError(f"checkpoint {start_ckpt} holds no state for {name!r}: it was written by a run "
+                                      "with other settings; resume with the same config, or start afresh")
+            obj.load_state_dict(state["stateful"][name])
         _restore_rng(blob["rng"], state)
         say(f"resumed from {start_ckpt} at step {step}")
     for module in (frozen or {}).values():
@@ -549,6 +557,7 @@ def train(
                 "step": step, "tokens_seen": tokens_seen, "data": data.stream.state_dict(),
                 "python_rng": random.getstate(), "numpy_rng": _numpy_state(),
                 "config": to_dict(cfg), "world_size": world, "val_history": val_history,
+                "stateful": {name: obj.state_dict() for name, obj in (stateful or {}).items()},
             }
             last_ckpt = save_checkpoint(ckpt_root, step, raw_model, tokenizer, optimizer, state, t.keep_last)
         accelerator.wait_for_everyone()

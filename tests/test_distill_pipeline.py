@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from aetheris.distill import check_same_vocabulary, family_balanced_probs, load_distill_config, make_kd_loss
+from aetheris.distill import (
+    FamilyDRO,
+    check_same_vocabulary,
+    family_balanced_probs,
+    load_distill_config,
+    make_kd_loss,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "fr", "sw", "hi", "zh", "ar"]
@@ -89,8 +95,7 @@ def test_group_dro_raises_the_weight_of_the_worst_family(tiny_cohere2_teacher):
     x = torch.randint(5, 700, (4, 24))
     labels = x.clone()
     batch = {"input_ids": x, "labels": labels, "lang_ids": torch.tensor([0, 0, 1, 1])[:, None].expand(4, 24)}
-    # make language 1 (family 1) the poorly fitted one: the teacher is sharp there, so the KL is larger
-    dro = {"q": torch.tensor([0.5, 0.5]), "step": 1.0}
+    dro = FamilyDRO(["fam0", "fam1"], step=1.0)
     loss_fn = make_kd_loss(tiny_cohere2_teacher, kind="forward", temperature=1.0, chunk=8, w_kl=1.0, w_ce=0.0,
                            lang_family=torch.tensor([0, 1]), dro=dro)
     loss, metrics = loss_fn(student, batch)
@@ -99,12 +104,22 @@ def test_group_dro_raises_the_weight_of_the_worst_family(tiny_cohere2_teacher):
     with torch.no_grad():
         per_pos, _ = chunked_divergence(tiny_cohere2_teacher(input_ids=x).logits, student(x).logits, valid_positions(labels))
         means, _ = per_group_mean(per_pos, valid_positions(labels), batch["lang_ids"], 2)
+        aux = student(x, labels=labels).aux_loss
+    # this step's loss weights the families by the current (uniform) q ...
+    torch.testing.assert_close(loss.detach(), aux + 0.5 * means.sum(), rtol=1e-5, atol=1e-6)
+    # ... and the step's per-family statistics then move q towards the worst family: q ∝ q·exp(step·KL_f)
+    dro.update({k: v.tolist() for k, v in metrics.items()})
     worst = int(means.argmax())
-    q = metrics["dro_weights"]
-    assert float(q.sum()) == pytest.approx(1.0) and q[worst] > 0.5 > q[1 - worst]
-    expected = torch.softmax(torch.log(torch.tensor([0.5, 0.5])) + means, 0)
-    torch.testing.assert_close(q, expected, rtol=1e-4, atol=1e-5)
+    assert float(dro.q.sum()) == pytest.approx(1.0) and dro.q[worst] > 0.5 > dro.q[1 - worst]
+    torch.testing.assert_close(dro.q, torch.softmax(means, 0), rtol=1e-4, atol=1e-5)
     assert torch.isfinite(loss) and any(p.grad is not None for p in student.parameters())
+    # absent families keep their weight; the state round-trips through a checkpoint's JSON
+    before = dro.q.clone()
+    dro.update({"family_kl_sum": [0.0, 3.0], "family_tokens": [0.0, 2.0]})
+    assert dro.q[0] / dro.q[1] == pytest.approx(float(before[0] / (before[1] * np.exp(1.5))), rel=1e-5)
+    again = FamilyDRO(["fam0", "fam1"], step=1.0)
+    again.load_state_dict(json.loads(json.dumps(dro.state_dict())))
+    assert torch.equal(again.q, dro.q)
 
 
 def test_family_balanced_sampling():

@@ -103,3 +103,85 @@ def test_xsid_validation_split_becomes_tool_call_records():
 def test_stream_refuses_an_empty_dataset():
     with pytest.raises(ValueError, match="no SFT conversations"):
         SFTStream({}, 16)
+
+
+def test_xsid_records_use_the_toolcall_task_mapping_on_the_requested_split():
+    from aetheris.tasks import toolcall
+
+    records = xsid_conversations("validation", ["da"])
+    valid, test = toolcall.xsid_examples("da", "validation"), toolcall.xsid_examples("da", "test")
+    assert [(r["user"], r["expected"]) for r in records] == [(e["user"], e["expected"]) for e in valid]
+    assert len({e["user"] for e in valid} & {e["user"] for e in test}) < len(valid) // 10  # another split
+    with pytest.raises(ValueError, match="choose test or validation"):
+        toolcall.xsid_examples("da", "train")
+
+
+SHAREGPT = [  # ShareGPT-style tool-calling rows, tools as JSON text (as xLAM / Hermes sets store them)
+    {"id": "g1", "language": "swh", "tools": json.dumps([TOOLS[0]]), "conversations": [
+        {"from": "human", "value": "Hali ya hewa Nairobi kesho?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Nairobi"}}'},
+        {"from": "observation", "value": "22 C"},
+        {"from": "gpt", "value": "Nyuzi 22."}]},
+    {"id": "g2", "language": "fra", "tools": "", "conversations": [
+        {"from": "system", "value": "Sois bref."}, {"from": "human", "value": "Bonjour"}, {"from": "gpt", "value": "Salut !"}]},
+    {"id": "g3", "language": "eng", "tools": "", "conversations": [
+        {"from": "wizard", "value": "?"}, {"from": "gpt", "value": "x"}]},                   # unknown speaker
+    {"id": "g4", "language": "eng", "tools": "[{broken", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},                # tools not JSON
+]
+
+
+def test_hub_source_reads_a_saved_dataset_and_maps_sharegpt_and_tool_calls(tmp_path, tiny_tokenizer):
+    import datasets
+
+    from aetheris.sft import hub_conversations
+
+    datasets.Dataset.from_list(SHAREGPT).save_to_disk(str(tmp_path / "sharegpt"))
+    log = MalformedLog()
+    records = load_conversations({"type": "hub", "path": str(tmp_path / "sharegpt")}, log)
+    assert [r["id"] for r in records] == [f"{tmp_path / 'sharegpt'}#g1", f"{tmp_path / 'sharegpt'}#g2"]
+    sw, fr = records
+    assert sw["lang"] == "sw" and fr["lang"] == "fr" and sw["tools"] == [TOOLS[0]] and "tools" not in fr
+    assert [m["role"] for m in sw["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert sw["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Nairobi"}}
+    assert [m["role"] for m in fr["messages"]] == ["system", "user", "assistant"]
+    assert log.total == 2 and "g3" in log.summary() and "unknown role 'wizard'" in log.summary()
+    assert "g4" in log.summary() and "not valid JSON" in log.summary()
+    # a mapped record trains like a JSONL one: the call is an assistant (trained) span
+    ids, labels = encode_conversation(sw["messages"], sw["tools"], tiny_tokenizer)
+    kept = tiny_tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100], skip_special_tokens=False)
+    assert '"tool_name": "get_weather"' in kept and "Nyuzi 22." in kept and "Hali ya hewa" not in kept
+    assert len(hub_conversations({"type": "hub", "path": str(tmp_path / "sharegpt"), "limit": 1}, MalformedLog())) == 1
+
+
+def test_hub_source_reads_local_json_messages_xlam_and_instruction_columns(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Weather in Lagos?"},
+                          {"role": "assistant", "content": None, "tool_calls": [
+                              {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lagos"}'}}]}],
+             "tools": [TOOLS[0]], "lang": "en"}]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    xlam = [{"id": 7, "query": "Temps à Paris ?", "tools": json.dumps([TOOLS[0]]),
+             "answers": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}])}]
+    (tmp_path / "xlam.json").write_text(json.dumps(xlam))
+    aya = [{"inputs": "Habari?", "targets": "Nzuri.", "language_code": "swh"}]
+    (tmp_path / "aya.jsonl").write_text(json.dumps(aya[0]))
+    log = MalformedLog()
+    chat = load_conversations({"type": "hub", "path": str(tmp_path / "chat.jsonl")}, log)
+    call = chat[0]["messages"][1]["tool_calls"][0]
+    assert call["id"] == "0" and call["function"]["name"] == "get_weather" and chat[0]["lang"] == "en"
+    fn = load_conversations({"type": "hub", "path": str(tmp_path / "xlam.json"), "lang": "fr"}, log)
+    assert fn[0]["id"].endswith("#7") and fn[0]["tools"] == [TOOLS[0]]
+    assert fn[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    inst = load_conversations({"type": "hub", "path": str(tmp_path / "aya.jsonl")}, log)
+    assert inst[0]["lang"] == "sw" and inst[0]["messages"] == [{"role": "user", "content": "Habari?"},
+                                                               {"role": "assistant", "content": "Nzuri."}]
+    assert log.total == 0
+
+
+def test_hub_source_offline_says_how_to_pass_a_local_copy(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="path: FOLDER"):
+        load_conversations({"type": "hub", "name": "nobody/no-such-sft-set"}, MalformedLog())
+    with pytest.raises(ValueError, match="unknown key"):
+        load_conversations({"type": "hub", "path": "x", "colums": "y"}, MalformedLog())

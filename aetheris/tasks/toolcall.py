@@ -180,8 +180,20 @@ def parse_conll(path: Path) -> list[dict]:
     return examples
 
 
-def xsid_examples(lang: str) -> list[dict]:
-    path = data_files(lang, {})[0]
+# xSID ships two splits per language: ``valid`` (300 utterances; train on it, e.g. stage-3 SFT) and ``test``
+# (evaluation). The split names accepted here -> the file stem.
+XSID_SPLITS = {"test": "test", "validation": "valid", "valid": "valid"}
+
+
+def xsid_examples(lang: str, split: str = "test") -> list[dict]:
+    """One xSID split of one language as tool-call examples: intent -> function, slots -> arguments (a slot
+    that occurs twice is joined with a space). Utterances whose intent has no function are skipped."""
+    if lang not in XSID_FILES:
+        raise ValueError(f"xSID has no language {lang!r}; choose from {', '.join(XSID_FILES)}")
+    if split not in XSID_SPLITS:
+        raise ValueError(f"xSID split {split!r}: choose test or validation")
+    stem = XSID_SPLITS[split]
+    path = data_path("toolcall", "xsid-0.7", f"{XSID_FILES[lang]}.{stem}.conll", what=f"xSID {lang} {split} set")
     tools = xsid_tools()
     out = []
     for ex in parse_conll(path):
