@@ -246,6 +246,22 @@ def _f(x, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
+TOOL_RATES = ("parsed_rate", "schema_valid_rate", "name_acc", "exact_acc")
+
+
+def toolcall_rates(run: Run) -> dict[str, dict[str, float]]:
+    """Parse / schema / name / exact rates of teacher and student on the generated set (the report's main
+    tool-calling score is the stricter BFCL AST match; at nano scale these show where each model stands)."""
+    out = {}
+    for role in ("teacher", "student"):
+        path = run.eval / role / "results.json"
+        entry = json.loads(path.read_text(encoding="utf-8"))["tasks"].get("toolcall_gen") if path.exists() else None
+        if entry:
+            langs = list(entry["languages"].values())
+            out[role] = {k: sum(v["extra"].get(k, 0.0) for v in langs) / len(langs) for k in TOOL_RATES}
+    return out
+
+
 def summary(run: Run) -> str:
     """The per-family table of the 70-language task (bits per byte), the DES of every task, what to run next."""
     report = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
@@ -268,6 +284,11 @@ def summary(run: Run) -> str:
         ci_s = f"[{_f(ci[0], 5)}, {_f(ci[1], 5)}]" if ci else "-"
         lines.append(f"  {name:<16} {t['metric']:<18} {_f(t['mean_drop']):>9} {_f(t['des'], 5):>10} {ci_s:>22}  "
                      f"{t['worst_family']}")
+    tool = toolcall_rates(run)
+    if tool:
+        lines += ["", "Tool calling, generated set (held-out templates, 70 languages), mean over languages:", "",
+                  f"  {'':<8} " + " ".join(f"{k.split('_')[0]:>8}" for k in TOOL_RATES)]
+        lines += [f"  {role:<8} " + " ".join(f"{tool[role][k]:>8.3f}" for k in TOOL_RATES) for role in tool]
     if report.get("kl"):
         kl = report["kl"]
         lines.append(f"\n  KL(teacher || student), nats/token: mean {sum(kl.values()) / len(kl):.3f} over {len(kl)} languages "
@@ -325,6 +346,12 @@ def write_docs(run: Run, folder: Path, config: str) -> Path:
                 reports["sft"]["kl_before"]["mean"], reports["sft"]["kl_after"]["mean"], reports["sft"]["replay_every"])
             if "kl_after" in reports["sft"] else ""),
     ]
+    tool = toolcall_rates(run)
+    if tool:
+        text += ["", "Tool calling on the generated set (held-out templates, 70 languages), mean over languages — the "
+                 "report below scores the stricter BFCL AST match:", "",
+                 "| model | " + " | ".join(TOOL_RATES) + " |", "|---|" + "---|" * len(TOOL_RATES)]
+        text += [f"| {role} | " + " | ".join(f"{tool[role][k]:.3f}" for k in TOOL_RATES) + " |" for role in tool]
     if timing:
         text += ["", "Wall time per step (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()) + "."]
     text += ["", "![drops by language](results/drops_by_language.png)", "",
