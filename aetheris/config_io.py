@@ -142,21 +142,25 @@ def _dataclass_of(tp):
     return None
 
 
-def build(cls, data: dict | None, where: str = ""):
-    """Construct dataclass ``cls`` from a dict, recursing into dataclass-typed fields."""
+def build(cls, data: dict | None, where: str = "", base=None):
+    """Construct dataclass ``cls`` from a dict, recursing into dataclass-typed fields.
+
+    ``base``: an instance whose values stand in for keys the dict leaves out. A section whose field default
+    differs from its class's own defaults (``kl.train`` defaults to ``lr=5e-5``, not ``TrainConfig``'s 3e-4)
+    is built on top of that default, so setting one key of it keeps the section's other defaults."""
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}: {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {name: getattr(base, name) for name in fields} if base is not None else {}
     for key, value in data.items():
         if key not in fields:
             valid = [f"{where}{k}" for k in schema_keys(cls)]
             raise ConfigError(f"unknown config key {where + key!r}{_nearest(where + key, valid)}")
         sub = _dataclass_of(hints.get(key))
         if sub is not None and (value is not None or hints.get(key) is sub):
-            value = build(sub, value, f"{where}{key}.")
+            value = build(sub, value, f"{where}{key}.", _section_default(fields[key], sub, base))
         elif _dict_keys(fields[key]) is not None and value is not None:
             value = _build_typed_dict(_dict_keys(fields[key]), value, f"{where}{key}.")
         else:
@@ -166,6 +170,17 @@ def build(cls, data: dict | None, where: str = ""):
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _section_default(f: dataclasses.Field, sub, base):
+    """The default a dataclass-typed field starts from, when it is not simply ``sub()``."""
+    if base is not None:
+        default = getattr(base, f.name)
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return None
+    return default if isinstance(default, sub) and default != sub() else None
 
 
 def _build_typed_dict(keys_cls, data, where: str) -> dict:

@@ -142,3 +142,16 @@ def test_a_free_form_dict_field_takes_any_key_one_level_deep():
         apply_overrides({}, ["section.extra.b.c=1"], Top)
     with pytest.raises(ConfigError, match="did you mean 'section.n'"):
         apply_overrides({}, ["section.nn=1"], Top)
+
+
+def test_a_section_with_its_own_defaults_keeps_them_when_one_key_is_set(tmp_path):
+    from aetheris.distill import load_distill_config
+
+    cfg = load_distill_config(None, ["kl.train.max_steps=5", "sft.train.log_every=3"])
+    assert cfg.kl.train.max_steps == 5 and cfg.kl.train.lr == 5e-5  # KLConfig's default section, not TrainConfig()
+    assert cfg.sft.train.log_every == 3 and cfg.sft.train.lr == 2e-5
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("kl:\n  train:\n    warmup_steps: 7\n")
+    cfg = load_distill_config(partial)
+    assert cfg.kl.train.warmup_steps == 7 and cfg.kl.train.lr == 5e-5
+    assert cfg.train.lr == 1e-3  # DistillConfig's stage-1 default section too
