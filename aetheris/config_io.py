@@ -174,12 +174,7 @@ def build(cls, data: dict | None, where: str = "", base=None):
 
 def _section_default(f: dataclasses.Field, sub, base):
     """The default a dataclass-typed field starts from, when it is not simply ``sub()``."""
-    if base is not None:
-        default = getattr(base, f.name)
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        return None
+    default = getattr(base, f.name) if base is not None else _field_default(f)
     return default if isinstance(default, sub) and default != sub() else None
 
 

@@ -127,8 +127,9 @@ class Run:
         key = hashlib.sha256(json.dumps([self._upstream, step, self.settings(step)], sort_keys=True).encode()).hexdigest()
         self._upstream = key
         folder, marker = self.folder(step), self.folder(step) / MARKER
-        if not self.redo and marker.exists() and json.loads(marker.read_text()).get("key") == key:
-            self.seconds[step] = json.loads(marker.read_text()).get("seconds", 0.0)
+        done = json.loads(marker.read_text()) if marker.exists() else {}
+        if not self.redo and done.get("key") == key:
+            self.seconds[step] = done.get("seconds", 0.0)
             self.log(f"\n[{step}] done before with the same settings: reusing {folder} (FORCE=1 redoes it)")
             return
         self.redo = True  # every later step depends on this one

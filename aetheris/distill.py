@@ -765,17 +765,17 @@ def prepare_cache(cfg: DistillConfig, teacher, data, tokenizer, teacher_config, 
     from accelerate import PartialState
 
     from aetheris.teacher_cache import CacheMismatchError, check_cache, load_heldout, write_cache
+    from aetheris.train import multi_process_cpu, rows_per_run
 
     kc = cfg.kl
     folder = Path(kc.cache)
     source = cache_source(cfg, teacher_config, tokenizer)
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=multi_cpu)  # the process group train() will reuse
+    state = PartialState(cpu=multi_process_cpu())  # the process group train() will reuse
     with state.main_process_first():
         if state.is_main_process and not (folder / "cache.json").is_file():
             if teacher is None:
                 teacher = load_teacher_model(cfg)
-            n = kc.cache_rows or kc.train.max_steps * kc.train.micro_batch_size * kc.train.grad_accum * state.num_processes
+            n = kc.cache_rows or rows_per_run(kc.train, state.num_processes)
             log(f"stage 2: writing the teacher cache {folder} ({n} rows of {cfg.data.seq_len} tokens, top-{kc.cache_k}, "
                 f"{kc.cache_dtype}); later runs with this config reuse it without the teacher")
             device = _device()[0]
@@ -804,7 +804,7 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
     from aetheris.teacher import load_teacher_config
     from aetheris.teacher_cache import CacheStream, load_heldout
     from aetheris.tokenizer import load_tokenizer
-    from aetheris.train import TrainData, build_data, train
+    from aetheris.train import TrainData, build_data, rows_per_run, train
 
     kc = cfg.kl
     out_dir = Path(kc.train.out_dir)
@@ -833,8 +833,7 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
     if kc.cache:  # the training rows come from the cache, in the order the stream drew them when it was written
         meta = prepare_cache(cfg, teacher, data, tokenizer, teacher_config, rows, log)
         data = TrainData(CacheStream(kc.cache), data.val, data.malformed)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        needed = kc.train.max_steps * kc.train.micro_batch_size * kc.train.grad_accum * world
+        needed = rows_per_run(kc.train, int(os.environ.get("WORLD_SIZE", "1")))
         log(f"stage 2: training from the teacher cache {kc.cache} (top-{meta['k']}, {meta['rows']} rows; this run "
             f"consumes {needed}" + (f", so it cycles over the cache {needed / meta['rows']:.1f} times)" if needed > meta["rows"] else ")"))
         heldout = load_heldout(kc.cache)
@@ -924,7 +923,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     kl_rows = None
     if sc.replay_every:  # stage 2's data: replayed during training, and its held-out rows measure forgetting
         from aetheris.train import build_data
-        lm_data, _ = build_data(dataclasses.replace(run_cfg, train=sc.train), lambda _docs: tokenizer, log)
+        lm_data, _ = build_data(run_cfg, lambda _docs: tokenizer, log)
         data = dataclasses.replace(data, stream=ReplayMix(data.stream, lm_data.stream, sc.replay_every))
         kl_rows = report_rows(lm_data.val, cfg.kl.report_rows_per_language)
     pad_id = None if cfg.data.pack else tokenizer.pad_token_id

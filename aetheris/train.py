@@ -413,6 +413,17 @@ def _build_streaming_data(cfg: RunConfig, tokenizer_for, malformed: MalformedLog
     return TrainData(stream, val, malformed), tokenizer
 
 
+def multi_process_cpu() -> bool:
+    """Launched with several processes and no GPU: Accelerate only sets up gloo when told ``cpu=True``
+    (on GPUs it picks nccl itself)."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rows_per_run(t: TrainConfig, processes: int) -> int:
+    """Training rows a run of ``t`` consumes over all its steps and processes."""
+    return t.max_steps * t.micro_batch_size * t.grad_accum * processes
+
+
 def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
     """The run's Accelerator: mixed precision and tracker from ``t``; ``ddp_options`` (e.g.
     ``find_unused_parameters=True``) go to DistributedDataParallel when the run has several processes."""
@@ -423,10 +434,8 @@ def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     tracker = None if t.tracker in (None, "", "none") else t.tracker
-    # Accelerate only sets up multi-process CPU (gloo) when told cpu=True; on GPUs it picks nccl itself.
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [DistributedDataParallelKwargs(**ddp_options)] if ddp_options else None
-    return Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(Path(t.out_dir)), cpu=multi_cpu,
+    return Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(Path(t.out_dir)), cpu=multi_process_cpu(),
                        kwargs_handlers=handlers)
 
 
