@@ -74,14 +74,12 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     # Chunk-major keeps each chunk's states contiguous for the recurrence across chunks (step 4).
     xT = x.reshape(b, c, L, G, P).permute(1, 0, 3, 4, 2).reshape(M, P, L).contiguous()  # (M, P, L), x transposed
     Bg = B.reshape(b, c, L, G, N).permute(1, 0, 3, 2, 4).reshape(M, L, N).contiguous()  # (M, L, N)
-    Cg = C.reshape(b, c, L, G, R, N).permute(1, 0, 3, 4, 2, 5).reshape(M, R, L, N).contiguous()
     dtg = dt.reshape(b, c, L, G, R).permute(1, 0, 3, 4, 2).reshape(M, R, L).contiguous()  # (M, R, L)
     A_cum = (dtg.view(c, b, G, R, L) * A.view(G, R, 1)).cumsum(-1).view(M, R, L)  # log-decay from chunk start
 
-    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()   # (l, s): s <= l
     if seg is not None:  # masks broadcast over (group, head): shapes (c, b, 1, 1, ...)
         segc = seg.view(b, c, L).transpose(0, 1)                          # (c, b, L)
-        keep_diag = (causal & (segc[..., :, None] == segc[..., None, :]))[:, :, None, None]
+        same_doc = (segc[..., :, None] == segc[..., None, :])[:, :, None, None].to(f)  # (l, s) in one document
         # Inputs at s reach the chunk's final state only if s is in the chunk's last segment.
         keep_state = (segc == segc[..., -1:])[:, :, None, None].to(f)
         # Segment of the step just before each chunk (an initial state belongs to segment seg[:, 0]).
@@ -89,11 +87,12 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
         keep_carry = (segc == prev_last)[:, :, None, None].to(f)          # carried state visible at l
         keep_chunk = keep_carry[..., -1]                                  # (c, b, 1, 1): no document starts in chunk
     else:
-        keep_diag, keep_state, keep_carry, keep_chunk = causal, None, None, None
+        same_doc, keep_state, keep_carry, keep_chunk = None, None, None, None
 
     S0 = initial_state.to(f) if initial_state is not None else None
-    y, S = _ChunkScan.apply(xT, Bg, Cg, dtg, A_cum, S0, keep_diag, keep_state, keep_carry, keep_chunk, (c, b, G))
-    y = y.view(c, b, G, R, L, P).permute(1, 0, 4, 2, 3, 5).reshape(b, c * L, H, P)[:, :T]  # head = g*R + r
+    C6 = C.reshape(b, c, L, G, R, N)                                       # (B, c, L, G, R, N); blocks copy their chunks
+    y, S = _ChunkScan.apply(xT, Bg, C6, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk)
+    y = y.view(b, c * L, H, P)[:, :T]                                       # head = g*R + r
     return y.to(dtype), S.to(dtype)
 
 
@@ -104,32 +103,32 @@ def _rowdot(u: Tensor, v: Tensor) -> Tensor:
 
 
 # Chunks go through steps 2-5 in blocks whose (rows, R, L, L) products take about this many bytes,
-# so each block's intermediates are still in cache when the next op reads them (forward+backward
-# 1.2x faster at T = 4096 than whole-sequence ops, which stream every intermediate through DRAM).
+# so each block's intermediates are still in cache when the next op reads them.
 _BLOCK_BYTES = 1 << 20
 
 
 class _ChunkScan(torch.autograd.Function):
     """Steps 2-5 of the chunked scan on chunk-major inputs, with a hand-written backward.
 
-    Autograd through the same ops keeps every intermediate of the (L x L) decay products and
-    backpropagates each elementwise op with its own full-size pass. Here backward reuses three saved
-    products (W, E*dt and C.B*E), derives the decay gradients from one of them, and accumulates into
-    the GEMM outputs in place; forward and backward walk the chunks in cache-sized blocks, backward in
-    reverse (the state gradient flows from the last chunk to the first). Together 1.3-1.5x faster
-    forward+backward than autograd at T = 4096 (docs/BENCHMARKS.md). Tested against the sequential
-    loop and by gradcheck.
+    Forward and backward walk the chunks in cache-sized blocks (backward in reverse: the state
+    gradient flows from the last chunk to the first). Nothing of size (L x L) is kept between them:
+    backward recomputes a block's products from its inputs while they are in cache, as
+    FlashAttention does, so the scan keeps only its inputs, the chunk states and per-step decays
+    (autograd through the same ops kept four (L x L) products and re-read each from memory). The
+    decay gradients come from one product, dW * C.B * E, and the GEMM gradients accumulate in place.
+    Tested against the sequential loop and by gradcheck; speed in docs/BENCHMARKS.md.
 
-    Inputs: xT (M, P, L), Bg (M, L, N), Cg (M, R, L, N), dtg (M, R, L), A_cum (M, R, L), S0 (B, H, P, N)
-    or None; masks from ``ssd_chunked``; M = c * B * G rows in (chunk, batch, group) order, so a range
-    of chunks is a contiguous range of rows. Returns y (M, R*L, P) and the final state (B, H, P, N).
+    Inputs: xT (M, P, L), Bg (M, L, N), dtg (M, R, L), A_cum (M, R, L) with M = c * B * G rows in
+    (chunk, batch, group) order, so a range of chunks is a range of rows; C (B, c, L, G, R, N) in the
+    caller's layout: each block copies its own chunks of C into row order and writes its y back into
+    (B, c, L, G, R, P), in cache, instead of whole-sequence transposing copies of C and y (and of their
+    gradients). S0 (B, H, P, N) or None; masks from ``ssd_chunked``. Returns y and the final state.
     """
 
     @staticmethod
-    def forward(ctx, xT, Bg, Cg, dtg, A_cum, S0, keep_diag, keep_state, keep_carry, keep_chunk, shape):
-        c, b, G = shape
-        M, P, L = xT.shape
-        R, N = Cg.shape[1], Bg.shape[-1]
+    def forward(ctx, xT, Bg, C, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk):
+        b, c, L, G, R, N = C.shape
+        M, P, _ = xT.shape
         bH = b * G * R
         # Per-step decay weights (small): into the chunk's final state, across chunks, from the carried state.
         e_state = torch.exp(A_cum[..., -1:] - A_cum)                      # (M, R, L)
@@ -142,11 +141,8 @@ class _ChunkScan(torch.autograd.Function):
         w_off = torch.exp(A_cum)                                          # (M, R, L)
         if keep_carry is not None:
             w_off.view(c, b, G, R, L).mul_(keep_carry)
-        drop = ~keep_diag
 
-        W, Edt, CBE = (xT.new_empty(M, R, L, L) for _ in range(3))       # kept for backward
-        xw, Cw = xT.new_empty(M, R, P, L), xT.new_empty(M, R, L, N)
-        y = xT.new_empty(M, R * L, P)
+        y = xT.new_empty(b, c, L, G, R, P)
         S = xT.new_empty(c + 1, bH, P, N)                                 # S[k] enters chunk k
         if S0 is None:
             S[0].zero_()
@@ -154,53 +150,47 @@ class _ChunkScan(torch.autograd.Function):
             S[0] = S0.reshape(bH, P, N)
         for k0, k1, rows in _blocks(c, b * G, R * L * L * xT.element_size()):
             m = rows.stop - rows.start
-            dt_s = dtg[rows, :, None, :]
-            # 2. Inside each chunk: y_l = sum_{s<=l} W[l, s] x_s, W = (C_l . B_s) * exp(A_cum_l - A_cum_s) * dt_s.
-            CB, E = CBE[rows], Edt[rows]
-            torch.bmm(Cg[rows].view(m, R * L, N), Bg[rows].transpose(1, 2), out=CB.view(m, R * L, L))
-            torch.sub(A_cum[rows, :, :, None], A_cum[rows, :, None, :], out=E).exp_()
-            E.view(k1 - k0, b, G, R, L, L).masked_fill_(drop if drop.dim() == 2 else drop[k0:k1], 0.0)
-            CB.mul_(E)                                                    # C.B * E: d/d dt_s
-            E.mul_(dt_s)                                                  # E * dt: d/d (C.B)
-            torch.mul(CB, dt_s, out=W[rows])
-            torch.bmm(W[rows].view(m, R * L, L), xT[rows].transpose(1, 2), out=y[rows])
+            C_b = _rows_of(C, k0, k1)                                     # (m, R, L, N)
+            # 2. Inside each chunk: y_l = sum_{s<=l} W[l, s] x_s.
+            W, _, _ = _decay_products(C_b, Bg[rows], A_cum[rows], dtg[rows], _chunks_of(same_doc, k0, k1), b, G)
+            y_b = torch.bmm(W.view(m, R * L, L), xT[rows].transpose(1, 2))  # (m, R*L, P)
             # 3. Each chunk's own contribution to the state at its end: (R*P, L) @ (L, N) per group.
-            torch.mul(xT[rows, None], w_state[rows, :, None, :], out=xw[rows])
-            states = torch.bmm(xw[rows].view(m, R * P, L), Bg[rows]).view(k1 - k0, bH, P, N)
+            xw = xT[rows, None] * w_state[rows, :, None, :]               # (m, R, P, L)
+            states = torch.bmm(xw.view(m, R * P, L), Bg[rows]).view(k1 - k0, bH, P, N)
             # 4. Across chunks: S[k+1] = a_k S[k] + states_k.
             for k in range(k0, k1):
                 torch.addcmul(states[k - k0], a[k, :, None, None], S[k], out=S[k + 1])
             # 5. Carried-in state to outputs: y_l += exp(A_cum_l) * (C_l . S[k]), per head.
-            torch.mul(Cg[rows], w_off[rows, ..., None], out=Cw[rows])
-            y[rows].view(m * R, L, P).baddbmm_(Cw[rows].view(m * R, L, N), S[k0:k1].view(m * R, P, N).transpose(1, 2))
+            Cw = C_b.mul_(w_off[rows, ..., None])                         # (m, R, L, N)
+            y_b.view(m * R, L, P).baddbmm_(Cw.view(m * R, L, N), S[k0:k1].view(m * R, P, N).transpose(1, 2))
+            y[:, k0:k1] = y_b.view(k1 - k0, b, G, R, L, P).permute(1, 0, 4, 2, 3, 5)
 
-        ctx.shape = shape
         ctx.has_S0 = S0 is not None
-        ctx.save_for_backward(xT, Bg, Cg, dtg, W, Edt, CBE, e_state, w_state, xw, a, S, Cw, w_off)
+        ctx.save_for_backward(xT, Bg, C, dtg, A_cum, e_state, w_state, a, S, w_off, same_doc)
         return y, S[c].view(b, G * R, P, N).clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dS):
-        xT, Bg, Cg, dtg, W, Edt, CBE, e_state, w_state, xw, a, S, Cw, w_off = ctx.saved_tensors
-        c, b, G = ctx.shape
-        M, P, L = xT.shape
-        R, N = Cg.shape[1], Bg.shape[-1]
+        xT, Bg, C, dtg, A_cum, e_state, w_state, a, S, w_off, same_doc = ctx.saved_tensors
+        b, c, L, G, R, N = C.shape
+        M, P, _ = xT.shape
         bH = b * G * R
-        dy = dy.contiguous().view(M, R * L, P)
-        dxT, dBg, dCg = torch.empty_like(xT), torch.empty_like(Bg), torch.empty_like(Cg)
+        dxT, dBg, dC = torch.empty_like(xT), torch.empty_like(Bg), torch.empty_like(C)
         d_dt, dA_cum = torch.empty_like(dtg), torch.empty_like(dtg)
         dA_last = a.new_empty(c, bH)
         Gk = S.new_empty(c + 1, bH, P, N)                                 # gradient of S[k]
         Gk[c] = dS.reshape(bH, P, N)
         for k0, k1, rows in reversed(list(_blocks(c, b * G, R * L * L * xT.element_size()))):
             m = rows.stop - rows.start
-            dy_b, dt_b = dy[rows], dtg[rows]
+            dt_b, x_b, B_b = dtg[rows], xT[rows], Bg[rows]
+            dy_b, C_b = _rows_of(dy, k0, k1).view(m, R * L, P), _rows_of(C, k0, k1)
             # 5. y += Cw @ S_in^T.
-            dCw = torch.bmm(dy_b.view(m * R, L, P), S[k0:k1].view(m * R, P, N), out=dCg[rows].view(m * R, L, N))
-            dS_in = torch.bmm(dy_b.view(m * R, L, P).transpose(1, 2), Cw[rows].view(m * R, L, N)).view(k1 - k0, bH, P, N)
+            Cw = C_b * w_off[rows, ..., None]
+            dC_b = dCw = torch.bmm(dy_b.view(m * R, L, P), S[k0:k1].view(m * R, P, N))  # (m*R, L, N)
+            dS_in = torch.bmm(dy_b.view(m * R, L, P).transpose(1, 2), Cw.view(m * R, L, N)).view(k1 - k0, bH, P, N)
             dA = dA_cum[rows]
-            dA.copy_(_rowdot(dCw, Cw[rows]).view(m, R, L))                # exp(A_cum) in w_off
+            torch.bmm(dCw.view(m * R * L, 1, N), Cw.view(m * R * L, N, 1), out=dA.view(m * R * L, 1, 1))  # exp(A_cum) in w_off
             dCw.mul_(w_off[rows].view(m * R, L, 1))
             # 4. Reverse recurrence: Gk[k] = dS_in[k] + a_k Gk[k+1]; Gk[k+1] is the gradient of chunk k's states.
             for k in range(k1 - 1, k0 - 1, -1):
@@ -209,29 +199,67 @@ class _ChunkScan(torch.autograd.Function):
                               S[k0:k1].reshape((k1 - k0) * bH, P * N)).view(k1 - k0, bH), a[k0:k1], out=dA_last[k0:k1])
             # 3. states = (x * w_state) @ B.
             dstates = Gk[k0 + 1:k1 + 1].view(m, R * P, N)
-            dxw = torch.bmm(dstates, Bg[rows].transpose(1, 2)).view(m, R, P, L)
-            torch.bmm(xw[rows].view(m, R * P, L).transpose(1, 2), dstates, out=dBg[rows])
+            xw = x_b[:, None] * w_state[rows, :, None, :]                 # (m, R, P, L)
+            dxw = torch.bmm(dstates, B_b.transpose(1, 2)).view(m, R, P, L)
+            torch.bmm(xw.view(m, R * P, L).transpose(1, 2), dstates, out=dBg[rows])
             torch.sum(dxw * w_state[rows, :, None, :], dim=1, out=dxT[rows])
-            dw_state = dxw.mul_(xT[rows, None]).sum(2)                    # (m, R, L)
+            dw_state = dxw.mul_(x_b[:, None]).sum(2)                      # (m, R, L)
             torch.mul(dw_state, e_state[rows], out=d_dt[rows])
             g_log = dw_state.mul_(w_state[rows])                          # d/d log w_state
             dA.sub_(g_log)
             dA_last[k0:k1] += g_log.sum(-1).view(k1 - k0, bH)
-            # 2. y = W @ x, W = (C.B) * E * dt.
-            dW = torch.bmm(dy_b, xT[rows])                                # (m, R*L, L)
-            dxT[rows].baddbmm_(dy_b.transpose(1, 2), W[rows].view(m, R * L, L))
-            dCB = dW * Edt[rows].view(m, R * L, L)
-            prod = dW.mul_(CBE[rows].view(m, R * L, L)).view(m, R, L, L)  # dW * C.B * E
+            # 2. y = W @ x, W = (C.B) * E * dt, recomputed.
+            W, Edt, CBE = _decay_products(C_b, B_b, A_cum[rows], dt_b, _chunks_of(same_doc, k0, k1), b, G,
+                                           for_backward=True)
+            dW = torch.bmm(dy_b, x_b)                                     # (m, R*L, L)
+            dxT[rows].baddbmm_(dy_b.transpose(1, 2), W.view(m, R * L, L))
+            dCB = Edt.mul_(dW.view(m, R, L, L)).view(m, R * L, L)
+            prod = dW.mul_(CBE.view(m, R * L, L)).view(m, R, L, L)        # dW * C.B * E
             cols = prod.sum(-2)                                           # (m, R, L): sum over l
             d_dt[rows] += cols
             dA.view(m * R, L, 1).baddbmm_(prod.view(m * R, L, L), dt_b.reshape(m * R, L, 1))  # row sums of dW * W
             dA.sub_(cols * dt_b)                                          # column sums of dW * W
-            dCg[rows].view(m, R * L, N).baddbmm_(dCB, Bg[rows])
-            dBg[rows].baddbmm_(dCB.transpose(1, 2), Cg[rows].view(m, R * L, N))
+            dC_b.view(m, R * L, N).baddbmm_(dCB, B_b)
+            dC[:, k0:k1] = dC_b.view(k1 - k0, b, G, R, L, N).permute(1, 0, 4, 2, 3, 5)
+            dBg[rows].baddbmm_(dCB.transpose(1, 2), C_b.view(m, R * L, N))
         dA_cum[..., -1] += dA_last.view(M, R)
 
         dS0 = Gk[0].view(b, G * R, P, N) if ctx.has_S0 else None
-        return dxT, dBg, dCg, d_dt, dA_cum, dS0, None, None, None, None, None
+        return dxT, dBg, dC, d_dt, dA_cum, dS0, None, None, None, None
+
+
+def _decay_products(Cg: Tensor, Bg: Tensor, A_cum: Tensor, dtg: Tensor, same_doc: Tensor | None, b: int, G: int,
+                    for_backward: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """W = (C_l . B_s) * exp(A_cum_l - A_cum_s) * dt_s for s <= l in one document, for a block of rows.
+
+    Also returns E * dt (the gradient of C.B) and C.B * E (of dt) when ``for_backward``.
+    Cg (m, R, L, N), Bg (m, L, N), A_cum and dtg (m, R, L), same_doc None or (chunks, b, 1, 1, L, L).
+    """
+    m, R, L, N = Cg.shape
+    CB = torch.bmm(Cg.view(m, R * L, N), Bg.transpose(1, 2)).view(m, R, L, L)
+    E = (A_cum[..., :, None] - A_cum[..., None, :]).exp_()               # (m, R, l, s)
+    E.tril_()                                     # s > l may have overflowed to inf: overwritten, never multiplied
+    if same_doc is not None:                      # finite now, so a 0/1 product is safe (and 10x faster than masked_fill_)
+        E.view(-1, b, G, R, L, L).mul_(same_doc)
+    dt_s = dtg[..., None, :]
+    if not for_backward:
+        return CB.mul_(E).mul_(dt_s), None, None
+    CBE = CB.mul_(E)
+    Edt = E.mul_(dt_s)
+    return CBE * dt_s, Edt, CBE
+
+
+def _rows_of(t: Tensor, k0: int, k1: int) -> Tensor:
+    """Chunks k0..k1 of a (B, c, L, G, R, X) tensor copied into row order: (rows, R, L, X)."""
+    b, _, L, G, R, X = t.shape
+    out = t.new_empty((k1 - k0) * b * G, R, L, X)                      # always a copy: callers write into it
+    out.view(k1 - k0, b, G, R, L, X).copy_(t[:, k0:k1].permute(1, 0, 3, 4, 2, 5))
+    return out
+
+
+def _chunks_of(mask: Tensor | None, k0: int, k1: int) -> Tensor | None:
+    """Chunks k0..k1 of a per-chunk (c, b, 1, 1, L, L) mask; None stays None."""
+    return None if mask is None else mask[k0:k1]
 
 
 def _blocks(c: int, rows_per_chunk: int, row_bytes: int):

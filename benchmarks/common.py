@@ -63,6 +63,29 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time every function once per round, round after round: {name: [seconds per round]}.
+
+    On a shared machine the speed drifts by tens of percent over a minute; timing A five times and then
+    B five times puts that drift into the A/B ratio, timing them in turns spreads it over both.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of numerator[i] / denominator[i] (times taken in the same round)."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "clock": "cpu" if _clock is time.process_time else "wall",

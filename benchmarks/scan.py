@@ -13,8 +13,10 @@ Two levels, tokens/s for forward and forward+backward at T in {1024, 4096} (batc
 
 from __future__ import annotations
 
+import statistics
+
 import torch
-from common import emit, median_seconds, parser, setup
+from common import emit, interleaved_seconds, median_ratio, parser, setup
 
 from aetheris.config import AetherisConfig
 from aetheris.model import SSMMixer
@@ -43,18 +45,19 @@ def backward_with_fixed_gradient(out, upstream: dict) -> None:
     out.backward(upstream["grad"])
 
 
-def measure(module, x: torch.Tensor, repeats: int) -> dict:
+def timed_calls(call, inputs: list) -> dict:
+    """The forward (no grad) and forward+backward of one implementation, as zero-argument functions."""
     upstream = {}
 
     def fwd():
         with torch.no_grad():
-            module(x)
+            call(*inputs)
 
     def fwd_bwd():
-        backward_with_fixed_gradient(module(x), upstream)
+        leaves = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+        backward_with_fixed_gradient(call(*leaves), upstream)
 
-    T = x.shape[1]
-    return {"fwd_tok_s": T / median_seconds(fwd, repeats), "fwd_bwd_tok_s": T / median_seconds(fwd_bwd, repeats)}
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
 def scan_inputs(T: int, d_inner: int):
@@ -67,18 +70,19 @@ def scan_inputs(T: int, d_inner: int):
     return ours, peer
 
 
-def measure_fn(fn, inputs: list, T: int, repeats: int) -> dict:
-    upstream = {}
+def measure(calls: dict, T: int, rounds: int) -> tuple[dict, dict]:
+    """Interleaved rounds over {impl: (call, inputs)}: tokens/s (medians) and the per-round times."""
+    fns = {(impl, mode): fn for impl, (call, inputs) in calls.items()
+           for mode, fn in timed_calls(call, inputs).items()}
+    times = interleaved_seconds(fns, rounds)
+    tok_s = {impl: {f"{mode}_tok_s": T / statistics.median(times[impl, mode]) for mode in ("fwd", "fwd_bwd")}
+             for impl in calls}
+    return tok_s, times
 
-    def fwd():
-        with torch.no_grad():
-            fn(*inputs)
 
-    def fwd_bwd():
-        leaves = [t.detach().requires_grad_() for t in inputs]
-        backward_with_fixed_gradient(fn(*leaves), upstream)
-
-    return {"fwd_tok_s": T / median_seconds(fwd, repeats), "fwd_bwd_tok_s": T / median_seconds(fwd_bwd, repeats)}
+def speedups(times: dict, ours: str, peer: str) -> dict:
+    """Peer time / our time, median over rounds."""
+    return {f"{mode}_tok_s": median_ratio(times[peer, mode], times[ours, mode]) for mode in ("fwd", "fwd_bwd")}
 
 
 def main() -> None:
@@ -90,21 +94,24 @@ def main() -> None:
     impls = ("chunked", "reference", "mambapy")
     results = {"d_model": d_model, "lengths": lengths, "scan": {k: {} for k in impls},
                "mixer": {k: {} for k in impls}}
+    rounds = 3 if args.quick else 7
     for T in lengths:
         ours_in, peer_in = scan_inputs(T, d_model)
-        results["scan"]["chunked"][T] = measure_fn(lambda *a: ssd_chunked(*a, 64), ours_in, T, repeats=5)
-        results["scan"]["reference"][T] = measure_fn(ssd_reference, ours_in, T, repeats=1)
-        results["scan"]["mambapy"][T] = measure_fn(peer_block.selective_scan, peer_in, T, repeats=3)
         x = torch.randn(1, T, d_model)
-        results["mixer"]["chunked"][T] = measure(ours(d_model, "chunked"), x, repeats=5)
-        results["mixer"]["reference"][T] = measure(ours(d_model, "reference"), x, repeats=1)
-        results["mixer"]["mambapy"][T] = measure(peer_block, x, repeats=3)
-    T = lengths[-1]
-    for level, prefix in (("scan", ""), ("mixer", "mixer_")):
-        for peer in ("reference", "mambapy"):
-            results[f"{prefix}speedup_vs_{peer}"] = {
-                mode: results[level]["chunked"][T][mode] / results[level][peer][T][mode]
-                for mode in ("fwd_tok_s", "fwd_bwd_tok_s")}
+        levels = {
+            "scan": {"chunked": (lambda *a: ssd_chunked(*a, 64), ours_in), "reference": (ssd_reference, ours_in),
+                     "mambapy": (peer_block.selective_scan, peer_in)},
+            "mixer": {"chunked": (ours(d_model, "chunked"), [x]), "reference": (ours(d_model, "reference"), [x]),
+                      "mambapy": (peer_block, [x])},
+        }
+        for level, calls in levels.items():
+            tok_s, times = measure(calls, T, rounds)
+            for impl in impls:
+                results[level][impl][T] = tok_s[impl]
+            if T == lengths[-1]:
+                prefix = "" if level == "scan" else "mixer_"
+                for peer in ("reference", "mambapy"):
+                    results[f"{prefix}speedup_vs_{peer}"] = speedups(times, "chunked", peer)
     results["speedup_at_T"] = T
     emit(args, results)
 
