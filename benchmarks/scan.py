@@ -8,6 +8,9 @@ Two levels, tokens/s for forward and forward+backward at T in {1024, 4096} (batc
 - ``mixer``: the whole mixer module, projections included, d_model = d_inner = 1024 for both (mambapy
   with expand 1). At these widths the in/out projections dominate, so ratios are much smaller.
 
+The implementations are timed in turns, round after round (7; 3 with --quick), and each speedup is the
+median over rounds of the peer's time / ours in that round, so the machine's drift lands on both sides.
+
     python benchmarks/scan.py --json bench-results/scan.json [--quick] [--threads N] [--clock cpu]
 """
 
