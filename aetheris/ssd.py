@@ -40,7 +40,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     """Chunked SSD scan.
 
     x (B, T, G, P), dt (B, T, H), A (H,) negative, B (B, T, G, N), C (B, T, H, N),
-    seg (B, T) or None, initial_state (B, H, P, N) or None.
+    seg (B, T) non-decreasing segment index (``segment_index``) or None, initial_state (B, H, P, N) or None.
     Returns y (B, T, H, P) and the final state (B, H, P, N), both in x's dtype.
 
     Here the inputs are padded, x, B and dt laid out chunk-major and the decays summed;
@@ -90,7 +90,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
         same_doc, keep_state, keep_carry, keep_chunk = None, None, None, None
 
     S0 = initial_state.to(f) if initial_state is not None else None
-    C6 = C.reshape(b, c, L, G, R, N)                                       # (B, c, L, G, R, N); blocks copy their chunks
+    C6 = C.reshape(b, c, L, G, R, N)                                      # blocks copy their own chunks
     y, S = _ChunkScan.apply(xT, Bg, C6, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk)
     y = y.view(b, c * L, H, P)[:, :T]                                       # head = g*R + r
     return y.to(dtype), S.to(dtype)
@@ -112,12 +112,14 @@ class _ChunkScan(torch.autograd.Function):
     """Steps 2-5 of the chunked scan on chunk-major inputs, with a hand-written backward.
 
     Forward and backward walk the chunks in cache-sized blocks (backward in reverse: the state
-    gradient flows from the last chunk to the first). Nothing of size (L x L) is kept between them:
-    backward recomputes a block's products from its inputs while they are in cache, as
-    FlashAttention does, so the scan keeps only its inputs, the chunk states and per-step decays
-    (autograd through the same ops kept four (L x L) products and re-read each from memory). The
-    decay gradients come from one product, dW * C.B * E, and the GEMM gradients accumulate in place.
-    Tested against the sequential loop and by gradcheck; speed in docs/BENCHMARKS.md.
+    gradient flows from the last chunk to the first). None of the per-head (L x L) products is kept
+    between them: backward recomputes a block's products from its inputs while they are in cache, as
+    FlashAttention does, so the scan keeps its inputs, the chunk states, per-step decays and the
+    per-chunk document mask (autograd through the same ops kept four (L x L) products per head and
+    re-read each from memory). The decay gradients come from one product, dW * C.B * E, and the GEMM
+    gradients accumulate in place. Always fp32 math, autocast or not (a bf16 bmm output would meet
+    fp32 operands in the in-place ``baddbmm_``). Tested against the sequential loop and by gradcheck;
+    speed in docs/BENCHMARKS.md.
 
     Inputs: xT (M, P, L), Bg (M, L, N), dtg (M, R, L), A_cum (M, R, L) with M = c * B * G rows in
     (chunk, batch, group) order, so a range of chunks is a range of rows; C (B, c, L, G, R, N) in the
@@ -128,6 +130,11 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xT, Bg, C, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk):
+        with torch.autocast(xT.device.type, enabled=False):
+            return _ChunkScan._forward(ctx, xT, Bg, C, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk)
+
+    @staticmethod
+    def _forward(ctx, xT, Bg, C, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk):
         b, c, L, G, R, N = C.shape
         M, P, _ = xT.shape
         bH = b * G * R
@@ -135,8 +142,8 @@ class _ChunkScan(torch.autograd.Function):
         e_state = torch.exp(A_cum[..., -1:] - A_cum)                      # (M, R, L)
         if keep_state is not None:  # inputs reach the final state only from the chunk's last document
             e_state.view(c, b, G, R, L).mul_(keep_state)
-        w_state = e_state * dtg
-        a = torch.exp(A_cum[..., -1]).view(c, bH)
+        w_state = e_state * dtg                                           # (M, R, L)
+        a = torch.exp(A_cum[..., -1]).view(c, bH)                         # (c, B*H): decay across chunk k
         if keep_chunk is not None:  # a document starting inside chunk k cuts off what came before it
             a = (a.view(c, b, G * R) * keep_chunk.view(c, b, 1)).view(c, bH)
         w_off = torch.exp(A_cum)                                          # (M, R, L)
@@ -154,7 +161,8 @@ class _ChunkScan(torch.autograd.Function):
             m = rows.stop - rows.start
             C_b = _rows_of(C, k0, k1)                                     # (m, R, L, N)
             # 2. Inside each chunk: y_l = sum_{s<=l} W[l, s] x_s.
-            W, _, _ = _decay_products(C_b, Bg[rows], A_cum[rows], dtg[rows], _chunks_of(same_doc, k0, k1), b, G)
+            same_doc_b = None if same_doc is None else same_doc[k0:k1]
+            W, _, _ = _decay_products(C_b, Bg[rows], A_cum[rows], dtg[rows], same_doc_b, b, G)
             y_b = torch.bmm(W.view(m, R * L, L), xT[rows].transpose(1, 2))  # (m, R*L, P)
             # 3. Each chunk's own contribution to the state at its end: (R*P, L) @ (L, N) per group.
             xw = xT[rows, None] * w_state[rows, :, None, :]               # (m, R, P, L)
@@ -174,60 +182,65 @@ class _ChunkScan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dS):
+        # Derivatives used below: W = C.B * exp(A_cum_l - A_cum_s) * dt_s gives dW/dA_cum_l = W and
+        # dW/dA_cum_s = -W; every exp(A_cum ...) weight w likewise has dw/dA_cum = +-w.
         xT, Bg, C, dtg, A_cum, e_state, w_state, a, S, w_off, same_doc = ctx.saved_tensors
         b, c, L, G, R, N = C.shape
         M, P, _ = xT.shape
         bH = b * G * R
-        dxT, dBg, dC = torch.empty_like(xT), torch.empty_like(Bg), torch.empty_like(C)
-        d_dt, dA_cum = torch.empty_like(dtg), torch.empty_like(dtg)
-        dA_last = a.new_empty(c, bH)
-        Gk = S.new_empty(c + 1, bH, P, N)                                 # gradient of S[k]
-        Gk[c] = dS.reshape(bH, P, N)
-        G_k, a_k = Gk.unbind(0), a[:, :, None, None].unbind(0)
-        for k0, k1, rows in reversed(list(_blocks(xT, c, b * G, R * L * L))):
-            m = rows.stop - rows.start
-            dt_b, x_b, B_b = dtg[rows], xT[rows], Bg[rows]
-            dy_b, C_b = _rows_of(dy, k0, k1).view(m, R * L, P), _rows_of(C, k0, k1)
-            # 5. y += Cw @ S_in^T.
-            Cw = C_b * w_off[rows, ..., None]
-            dC_b = dCw = torch.bmm(dy_b.view(m * R, L, P), S[k0:k1].view(m * R, P, N))  # (m*R, L, N)
-            dS_in = torch.bmm(dy_b.view(m * R, L, P).transpose(1, 2), Cw.view(m * R, L, N)).view(k1 - k0, bH, P, N)
-            dA = dA_cum[rows]
-            torch.bmm(dCw.view(m * R * L, 1, N), Cw.view(m * R * L, N, 1), out=dA.view(m * R * L, 1, 1))  # exp(A_cum) in w_off
-            dCw.mul_(w_off[rows].view(m * R, L, 1))
-            # 4. Reverse recurrence: Gk[k] = dS_in[k] + a_k Gk[k+1]; Gk[k+1] is the gradient of chunk k's states.
-            for k, dS_in_k in reversed(list(enumerate(dS_in.unbind(0), start=k0))):
-                torch.addcmul(dS_in_k, a_k[k], G_k[k + 1], out=G_k[k])
-            torch.mul(_rowdot(Gk[k0 + 1:k1 + 1].reshape((k1 - k0) * bH, P * N),
-                              S[k0:k1].reshape((k1 - k0) * bH, P * N)).view(k1 - k0, bH), a[k0:k1], out=dA_last[k0:k1])
-            # 3. states = (x * w_state) @ B.
-            dstates = Gk[k0 + 1:k1 + 1].view(m, R * P, N)
-            xw = x_b[:, None] * w_state[rows, :, None, :]                 # (m, R, P, L)
-            dxw = torch.bmm(dstates, B_b.transpose(1, 2)).view(m, R, P, L)
-            torch.bmm(xw.view(m, R * P, L).transpose(1, 2), dstates, out=dBg[rows])
-            torch.sum(dxw * w_state[rows, :, None, :], dim=1, out=dxT[rows])
-            dw_state = dxw.mul_(x_b[:, None]).sum(2)                      # (m, R, L)
-            torch.mul(dw_state, e_state[rows], out=d_dt[rows])
-            g_log = dw_state.mul_(w_state[rows])                          # d/d log w_state
-            dA.sub_(g_log)
-            dA_last[k0:k1] += g_log.sum(-1).view(k1 - k0, bH)
-            # 2. y = W @ x, W = (C.B) * E * dt, recomputed.
-            W, Edt, CBE = _decay_products(C_b, B_b, A_cum[rows], dt_b, _chunks_of(same_doc, k0, k1), b, G,
-                                           for_backward=True)
-            dW = torch.bmm(dy_b, x_b)                                     # (m, R*L, L)
-            dxT[rows].baddbmm_(dy_b.transpose(1, 2), W.view(m, R * L, L))
-            dCB = Edt.mul_(dW.view(m, R, L, L)).view(m, R * L, L)
-            prod = dW.mul_(CBE.view(m, R * L, L)).view(m, R, L, L)        # dW * C.B * E
-            cols = prod.sum(-2)                                           # (m, R, L): sum over l
-            d_dt[rows] += cols
-            dA.view(m * R, L, 1).baddbmm_(prod.view(m * R, L, L), dt_b.reshape(m * R, L, 1))  # row sums of dW * W
-            dA.sub_(cols * dt_b)                                          # column sums of dW * W
-            dC_b.view(m, R * L, N).baddbmm_(dCB, B_b)
-            dC[:, k0:k1] = dC_b.view(k1 - k0, b, G, R, L, N).permute(1, 0, 4, 2, 3, 5)
-            dBg[rows].baddbmm_(dCB.transpose(1, 2), C_b.view(m, R * L, N))
-        dA_cum[..., -1] += dA_last.view(M, R)
+        with torch.autocast(xT.device.type, enabled=False):
+            # Gradient buffers start empty: in each block the first write to a slice is an out= or a copy,
+            # later terms add to it (so the order of the writes below matters).
+            dxT, dBg, dC = torch.empty_like(xT), torch.empty_like(Bg), torch.empty_like(C)
+            d_dt, dA_cum = torch.empty_like(dtg), torch.empty_like(dtg)                  # (M, R, L)
+            dA_last = a.new_empty(c, bH)                                                # (c, B*H)
+            dS_all = S.new_empty(c + 1, bH, P, N)                                       # gradient of S[k]
+            dS_all[c] = dS.reshape(bH, P, N)
+            dS_k, a_k = dS_all.unbind(0), a[:, :, None, None].unbind(0)
+            for k0, k1, rows in reversed(list(_blocks(xT, c, b * G, R * L * L))):
+                m, nk = rows.stop - rows.start, k1 - k0
+                dt_b, x_b, B_b, dA_b = dtg[rows], xT[rows], Bg[rows], dA_cum[rows]
+                dy_b, C_b = _rows_of(dy, k0, k1).view(m, R * L, P), _rows_of(C, k0, k1)
+                # 5. y += Cw @ S[k]^T, Cw = C * w_off.
+                Cw = (C_b * w_off[rows, ..., None]).view(m * R, L, N)
+                dCw = torch.bmm(dy_b.view(m * R, L, P), S[k0:k1].view(m * R, P, N))         # (m*R, L, N)
+                dS_in = torch.bmm(dy_b.view(m * R, L, P).transpose(1, 2), Cw).view(nk, bH, P, N)
+                dA_b.view(m * R * L).copy_(_rowdot(dCw, Cw).view(-1))                       # via w_off
+                dC_b = dCw.mul_(w_off[rows].view(m * R, L, 1))                              # dC's first term
+                # 4. Reverse recurrence: dS[k] = dS_in[k] + a_k dS[k+1]; dS[k+1] is chunk k's states' gradient.
+                for k, dS_in_k in reversed(list(enumerate(dS_in.unbind(0), start=k0))):
+                    torch.addcmul(dS_in_k, a_k[k], dS_k[k + 1], out=dS_k[k])
+                dstates = dS_all[k0 + 1:k1 + 1]                                             # (nk, B*H, P, N)
+                dA_last[k0:k1] = _rowdot(dstates.reshape(nk * bH, P * N), S[k0:k1].reshape(nk * bH, P * N)).view(
+                    nk, bH) * a[k0:k1]                                                      # da_k * a_k
+                # 3. states = (x * w_state) @ B.
+                dstates = dstates.view(m, R * P, N)
+                xw = x_b[:, None] * w_state[rows, :, None, :]                               # (m, R, P, L)
+                dxw = torch.bmm(dstates, B_b.transpose(1, 2)).view(m, R, P, L)
+                torch.bmm(xw.view(m, R * P, L).transpose(1, 2), dstates, out=dBg[rows])
+                torch.sum(dxw * w_state[rows, :, None, :], dim=1, out=dxT[rows])
+                dw_state = dxw.mul_(x_b[:, None]).sum(2)                                    # (m, R, L)
+                torch.mul(dw_state, e_state[rows], out=d_dt[rows])
+                dlog_w = dw_state.mul_(w_state[rows])                                       # d/d log w_state
+                dA_b.sub_(dlog_w)
+                dA_last[k0:k1] += dlog_w.sum(-1).view(nk, bH)
+                # 2. y = W @ x, W = (C.B) * E * dt, recomputed.
+                same_doc_b = None if same_doc is None else same_doc[k0:k1]
+                W, Edt, CBE = _decay_products(C_b, B_b, A_cum[rows], dt_b, same_doc_b, b, G, for_backward=True)
+                dW = torch.bmm(dy_b, x_b)                                                   # (m, R*L, L)
+                dxT[rows].baddbmm_(dy_b.transpose(1, 2), W.view(m, R * L, L))
+                dCB = Edt.mul_(dW.view(m, R, L, L)).view(m, R * L, L)
+                prod = dW.mul_(CBE.view(m, R * L, L)).view(m, R, L, L)                      # dW * W / dt_s
+                cols = prod.sum(-2)                                                         # (m, R, L): sum over l
+                d_dt[rows] += cols
+                dA_b.view(m * R, L, 1).baddbmm_(prod.view(m * R, L, L), dt_b.reshape(m * R, L, 1))  # row sums of dW * W
+                dA_b.sub_(cols * dt_b)                                                      # column sums of dW * W
+                dC_b.view(m, R * L, N).baddbmm_(dCB, B_b)
+                dC[:, k0:k1] = dC_b.view(nk, b, G, R, L, N).permute(1, 0, 4, 2, 3, 5)
+                dBg[rows].baddbmm_(dCB.transpose(1, 2), C_b.view(m, R * L, N))
+            dA_cum[..., -1] += dA_last.view(M, R)                                           # a_k, w_state: exp(+A_last)
 
-        dS0 = Gk[0].view(b, G * R, P, N) if ctx.has_S0 else None
+        dS0 = dS_all[0].view(b, G * R, P, N) if ctx.has_S0 else None
         return dxT, dBg, dC, d_dt, dA_cum, dS0, None, None, None, None
 
 
@@ -242,7 +255,7 @@ def _decay_products(Cg: Tensor, Bg: Tensor, A_cum: Tensor, dtg: Tensor, same_doc
     CB = torch.bmm(Cg.view(m, R * L, N), Bg.transpose(1, 2)).view(m, R, L, L)
     E = (A_cum[..., :, None] - A_cum[..., None, :]).exp_()               # (m, R, l, s)
     E.tril_()                                     # s > l may have overflowed to inf: overwritten, never multiplied
-    if same_doc is not None:                      # finite now, so a 0/1 product is safe (and 10x faster than masked_fill_)
+    if same_doc is not None:                      # finite now: a 0/1 product is safe, and 10x faster than masked_fill_
         E.view(-1, b, G, R, L, L).mul_(same_doc)
     dt_s = dtg[..., None, :]
     if not for_backward:
@@ -258,11 +271,6 @@ def _rows_of(t: Tensor, k0: int, k1: int) -> Tensor:
     out = t.new_empty((k1 - k0) * b * G, R, L, X)                      # always a copy: callers write into it
     out.view(k1 - k0, b, G, R, L, X).copy_(t[:, k0:k1].permute(1, 0, 3, 4, 2, 5))
     return out
-
-
-def _chunks_of(mask: Tensor | None, k0: int, k1: int) -> Tensor | None:
-    """Chunks k0..k1 of a per-chunk (c, b, 1, 1, L, L) mask; None stays None."""
-    return None if mask is None else mask[k0:k1]
 
 
 def _blocks(like: Tensor, c: int, rows_per_chunk: int, row_numel: int):

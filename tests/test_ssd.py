@@ -40,24 +40,36 @@ def test_chunked_equals_reference_gradients(chunk):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
 
 
-def _packed_case(b=2, T=45, seed=0):
-    """Inputs with an initial state and documents of different lengths in each row (starts mid-chunk)."""
-    x, dt, A, B, C = make_inputs(b=b, T=T, seed=seed)
+def _packed_case(b=2, T=45, G=2, R=2, docs=None, seed=0):
+    """Inputs with an initial state and packed documents; docs: per row, the document lengths."""
+    x, dt, A, B, C = make_inputs(b=b, T=T, G=G, R=R, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    S0 = torch.randn(b, dt.shape[-1], x.shape[-1], B.shape[-1], generator=g, dtype=x.dtype)
-    first, second = T * 2 // 9, T * 2 // 3                              # 10 and 30 at T = 45
-    doc_ids = torch.tensor([[0] * first + [1] * (second - first) + [2] * (T - second), [5] * 3 + [6] * (T - 3)][:b])
+    S0 = torch.randn(b, G * R, x.shape[-1], B.shape[-1], generator=g, dtype=x.dtype)
+    if docs is None:  # starts mid-chunk: 10 and 30 at T = 45
+        first, second = T * 2 // 9, T * 2 // 3
+        docs = [[first, second - first, T - second], [3, T - 3]][:b]
+    doc_ids = torch.tensor([sum(([i] * n for i, n in enumerate(lengths)), []) for lengths in docs])
     return [x, dt, A, B, C, S0], segment_index(doc_ids)
 
 
+GRADIENT_CASES = {  # chunk, G, R, documents per row (T = 45)
+    "mid-chunk starts": (4, 2, 2, None),
+    "starts on chunk starts, a 1-token document": (8, 2, 2, [[8, 16, 1, 20], [24, 21]]),
+    "three starts in one chunk, one group": (16, 1, 4, [[5, 3, 4, 33], [45]]),
+    "chunk 1, one head per group": (1, 3, 1, [[10, 35], [1, 44]]),
+    "chunk longer than T": (64, 2, 3, [[20, 25], [45]]),
+}
+
+
 @pytest.mark.parametrize("block_bytes", [1, None])  # 1: every chunk is its own block (the multi-block path)
-@pytest.mark.parametrize("chunk", [4, 16])
-def test_chunked_gradients_with_documents_and_initial_state(chunk, block_bytes, monkeypatch):
+@pytest.mark.parametrize("case", list(GRADIENT_CASES))
+def test_chunked_gradients_with_documents_and_initial_state(case, block_bytes, monkeypatch):
     # The hand-written backward against autograd through the sequential loop: packed documents, an initial
     # state, two rows, T not a multiple of the chunk, and chunks processed one block at a time.
     if block_bytes is not None:
         monkeypatch.setattr(ssd, "_BLOCK_BYTES", block_bytes)
-    inputs, seg = _packed_case()
+    chunk, G, R, docs = GRADIENT_CASES[case]
+    inputs, seg = _packed_case(G=G, R=R, docs=docs)
     inputs = [t.requires_grad_() for t in inputs]
     x, dt, A, B, C, S0 = inputs
     y, S = ssd_chunked(x, dt, A, B, C, chunk, seg=seg, initial_state=S0)
@@ -70,6 +82,31 @@ def test_chunked_gradients_with_documents_and_initial_state(chunk, block_bytes, 
     grads_ref = torch.autograd.grad(y_ref.sin().sum() + S_ref.cos().sum(), ref_inputs)
     for name, g, g_ref in zip("x dt A B C initial_state".split(), grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_chunked_gradients_of_y_alone_and_of_some_inputs():
+    # No gradient reaches the final state (autograd passes zeros), and only x and C ask for one.
+    x, dt, A, B, C = make_inputs(T=37)
+    x.requires_grad_(), C.requires_grad_()
+    gx, gC = torch.autograd.grad(ssd_chunked(x, dt, A, B, C, 8)[0].sin().sum(), [x, C])
+    x_ref, C_ref = x.detach().clone().requires_grad_(), C.detach().clone().requires_grad_()
+    gx_ref, gC_ref = torch.autograd.grad(ssd_reference(x_ref, dt, A, B, C_ref)[0].sin().sum(), [x_ref, C_ref])
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gC, gC_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_chunked_scan_runs_in_fp32_under_autocast():
+    # Under bf16 autocast the bmm outputs would be bf16 and meet fp32 operands in baddbmm_; the scan keeps
+    # its math in fp32 instead, so its result and gradients equal those without autocast.
+    inputs = [t.float().requires_grad_() for t in make_inputs(T=37)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, S = ssd_chunked(*inputs, 8)
+        grads = torch.autograd.grad(y.sum() + S.sum(), inputs)
+    plain = [t.detach().clone().requires_grad_() for t in inputs]
+    y_plain, S_plain = ssd_chunked(*plain, 8)
+    torch.testing.assert_close(y, y_plain)
+    for g, g_plain in zip(grads, torch.autograd.grad(y_plain.sum() + S_plain.sum(), plain)):
+        torch.testing.assert_close(g, g_plain)
 
 
 def test_chunked_backward_passes_gradcheck(monkeypatch):
