@@ -117,6 +117,41 @@ def test_chunked_backward_passes_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(lambda *a: ssd_chunked(*a[:5], 4, seg=seg, initial_state=a[5]), inputs)
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: chunk spans far above _FACTORED_SPAN, direct exp
+def test_chunked_equals_reference_either_way_of_computing_decays(scale):
+    x, dt, A, B, C = make_inputs(T=37)
+    A = A * scale
+    inputs = [x, dt, A, B, C]
+    span = (dt[:, :16] * -A).sum(1).max()                          # one chunk's log-decay, upper bound
+    assert (span < ssd._FACTORED_SPAN) == (scale == 1.0)
+    inputs = [t.requires_grad_() for t in inputs]
+    y, S = ssd_chunked(*inputs, 16)
+    grads = torch.autograd.grad(y.sin().sum() + S.cos().sum(), inputs)
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    y_ref, S_ref = ssd_reference(*ref_inputs)
+    grads_ref = torch.autograd.grad(y_ref.sin().sum() + S_ref.cos().sum(), ref_inputs)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    for name, g, g_ref in zip("x dt A B C".split(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+def test_factored_decays_keep_fp32_precision_near_the_span_limit(monkeypatch):
+    # Chunks whose log-decay spans ~140 (factors up to exp(70)): fp32 with factored exps is as close to the
+    # fp64 loop as fp32 with direct exps.
+    x, dt, A, B, C = make_inputs(b=1, T=128, G=1, R=2)
+    dt = torch.full_like(dt, 1.1)
+    A = torch.tensor([-2.0, -0.5], dtype=torch.float64)            # spans 64 * 1.1 * 2 = 141 and 35
+    y_ref, _ = ssd_reference(x, dt, A, B, C)
+    f32 = [t.float() for t in (x, dt, A, B, C)]
+    y_factored, _ = ssd_chunked(*f32, 64)
+    monkeypatch.setattr(ssd, "_FACTORED_SPAN", 0.0)
+    y_direct, _ = ssd_chunked(*f32, 64)
+    err_factored = (y_factored.double() - y_ref).abs().max()
+    err_direct = (y_direct.double() - y_ref).abs().max()
+    assert err_factored < 1e-4 * y_ref.abs().max()
+    assert err_factored < 4 * err_direct + 1e-6
+
+
 def test_fp32_chunked_close_to_reference():
     x, dt, A, B, C = make_inputs(T=130, dtype=torch.float32)
     y, _ = ssd_chunked(x, dt, A, B, C, 64)
