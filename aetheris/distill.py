@@ -899,7 +899,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     """Stage 3 end to end; returns the report (also ``<sft out_dir>/sft_report.json``) and writes the student."""
     from aetheris.chat import install_chat_template
     from aetheris.checkpoint import load_model, save_model
-    from aetheris.sft import build_sft_data, toolcall_validity
+    from aetheris.sft import build_sft_data, toolcall_loss, toolcall_validity
     from aetheris.tokenizer import load_tokenizer
     from aetheris.toolgen import generate_examples
     from aetheris.train import train
@@ -940,6 +940,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     report: dict[str, Any] = {"init": str(init), "beta": sc.beta, "train_conversations": data.stream.sizes,
                               "malformed": dict(data.malformed.counts), "heldout_examples": len(held_out)}
     report["toolcall_before"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
+    report["toolcall_loss_before"] = toolcall_loss(student, tokenizer, held_out)
     if kl_rows is not None:
         teacher.to(device)
         report["replay_every"] = sc.replay_every
@@ -949,13 +950,15 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
                    frozen={"teacher": teacher} if teacher is not None else None, resume=resume)
     student = result.model.eval()
     report["toolcall_after"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
+    report["toolcall_loss_after"] = toolcall_loss(student, tokenizer, held_out)
     if kl_rows is not None:
         report["kl_after"] = heldout_kl(teacher, student, kl_rows, pad_id, chunk=sc.chunk)
         log(f"stage 3: held-out KL(teacher||student) {report['kl_before']['mean']:.4f} -> "
             f"{report['kl_after']['mean']:.4f} nats/token (replay every {sc.replay_every} steps)")
     report["steps"] = result.step
     b, a = report["toolcall_before"]["overall"], report["toolcall_after"]["overall"]
-    log("stage 3: tool-call validity on held-out templates " + ", ".join(f"{k} {b[k]:.3f}->{a[k]:.3f}" for k in b))
+    log("stage 3: tool-call validity on held-out templates " + ", ".join(f"{k} {b[k]:.3f}->{a[k]:.3f}" for k in b)
+        + f"; loss of the gold call {report['toolcall_loss_before']:.3f}->{report['toolcall_loss_after']:.3f} nats/token")
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "sft_report.json").write_text(json.dumps(report, indent=1, default=str))

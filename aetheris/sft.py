@@ -430,6 +430,32 @@ def build_sft_data(sources: list[dict], tokenizer, seq_len: int, *, temperature:
 # Tool-call validity
 
 
+def toolcall_loss(model, tokenizer, examples: list[dict]) -> float:
+    """Teacher-forced cross-entropy (nats per token) of the gold assistant turn of each example, given its
+    prompt, over all examples' assistant tokens.
+
+    The smooth companion of ``toolcall_validity``: a small student's greedy output may still miss the format
+    by one token after SFT (its validity then stays 0) while the held-out loss of the right call has fallen.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ex in examples:
+            ids, labels = encode_conversation(record_messages(ex), ex.get("tools"), tokenizer)
+            ids_t = torch.tensor([ids], device=device)
+            labels_t = torch.tensor(labels[1:], device=device)                 # position t predicts t + 1
+            logits = model(ids_t).logits[0, :-1].float()
+            total += float(F.cross_entropy(logits, labels_t, ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((labels_t != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def toolcall_validity(model, tokenizer, examples: list[dict], max_new_tokens: int = 96, batch_size: int = 32) -> dict:
     """Greedy generation after the chat template's generation prompt; mean scores overall and per language."""
     import torch

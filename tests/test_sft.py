@@ -185,3 +185,28 @@ def test_hub_source_offline_says_how_to_pass_a_local_copy(monkeypatch):
         load_conversations({"type": "hub", "name": "nobody/no-such-sft-set"}, MalformedLog())
     with pytest.raises(ValueError, match="unknown key"):
         load_conversations({"type": "hub", "path": "x", "colums": "y"}, MalformedLog())
+
+
+def test_toolcall_loss_is_the_token_weighted_cross_entropy_of_the_gold_turns(tiny_tokenizer):
+    # Our held-out loss == the model's own label-shifted cross-entropy, weighted by each example's
+    # assistant-token count (one example alone: exactly its ce_loss).
+    import torch
+
+    from aetheris.config import AetherisConfig
+    from aetheris.model import Aetheris
+    from aetheris.sft import record_messages, toolcall_loss
+    from aetheris.toolgen import generate_examples
+
+    torch.manual_seed(0)
+    model = Aetheris(AetherisConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layer=2, n_heads=2, head_dim=16,
+                                    d_state=8, n_groups=1, d_ff=64, max_seq_len=1024)).eval()
+    examples = generate_examples(["en", "sw"], split="test", per_language=1, tools_offered=1)
+    per_example = []
+    for ex in examples:
+        ids, labels = encode_conversation(record_messages(ex), ex["tools"], tiny_tokenizer)
+        with torch.no_grad():
+            ce = model(torch.tensor([ids]), labels=torch.tensor([labels])).ce_loss
+        per_example.append((float(ce), sum(lab != -100 for lab in labels[1:])))
+        assert toolcall_loss(model, tiny_tokenizer, [ex]) == pytest.approx(float(ce), rel=1e-5)
+    weighted = sum(ce * n for ce, n in per_example) / sum(n for _, n in per_example)
+    assert toolcall_loss(model, tiny_tokenizer, examples) == pytest.approx(weighted, rel=1e-5)
