@@ -438,7 +438,6 @@ def toolcall_loss(model, tokenizer, examples: list[dict]) -> float:
     by one token after SFT (its validity then stays 0) while the held-out loss of the right call has fallen.
     """
     import torch
-    import torch.nn.functional as F
 
     total, count = 0.0, 0
     was_training = model.training
@@ -447,11 +446,10 @@ def toolcall_loss(model, tokenizer, examples: list[dict]) -> float:
     with torch.no_grad():
         for ex in examples:
             ids, labels = encode_conversation(record_messages(ex), ex.get("tools"), tokenizer)
-            ids_t = torch.tensor([ids], device=device)
-            labels_t = torch.tensor(labels[1:], device=device)                 # position t predicts t + 1
-            logits = model(ids_t).logits[0, :-1].float()
-            total += float(F.cross_entropy(logits, labels_t, ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((labels_t != IGNORE_INDEX).sum())
+            n = sum(lab != IGNORE_INDEX for lab in labels[1:])                 # tokens the shifted loss averages
+            if n:
+                out = model(torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
+                total, count = total + float(out.ce_loss) * n, count + n
     model.train(was_training)
     return total / max(count, 1)
 
