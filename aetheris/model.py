@@ -225,7 +225,9 @@ class MoE(nn.Module):
         ys = self.experts(x[token_of], counts.tolist())               # (M*K, D)
         # 3. Weight and scatter back to token order (adds the K contributions of each token).
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)
+        # The output takes the experts' dtype, not x's: under autocast x (a norm output) is fp32 while the
+        # expert matmuls return bf16, and index_add_ needs one dtype on both sides.
+        out = ys.new_zeros(x.shape[0], ys.shape[-1]).index_add_(0, token_of, ys)
         self.last_load = counts.detach().float() / flat_e.numel()
         return out, logits, top_i
 
