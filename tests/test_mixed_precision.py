@@ -113,3 +113,65 @@ def test_bf16_teacher_beside_an_autocast_student_gives_the_fp32_kd_loss(tiny_coh
     # Measured: KL 0.16641 (fp32) vs 0.16603 (bf16 teacher, autocast student), 0.23% apart; CE 1.2e-5 apart.
     assert abs(float(metrics["kl"]) - float(ref_m["kl"])) < 2e-2 * float(ref_m["kl"])
     assert abs(float(metrics["ce"]) - float(ref_m["ce"])) < LOSS_RTOL * float(ref_m["ce"])
+
+
+def _autocast_spy(monkeypatch) -> list:
+    """Record, for every SSM mixer forward that builds a graph (training steps), whether bf16 autocast was on
+    and the dtype its input projection produced. The real forward still runs."""
+    from aetheris.model import SSMMixer
+
+    seen, forward = [], SSMMixer.forward
+
+    def spy(self, u, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"), self.in_proj(u).dtype))
+        return forward(self, u, *args, **kwargs)
+
+    monkeypatch.setattr(SSMMixer, "forward", spy)
+    return seen
+
+
+def test_every_distill_stage_trains_under_bf16_with_a_bf16_teacher(teacher_dir, tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from aetheris.cli import main
+
+    langs = "[en, sw]"
+    common = [f"teacher.name={teacher_dir}", "teacher.dtype=bfloat16", f"run_dir={tmp_path / 'run'}",
+              f"data.languages={langs}", "data.sources=[{type: corpus, max_lines_per_language: 60}]", "data.seq_len=32",
+              "student.n_pairs=2", "align.report_rows_per_language=1", "kl.report_rows_per_language=1", "sft.beta=0.5",
+              f"sft.sources=[{{type: toolgen, languages: {langs}, per_language: 2, tools_offered: 1}}]",
+              f"sft.eval_languages={langs}", "sft.eval_tools_offered=1", "sft.seq_len=512", "sft.eval_per_language=1",
+              "sft.max_new_tokens=4"]
+    for t in ("train", "kl.train", "sft.train"):
+        common += [f"{t}.max_steps=2", f"{t}.micro_batch_size=2", f"{t}.progress=false", f"{t}.mixed_precision=bf16"]
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "nano-distill.yaml")
+    for stage in ("align", "kl", "sft"):
+        seen = _autocast_spy(monkeypatch)
+        assert main(["distill", "--config", config, "--stages", stage, *common]) == 0
+        assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, stage
+        records = [json.loads(line) for line in (tmp_path / "run" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+        if stage != "align":
+            assert all(r["kl"] > 0 for r in records)  # the bf16 teacher took part
+
+
+def test_aetheris_train_runs_under_bf16(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from aetheris.cli import main
+
+    tiny_yaml = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-test.yaml")
+    seen = _autocast_spy(monkeypatch)
+    assert main(["train", "--config", tiny_yaml, f"train.out_dir={tmp_path / 'bf16'}", "train.mixed_precision=bf16",
+                 "train.max_steps=3", "train.eval_every=3"]) == 0
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in records)
+    # The next run in the same process may choose another precision (Accelerate keeps one per process).
+    seen.clear()
+    assert main(["train", "--config", tiny_yaml, f"train.out_dir={tmp_path / 'fp32'}", "train.mixed_precision=no",
+                 "train.max_steps=1"]) == 0
+    assert seen and set(seen) == {(False, torch.float32)}
