@@ -86,8 +86,9 @@ class StudentConfig:
     init_layer: str = "last"
     """Which teacher layer of a group initialises its pair: last | first."""
     options: dict = field(default_factory=lambda: dict(EXACT_TRANSFER), metadata={"keys": AetherisConfig})
-    """Other AetherisConfig fields (n_experts, top_k, gate, chunk_size, gradient_checkpointing, ...);
-    the fields that follow the teacher (width, heads, vocab, norm, ...) cannot be set here."""
+    """Other AetherisConfig fields (n_experts, top_k, gate, chunk_size, gradient_checkpointing, ...), merged
+    over the exact-transfer defaults (gate sigmoid, xbc_activation identity, ssm_norm false); the fields that
+    follow the teacher (width, heads, vocab, norm, ...) cannot be set here."""
 
 
 @dataclass
@@ -219,6 +220,9 @@ class DistillConfig:
             raise ConfigError(f"transfer.dt_init={self.transfer.dt_init!r}: choose mamba2 or span")
         if self.teacher.dtype != "auto" and self.teacher.dtype not in DTYPES:
             raise ConfigError(f"teacher.dtype={self.teacher.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+        # A YAML `student.options:` mapping replaces the default dict as a whole; merge it over the defaults so
+        # leaving a key out keeps the exact-transfer setting (a silu gate would kill the transferred mixers).
+        self.student.options = {**EXACT_TRANSFER, **(self.student.options or {})}
         fields = {f.name for f in dataclasses.fields(AetherisConfig) if f.init}
         for key in self.student.options:
             if key not in fields:
@@ -226,6 +230,10 @@ class DistillConfig:
                 near = difflib.get_close_matches(key, sorted(fields), n=1)
                 raise ConfigError(f"student.options.{key} is not an AetherisConfig field"
                                   + (f"; did you mean {near[0]!r}?" if near else ""))
+        if self.student.options["gate"] != "sigmoid":
+            raise ConfigError(f"student.options.gate={self.student.options['gate']!r}: the stage-1 transfer zeroes the "
+                              "z rows, and silu(0) = 0 would make every transferred mixer output 0; set "
+                              "student.options.gate=sigmoid (2·sigmoid(0) = 1 passes them through)")
         for t in (self.train, self.kl.train, self.sft.train):
             RunConfig(model=AetherisConfig(), tokenizer=self.tokenizer, data=self.data, train=t)  # loop checks
 

@@ -242,3 +242,18 @@ def test_two_process_alignment_matches_one_process_with_grad_accumulation(teache
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_student_options_from_yaml_merge_with_the_exact_transfer_defaults(tmp_path):
+    from aetheris.config_io import ConfigError
+    from aetheris.distill import EXACT_TRANSFER
+
+    path = tmp_path / "partial.yaml"
+    path.write_text("student:\n  options:\n    top_k: 2\n")  # names no gate: must not fall back to silu
+    cfg = load_distill_config(path)
+    assert cfg.student.options == {**EXACT_TRANSFER, "top_k": 2}
+    cfg = load_distill_config(None, ["student.options.n_experts=2"])
+    assert cfg.student.options == {**EXACT_TRANSFER, "n_experts": 2}
+    assert load_distill_config(path, ["student.options.ssm_norm=true"]).student.options["ssm_norm"] is True
+    with pytest.raises(ConfigError, match="student.options.gate='silu'.*student.options.gate=sigmoid"):
+        load_distill_config(path, ["student.options.gate=silu"])
