@@ -187,7 +187,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy + MoE aux loss: the from-scratch objective (and the loss_fn contract)."""
-    out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+    out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"], attention_mask=batch.get("attention_mask"))
     metrics = {"ce": out.ce_loss.detach(), "aux": out.aux_loss.detach()}
     if out.expert_load is not None:
         metrics["expert_load"] = out.expert_load.detach()

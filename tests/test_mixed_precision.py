@@ -41,7 +41,7 @@ def test_forward_and_backward_under_bf16_autocast_match_fp32(variant, seed):
     assert out.logits.dtype == torch.bfloat16  # autocast really ran the matmuls in bf16
     centred = ref.logits - ref.logits.mean(-1, keepdim=True)
     assert float((out.logits.float() - ref.logits).detach().norm() / centred.detach().norm()) < LOGITS_RTOL
-    assert abs(float(out.loss) - float(ref.loss)) < LOSS_RTOL * float(ref.loss)
+    assert abs(out.loss.item() - ref.loss.item()) < LOSS_RTOL * ref.loss.item()
     assert all(g.dtype == torch.float32 for g in grads)  # fp32 master weights get fp32 gradients
     assert _relative(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < GRAD_RTOL
     assert torch.isfinite(out.aux_loss) and out.aux_loss.dtype == torch.float32
