@@ -3,11 +3,11 @@ state stays fp32 (prefill and decode), and a bf16 teacher beside an autocast stu
 
 Tolerances. bf16 keeps 8 significant bits: one rounding is off by at most 2^-9 (0.2%) relative, and a
 matmul's output is rounded once (CPU bf16 GEMMs accumulate in fp32). Through the 4 layers of the tiny model
-(in_proj, out_proj and expert matmuls in bf16; norms, router, scan, softmax and the loss in fp32) the
+(in_proj, out_proj, expert and lm-head matmuls in bf16; router, scan, softmax and the loss in fp32) the
 measured errors, over three seeds and four variants at the default init, were: logits 0.57-0.61% of their
 spread (RMS of the difference / RMS of the centred fp32 logits), loss 5e-7 to 3e-5 relative, whole gradient
-0.76-0.91% relative (cosine >= 0.99998). The bounds below are about 3x those: logits 2%, loss 1e-3, gradient
-3%. (Top-1 routing is discontinuous: a token whose two best experts are within bf16 noise of each other may
+0.76-0.91% relative (cosine >= 0.99998). The bounds below are about 3x those for logits (2%) and gradient
+(3%); the loss bound, 1e-3, leaves room for a routing flip (one moved it by 5e-4 at 5x the init scale). (Top-1 routing is discontinuous: a token whose two best experts are within bf16 noise of each other may
 switch expert, so a single expert's gradient can differ by far more; the bounds are on the whole gradient.)
 """
 
