@@ -441,7 +441,8 @@ class PackedStream:
     """An endless, resumable stream of training rows built from per-language token documents.
 
     Each row holds ``seq_len`` tokens: ``input_ids``, ``labels`` (= input_ids, with -100 at the first
-    token of every document: nothing predicts a BOS across a boundary, and at padding), ``doc_ids``
+    token of every document: nothing predicts a BOS across a boundary, and at padding), ``attention_mask``
+    (1 at real tokens, 0 at padding), ``doc_ids``
     (0, 1, 2… per document within the row: the model resets its state where it changes) and
     ``lang_ids`` (index into ``self.languages``). ``pack=False`` puts one document per row, cut at
     ``seq_len`` and right-padded.
@@ -513,8 +514,9 @@ class PackedStream:
                 break  # one document per row; the rest is padding (labels -100)
         if not self.pack:
             doc_ids[pos:] = 1  # padding is its own "document": no state flows into it from real text
+        attention_mask = (np.arange(T) < pos).astype(np.int64)  # 0 at padding: no loss, no MoE statistics
         self.rows += 1
-        return {"input_ids": ids, "labels": labels, "doc_ids": doc_ids, "lang_ids": lang_ids}
+        return {"input_ids": ids, "labels": labels, "doc_ids": doc_ids, "lang_ids": lang_ids, "attention_mask": attention_mask}
 
     def next_batch(self, n: int) -> dict[str, np.ndarray]:
         rows = [self.next_row() for _ in range(n)]

@@ -38,8 +38,12 @@ With ``run_dir`` set, the stages write to ``<run_dir>/align``, ``<run_dir>/kl`` 
 checkpoints/, config.json, metrics.jsonl, ``<stage>_report.json``, ``student/``), and each stage starts
 from the previous stage's ``student/``. A stage whose starting student is missing names the stage to run.
 
-Packed rows are fed as one sequence to both teacher and student (the teacher cannot reset at document
-boundaries, so the student does not either during alignment: both see the same context).
+Documents packed into one row: stage 1 feeds the row as one sequence to both teacher and student (both see
+the same context). Stages 2 and 3, and every held-out KL, keep them apart: the student resets its state at
+each document (``doc_ids``) and the teacher attends within each document only (positions restart per document,
+which transformers turns into a block-diagonal mask for the full and the sliding layers,
+``teacher.teacher_logits``). A teacher that cannot do this is refused when ``data.pack`` is true
+(``teacher.check_documents_kept_apart``). Padding counts in no loss and no MoE statistic (``attention_mask``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from torch import Tensor
 
 from aetheris.config import AetherisConfig
 from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml
-from aetheris.teacher import DEFAULT_TEACHER, DTYPES
+from aetheris.teacher import DEFAULT_TEACHER, DTYPES, check_documents_kept_apart
 from aetheris.train import DataConfig, RunConfig, TokenizerConfig, TrainConfig
 
 STAGES = ("align", "kl", "sft")
@@ -86,8 +90,9 @@ class StudentConfig:
     init_layer: str = "last"
     """Which teacher layer of a group initialises its pair: last | first."""
     options: dict = field(default_factory=lambda: dict(EXACT_TRANSFER), metadata={"keys": AetherisConfig})
-    """Other AetherisConfig fields (n_experts, top_k, gate, chunk_size, gradient_checkpointing, ...);
-    the fields that follow the teacher (width, heads, vocab, norm, ...) cannot be set here."""
+    """Other AetherisConfig fields (n_experts, top_k, gate, chunk_size, gradient_checkpointing, ...), merged
+    over the exact-transfer defaults (gate sigmoid, xbc_activation identity, ssm_norm false); the fields that
+    follow the teacher (width, heads, vocab, norm, ...) cannot be set here."""
 
 
 @dataclass
@@ -219,6 +224,9 @@ class DistillConfig:
             raise ConfigError(f"transfer.dt_init={self.transfer.dt_init!r}: choose mamba2 or span")
         if self.teacher.dtype != "auto" and self.teacher.dtype not in DTYPES:
             raise ConfigError(f"teacher.dtype={self.teacher.dtype!r}: choose auto or one of {', '.join(DTYPES)}")
+        # A YAML `student.options:` mapping replaces the default dict as a whole; merge it over the defaults so
+        # leaving a key out keeps the exact-transfer setting (a silu gate would kill the transferred mixers).
+        self.student.options = {**EXACT_TRANSFER, **(self.student.options or {})}
         fields = {f.name for f in dataclasses.fields(AetherisConfig) if f.init}
         for key in self.student.options:
             if key not in fields:
@@ -226,6 +234,10 @@ class DistillConfig:
                 near = difflib.get_close_matches(key, sorted(fields), n=1)
                 raise ConfigError(f"student.options.{key} is not an AetherisConfig field"
                                   + (f"; did you mean {near[0]!r}?" if near else ""))
+        if self.student.options["gate"] != "sigmoid":
+            raise ConfigError(f"student.options.gate={self.student.options['gate']!r}: the stage-1 transfer zeroes the "
+                              "z rows, and silu(0) = 0 would make every transferred mixer output 0; set "
+                              "student.options.gate=sigmoid (2·sigmoid(0) = 1 passes them through)")
         for t in (self.train, self.kl.train, self.sft.train):
             RunConfig(model=AetherisConfig(), tokenizer=self.tokenizer, data=self.data, train=t)  # loop checks
 
@@ -253,8 +265,10 @@ def parse_stages(text: str) -> list[str]:
 # Pair forward, loss and measurements
 
 
-def pair_forward(student, k: int, h: Tensor, mixer_only: bool = False) -> tuple[Tensor, Tensor]:
+def pair_forward(student, k: int, h: Tensor, mixer_only: bool = False, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Student pair k on a residual stream h (B, T, D) -> (h after the pair, MoE aux loss).
+
+    ``pad_mask`` (B, T) bool, True at real tokens: padding feeds nothing to the SSM and no MoE statistic.
 
     ``mixer_only``: the pair's parameters outside its SSM mixer take part detached, so no gradient reaches
     them (the function computed is the same). Honours ``gradient_checkpointing`` as the model's own forward
@@ -270,8 +284,8 @@ def pair_forward(student, k: int, h: Tensor, mixer_only: bool = False) -> tuple[
             params = {name: p if id(p) in keep else p.detach() for name, p in layer.named_parameters()}
             run = lambda *args: functional_call(layer, params, args)  # noqa: E731
         if student.cfg.gradient_checkpointing and student.training and torch.is_grad_enabled():
-            return checkpoint(run, h, None, None, use_reentrant=False)
-        return run(h, None, None)
+            return checkpoint(run, h, None, pad_mask, use_reentrant=False)
+        return run(h, None, pad_mask)
 
     if student.cfg.parallel_pairs:
         h, aux, _ = call(student.layers[k], h)
@@ -287,10 +301,12 @@ def mixer_parameters(module) -> list[torch.nn.Parameter]:
     return [p for m in module.modules() if isinstance(m, SSMMixer) for p in m.parameters()]
 
 
-def normalised_mse(out: Tensor, target: Tensor, h_in: Tensor) -> Tensor:
-    """||out - target||² / ||target - h_in||²: the error relative to the size of the teacher's update."""
+def normalised_mse(out: Tensor, target: Tensor, h_in: Tensor, mask: Tensor | None = None) -> Tensor:
+    """||out - target||² / ||target - h_in||² over the positions where ``mask`` (B, T) is True (all when None):
+    the error relative to the size of the teacher's update; padding counts in neither sum."""
     out, target, h_in = out.float(), target.float(), h_in.float()
-    return (out - target).square().sum() / (target - h_in).square().sum().clamp_min(1e-12)
+    w = mask[..., None].float() if mask is not None else 1.0
+    return ((out - target).square() * w).sum() / ((target - h_in).square() * w).sum().clamp_min(1e-12)
 
 
 class PairAligner(torch.nn.Module):
@@ -319,15 +335,17 @@ class PairAligner(torch.nn.Module):
         self.student = student
         self.pairs = list(pairs)
 
-    def forward(self, states: Sequence[Tensor], mixer_only: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, states: Sequence[Tensor], mixer_only: bool = False,
+                pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher hidden states (``teacher.hidden_states``: L + 1 of (B, T, D)) -> (loss, per-pair
-        normalised MSE (n_pairs,), MoE aux loss). The aux loss joins the loss in the whole-pair phase."""
+        normalised MSE (n_pairs,), MoE aux loss). The aux loss joins the loss in the whole-pair phase.
+        ``pad_mask`` (B, T) bool: real tokens; padding counts in neither the MSE nor the MoE statistics."""
         dtype = self.student.embed.weight.dtype
         losses, aux = [], states[0].new_zeros((), dtype=torch.float32)
         for pm in self.pairs:
             h_in, target = states[pm.first].to(dtype), states[pm.last + 1].to(dtype)
-            out, pair_aux = pair_forward(self.student, pm.pair, h_in, mixer_only=mixer_only)
-            losses.append(normalised_mse(out, target, h_in))
+            out, pair_aux = pair_forward(self.student, pm.pair, h_in, mixer_only=mixer_only, pad_mask=pad_mask)
+            losses.append(normalised_mse(out, target, h_in, pad_mask))
             aux = aux + pair_aux
         per_pair = torch.stack(losses)
         return per_pair.mean() + (0 if mixer_only else aux), per_pair, aux
@@ -342,46 +360,58 @@ def make_align_loss(teacher, mixer_only_steps: int, progress: dict):
         mixer_only = progress["step"] < mixer_only_steps
         with torch.no_grad():
             states = hidden_states(teacher, batch["input_ids"])
-        loss, per_pair, aux = aligner(states, mixer_only=mixer_only)
+        pad_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+        loss, per_pair, aux = aligner(states, mixer_only=mixer_only, pad_mask=pad_mask)
         return loss, {"nmse": per_pair.mean().detach(), "aux": aux.detach(), "pair_nmse": per_pair.detach(),
                       "mixer_only": torch.tensor(float(mixer_only))}
 
     return align_loss
 
 
-def report_rows(val: dict[str, dict], per_language: int) -> dict[str, Tensor]:
-    """Held-out rows per language (the first ``per_language``; 0 = all) as (n, T) long tensors."""
+def report_rows(val: dict[str, dict], per_language: int) -> dict[str, dict[str, Tensor]]:
+    """Held-out rows per language (the first ``per_language``; 0 = all): {lang: {input_ids, labels, doc_ids,
+    attention_mask}} as (n, T) long tensors (the fields the rows carry)."""
     import numpy as np
     out = {}
     for lang, rows in sorted(val.items()):
-        ids = np.asarray(rows["input_ids"])
-        out[lang] = torch.as_tensor(ids[:per_language] if per_language else ids, dtype=torch.long)
+        n = per_language or len(rows["input_ids"])
+        out[lang] = {key: torch.as_tensor(np.asarray(rows[key])[:n], dtype=torch.long)
+                     for key in ("input_ids", "labels", "doc_ids", "attention_mask") if key in rows}
     return out
 
 
+def _row_batches(rows: dict[str, Tensor], batch_size: int, device):
+    """Batches of report rows on ``device``, with their valid positions (those whose next label is real)."""
+    from aetheris.losses import valid_positions
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        b = {key: v[start:start + batch_size].to(device) for key, v in rows.items()}
+        labels = b.get("labels", b["input_ids"])
+        yield b, valid_positions(labels)
+
+
 @torch.no_grad()
-def heldout_kl(teacher, student, rows: dict[str, Tensor], pad_id: int | None = None, batch_size: int = 1,
-               chunk: int = 256) -> dict:
-    """Per-token KL(p_teacher || p_student) in nats: mean over every (non-pad) position, per language and overall.
+def heldout_kl(teacher, student, rows: dict[str, dict[str, Tensor]], batch_size: int = 1, chunk: int = 256) -> dict:
+    """Per-token KL(p_teacher || p_student) in nats: mean over every position whose next label is real (as the
+    training loss counts them: no padding, no position that would predict the first token of the next
+    document), per language and overall. Documents packed in a row are kept apart for both models.
 
     Same formula as ``tasks.perplexity.kl_per_sequence`` (which works on evaluation adapters, not raw rows).
     With a 262k vocabulary one position's fp32 distribution is 1 MiB, so the softmaxes run ``chunk``
     positions at a time.
     """
+    from aetheris.losses import chunked_divergence
+    from aetheris.teacher import teacher_logits
+
     device = next(student.parameters()).device
     per_lang, total, count = {}, 0.0, 0
-    for lang, ids in rows.items():
+    for lang, lang_rows in rows.items():
         s, n = 0.0, 0
-        for start in range(0, len(ids), batch_size):
-            x = ids[start:start + batch_size].to(device)
-            t_logits, s_logits = teacher(input_ids=x).logits, student(x).logits     # (B, T, V)
-            for c in range(0, x.shape[1], chunk):
-                t = torch.log_softmax(t_logits[:, c:c + chunk].float(), -1)
-                q = torch.log_softmax(s_logits[:, c:c + chunk].float(), -1)
-                kl = (t.exp() * (t - q)).sum(-1)                                  # (B, chunk)
-                xs = x[:, c:c + chunk]
-                mask = torch.ones_like(kl, dtype=torch.bool) if pad_id is None else xs != pad_id
-                s, n = s + float(kl[mask].sum()), n + int(mask.sum())
+        for b, mask in _row_batches(lang_rows, batch_size, device):
+            x, doc_ids = b["input_ids"], b.get("doc_ids")
+            t_logits = teacher_logits(teacher, x, doc_ids)
+            s_logits = student(x, doc_ids=doc_ids, attention_mask=b.get("attention_mask")).logits     # (B, T, V)
+            per_pos, m = chunked_divergence(t_logits, s_logits, mask, chunk=chunk)
+            s, n = s + float(per_pos.sum()), n + int(m)
         per_lang[lang] = s / max(n, 1)
         total, count = total + s, count + n
     return {"mean": total / max(count, 1), "per_language": per_lang, "tokens": count}
@@ -396,18 +426,20 @@ def pair_report(teacher, student, pairs, rows: dict[str, Tensor], batch_size: in
     device = next(student.parameters()).device
     dtype = next(student.parameters()).dtype
     acc = [{"err": 0.0, "ref": 0.0, "cos": 0.0, "n": 0} for _ in pairs]
-    for ids in rows.values():
-        for start in range(0, len(ids), batch_size):
-            x = ids[start:start + batch_size].to(device)
+    for lang_rows in rows.values():
+        for start in range(0, len(lang_rows["input_ids"]), batch_size):
+            x = lang_rows["input_ids"][start:start + batch_size].to(device)
+            real = lang_rows.get("attention_mask", torch.ones_like(lang_rows["input_ids"]))[start:start + batch_size]
+            real = real.to(device).bool()                                      # padding counts nowhere
             states = hidden_states(teacher, x)
             for a, pm in zip(acc, pairs):
                 h_in, target = states[pm.first].to(dtype), states[pm.last + 1].to(dtype)
-                out, _ = pair_forward(student, pm.pair, h_in)
-                ds, dt = (out - h_in).float(), (target - h_in).float()
+                out, _ = pair_forward(student, pm.pair, h_in, pad_mask=real)
+                ds, dt = (out - h_in).float()[real], (target - h_in).float()[real]  # (n_real, D)
                 a["err"] += float((ds - dt).square().sum())
                 a["ref"] += float(dt.square().sum())
                 a["cos"] += float(torch.nn.functional.cosine_similarity(ds, dt, dim=-1).sum())
-                a["n"] += ds.shape[0] * ds.shape[1]
+                a["n"] += ds.shape[0]
     return [{"pair": pm.pair, "teacher_layers": [pm.first, pm.last], "init_layer": pm.init,
              "relative_error": math.sqrt(a["err"] / max(a["ref"], 1e-30)), "nmse": a["err"] / max(a["ref"], 1e-30),
              "cosine": a["cos"] / max(a["n"], 1)} for a, pm in zip(acc, pairs)]
@@ -461,7 +493,6 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     run_cfg = RunConfig(model=scfg, tokenizer=cfg.tokenizer, data=cfg.data, train=cfg.train)
     data, tokenizer = build_data(run_cfg, lambda _docs: tokenizer, log)
     rows = report_rows(data.val, cfg.align.report_rows_per_language)
-    pad_id = None if cfg.data.pack else tokenizer.pad_token_id
 
     # 2. Transfer, and the two reference points: random init vs right after transfer.
     torch.manual_seed(cfg.transfer.seed)
@@ -474,10 +505,10 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     report: dict[str, Any] = {"teacher": cfg.teacher.name, "student_config": scfg.to_dict(),
                               "layer_map": [dataclasses.asdict(p) for p in pairs],
                               "heldout_rows": {k: len(v) for k, v in rows.items()}}
-    report["kl_random_init"] = heldout_kl(teacher, random_student.to(device).eval(), rows, pad_id)
+    report["kl_random_init"] = heldout_kl(teacher, random_student.to(device).eval(), rows)
     del random_student
     student.to(device).eval()
-    report["kl_after_transfer"] = heldout_kl(teacher, student, rows, pad_id)
+    report["kl_after_transfer"] = heldout_kl(teacher, student, rows)
     report["layers_after_transfer"] = pair_report(teacher, student, pairs, rows)
     log(f"KL(teacher||student) on held-out text: random init {report['kl_random_init']['mean']:.4f}, "
         f"after transfer {report['kl_after_transfer']['mean']:.4f} nats/token")
@@ -501,7 +532,7 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
 
     # 4. After alignment.
     student.eval()
-    report["kl_after_align"] = heldout_kl(teacher, student, rows, pad_id)
+    report["kl_after_align"] = heldout_kl(teacher, student, rows)
     report["layers_after_align"] = pair_report(teacher, student, pairs, rows)
     report["steps"] = result.step
     report["mixer_only_steps"] = mixer_only_steps
@@ -639,10 +670,13 @@ def make_kd_loss(teacher, *, kind: str, temperature: float, chunk: int, w_kl: fl
     ``w_ce·CE + aux`` (SFT without a teacher).
     """
     from aetheris.losses import chunked_divergence, chunked_topk_divergence, per_group_mean, valid_positions
+    from aetheris.teacher import teacher_logits
 
     def kd_loss(model, batch: dict) -> tuple[Tensor, dict]:
-        x, labels = batch["input_ids"], batch["labels"]
-        out = model(x, labels=labels)  # one sequence per row, as the teacher sees it (no doc_ids)
+        x, labels, doc_ids = batch["input_ids"], batch["labels"], batch.get("doc_ids")
+        # Packed documents are kept apart on both sides: the student resets its state at every document
+        # (doc_ids), the teacher attends within each document only (``teacher.teacher_logits``).
+        out = model(x, labels=labels, doc_ids=doc_ids, attention_mask=batch.get("attention_mask"))
         metrics = {"ce": out.ce_loss.detach(), "aux": out.aux_loss.detach()}
         loss = w_ce * out.ce_loss + out.aux_loss
         cached = "t_values" in batch
@@ -654,7 +688,7 @@ def make_kd_loss(teacher, *, kind: str, temperature: float, chunk: int, w_kl: fl
                                                  temperature, chunk)                              # (B, T)
         else:
             with torch.no_grad():
-                t_logits = teacher(input_ids=x).logits
+                t_logits = teacher_logits(teacher, x, doc_ids)
             per_pos, n = chunked_divergence(t_logits, out.logits, mask, kind, temperature, chunk)  # (B, T)
         kl = per_pos.sum() / n.clamp_min(1)
         metrics["kl"] = kl.detach()
@@ -733,26 +767,25 @@ def cache_source(cfg: DistillConfig, teacher_config, tokenizer) -> dict:
             "teacher_config": {key: getattr(teacher_config, key, None) for key in arch},
             "teacher_dtype": str(_resolve_dtype(cfg.teacher.dtype)).removeprefix("torch."),
             "tokenizer_vocab": vocab_hash(tokenizer), "seq_len": cfg.data.seq_len, "data": to_dict(cfg.data),
-            "balance": cfg.kl.balance, "seed": cfg.kl.train.seed}
+            "balance": cfg.kl.balance, "seed": cfg.kl.train.seed,
+            "documents": "kept apart"}  # caches written before the teacher kept packed documents apart are refused
 
 
 @torch.no_grad()
-def heldout_kl_cached(student, heldout: dict[str, dict[str, Tensor]], pad_id: int | None = None,
+def heldout_kl_cached(student, heldout: dict[str, dict[str, Tensor]], rows: dict[str, dict[str, Tensor]],
                       batch_size: int = 1, chunk: int = 256) -> dict:
     """``heldout_kl`` against a teacher cache's held-out rows: the top-k approximation of KL(teacher || student)
-    (exact at k = V), over the same positions (every non-pad one)."""
+    (exact at k = V), over the same positions. ``rows`` are the run's own report rows (``report_rows``; their
+    ids equal the cache's), which carry the labels and document ids."""
     from aetheris.losses import chunked_topk_divergence
 
     device = next(student.parameters()).device
     per_lang, total, count = {}, 0.0, 0
-    for lang, rows in heldout.items():
+    for lang, cached in heldout.items():
         s, n = 0.0, 0
-        for start in range(0, len(rows["input_ids"]), batch_size):
-            b = {key: v[start:start + batch_size].to(device) for key, v in rows.items()}
-            x = b["input_ids"]
-            mask = torch.ones_like(x, dtype=torch.bool) if pad_id is None else x != pad_id
-            per_pos, m = chunked_topk_divergence(b["t_values"], b["t_ids"], b["t_tail"], student(x).logits, mask,
-                                                 chunk=chunk)
+        for b, mask in _row_batches({**rows[lang], **cached}, batch_size, device):
+            logits = student(b["input_ids"], doc_ids=b.get("doc_ids"), attention_mask=b.get("attention_mask")).logits
+            per_pos, m = chunked_topk_divergence(b["t_values"], b["t_ids"], b["t_tail"], logits, mask, chunk=chunk)
             s, n = s + float(per_pos.sum()), n + int(m)
         per_lang[lang] = s / max(n, 1)
         total, count = total + s, count + n
@@ -786,7 +819,8 @@ def prepare_cache(cfg: DistillConfig, teacher, data, tokenizer, teacher_config, 
     k = min(kc.cache_k, teacher_config.vocab_size)
     meta = check_cache(folder, {"k": k, "temperature": kc.temperature, "dtype": kc.cache_dtype, **source})
     heldout = load_heldout(folder) or {}
-    same = sorted(heldout) == sorted(rows) and all(torch.equal(heldout[lang]["input_ids"], rows[lang]) for lang in rows)
+    same = sorted(heldout) == sorted(rows) and all(torch.equal(heldout[lang]["input_ids"], rows[lang]["input_ids"])
+                                                   for lang in rows)
     if not same:
         raise CacheMismatchError(f"the teacher cache {folder} holds other held-out rows than this run "
                                  f"(kl.report_rows_per_language={kc.report_rows_per_language}, data settings): point "
@@ -826,7 +860,8 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
     lang_family = torch.tensor([families.index(group_of(lang)) for lang in languages])
     dro = FamilyDRO(families, kc.dro_step) if kc.dro else None
     rows = report_rows(data.val, kc.report_rows_per_language)
-    pad_id = None if cfg.data.pack else tokenizer.pad_token_id
+    if teacher is not None and cfg.data.pack:
+        check_documents_kept_apart(teacher)  # packed rows: the teacher must score each document alone
     report: dict[str, Any] = {"teacher": cfg.teacher.name, "init": str(init), "kind": kc.kind,
                               "temperature": kc.temperature, "balance": kc.balance, "dro": kc.dro,
                               "sampling": dict(zip(languages, map(float, data.stream.probs)))}
@@ -842,10 +877,10 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
                            "kl_measure": "top-k approximation (exact at k = vocab size)"}
 
         def measure(student):
-            return heldout_kl_cached(student, heldout, pad_id, chunk=kc.chunk)
+            return heldout_kl_cached(student, heldout, rows, chunk=kc.chunk)
     else:
         def measure(student):
-            return heldout_kl(teacher, student, rows, pad_id, chunk=kc.chunk)
+            return heldout_kl(teacher, student, rows, chunk=kc.chunk)
 
     # 2. Before: the previous stage's student against the teacher on held-out text.
     if teacher is not None:
@@ -926,7 +961,8 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
         lm_data, _ = build_data(run_cfg, lambda _docs: tokenizer, log)
         data = dataclasses.replace(data, stream=ReplayMix(data.stream, lm_data.stream, sc.replay_every))
         kl_rows = report_rows(lm_data.val, cfg.kl.report_rows_per_language)
-    pad_id = None if cfg.data.pack else tokenizer.pad_token_id
+    if kl_rows is not None and cfg.data.pack:
+        check_documents_kept_apart(teacher)  # replayed stage-2 rows are packed
     held_out = generate_examples(sc.eval_languages, split="test", per_language=sc.eval_per_language, seed=sc.train.seed,
                                  tools_offered=sc.eval_tools_offered)
     # The held-out prompts (tool schemas + request) may be longer than the training rows; the guard grows to them.
@@ -944,7 +980,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     if kl_rows is not None:
         teacher.to(device)
         report["replay_every"] = sc.replay_every
-        report["kl_before"] = heldout_kl(teacher, student, kl_rows, pad_id, chunk=sc.chunk)
+        report["kl_before"] = heldout_kl(teacher, student, kl_rows, chunk=sc.chunk)
     loss_fn = make_sft_loss(teacher, sc)
     result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
                    frozen={"teacher": teacher} if teacher is not None else None, resume=resume)
@@ -952,7 +988,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
     report["toolcall_after"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
     report["toolcall_loss_after"] = toolcall_loss(student, tokenizer, held_out)
     if kl_rows is not None:
-        report["kl_after"] = heldout_kl(teacher, student, kl_rows, pad_id, chunk=sc.chunk)
+        report["kl_after"] = heldout_kl(teacher, student, kl_rows, chunk=sc.chunk)
         log(f"stage 3: held-out KL(teacher||student) {report['kl_before']['mean']:.4f} -> "
             f"{report['kl_after']['mean']:.4f} nats/token (replay every {sc.replay_every} steps)")
     report["steps"] = result.step

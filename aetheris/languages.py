@@ -17,6 +17,13 @@ Grouping choices (explicit, because they change the equity score):
   use), Urdu ``Arab`` (Nastaliq style), Korean ``Kore``.
 - **Resource class** is the Joshi class as an int; as a group label it reads ``"class 3"``.
 
+- **FineWeb-2 configs** (``Language.fineweb2``, the ``config`` of ``HuggingFaceFW/fineweb-2``) are
+  GlotLID labels, ISO 639-3 + script, and differ from the registry where GlotLID does: Persian is
+  ``fas_Arab`` (macrolanguage), Tagalog/Filipino ``fil_Latn``, Korean ``kor_Hang``, and Chinese is one
+  ``cmn_Hani`` for Simplified and Traditional alike (FineWeb-2 does not split the scripts; ``zh`` and
+  ``zh-Hant`` share it) and ``yue_Hani`` for Cantonese. English is not in FineWeb-2 (it is FineWeb):
+  ``None``.
+
 API: ``LANGUAGES`` (tuple, TSV order), ``get_language(code)`` (ISO 639-1 / project code or
 ISO 639-3), ``group_of(code, level)``, ``groups(level, codes=None)`` and ``GROUP_LEVELS``.
 """
@@ -44,6 +51,7 @@ class Language:
     resource_class: int  # Joshi et al. 2020 class, 0 (left behind) .. 5 (winners)
     glottolog_family: str  # Glottolog's own top-level family, unmodified
     glottocode: str
+    fineweb2: str | None  # config name in HuggingFaceFW/fineweb-2 (None: English, which is in FineWeb)
 
 
 # (iso1, iso639_3, name, script as in the TSV, Glottolog family, branch, region, Joshi class, glottocode)
@@ -120,6 +128,22 @@ _ROWS = (
     ("pcm", "pcm", "Nigerian Pidgin", "Latn", "Indo-European", "English-lexifier creole (West African Pidgin English)", "Africa", 0, "nige1257"),
 )
 
+# FineWeb-2 config per language (see the module docstring for where it differs from iso3 + script).
+FINEWEB2 = {
+    "en": None, "nl": "nld_Latn", "fr": "fra_Latn", "it": "ita_Latn", "pt": "por_Latn", "ro": "ron_Latn",
+    "es": "spa_Latn", "cs": "ces_Latn", "pl": "pol_Latn", "uk": "ukr_Cyrl", "ru": "rus_Cyrl", "el": "ell_Grek",
+    "de": "deu_Latn", "da": "dan_Latn", "sv": "swe_Latn", "no": "nob_Latn", "ca": "cat_Latn", "gl": "glg_Latn",
+    "cy": "cym_Latn", "ga": "gle_Latn", "eu": "eus_Latn", "hr": "hrv_Latn", "lv": "lvs_Latn", "lt": "lit_Latn",
+    "sk": "slk_Latn", "sl": "slv_Latn", "et": "ekk_Latn", "fi": "fin_Latn", "hu": "hun_Latn", "sr": "srp_Cyrl",
+    "bg": "bul_Cyrl", "ar": "arb_Arab", "fa": "fas_Arab", "ur": "urd_Arab", "tr": "tur_Latn", "mt": "mlt_Latn",
+    "he": "heb_Hebr", "hi": "hin_Deva", "mr": "mar_Deva", "bn": "ben_Beng", "gu": "guj_Gujr", "pa": "pan_Guru",
+    "ta": "tam_Taml", "te": "tel_Telu", "ne": "npi_Deva", "tl": "fil_Latn", "ms": "zsm_Latn", "id": "ind_Latn",
+    "vi": "vie_Latn", "jv": "jav_Latn", "km": "khm_Khmr", "th": "tha_Thai", "lo": "lao_Laoo", "zh": "cmn_Hani",
+    "my": "mya_Mymr", "ja": "jpn_Jpan", "ko": "kor_Hang", "am": "amh_Ethi", "ha": "hau_Latn", "ig": "ibo_Latn",
+    "mg": "plt_Latn", "sn": "sna_Latn", "sw": "swh_Latn", "wo": "wol_Latn", "xh": "xho_Latn", "yo": "yor_Latn",
+    "zu": "zul_Latn", "zh-Hant": "cmn_Hani", "yue": "yue_Hani", "pcm": "pcm_Latn",
+}
+
 
 def _make(row: tuple) -> Language:
     iso1, iso3, name, script, gfamily, branch, region, joshi, glottocode = row
@@ -139,6 +163,7 @@ def _make(row: tuple) -> Language:
         resource_class=int(joshi),
         glottolog_family=gfamily,
         glottocode=glottocode,
+        fineweb2=FINEWEB2[iso1],
     )
 
 

@@ -192,9 +192,16 @@ class MoE(nn.Module):
             weights = top_p                                                      # Switch: p_i * E_i(x)
         return logits, weights, top_i
 
-    def aux_loss(self, logits: Tensor, top_i: Tensor) -> Tensor:
-        """Switch load balancing alpha*E*sum_i f_i*P_i plus router z-loss; each scaled exactly once."""
+    def aux_loss(self, logits: Tensor, top_i: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Switch load balancing alpha*E*sum_i f_i*P_i plus router z-loss; each scaled exactly once.
+
+        valid (M,) bool: the real tokens; padding takes no part in the balance or the z-loss.
+        """
         E = self.cfg.n_experts
+        if valid is not None:
+            logits, top_i = logits[valid], top_i[valid]
+            if logits.shape[0] == 0:
+                return logits.new_zeros(())
         probs = logits.softmax(-1)
         f = torch.bincount(top_i.flatten(), minlength=E).float() / top_i.numel()  # fraction routed
         P_mean = probs.mean(0)                                                  # mean router prob
@@ -212,8 +219,9 @@ class MoE(nn.Module):
             outs.append(F.linear(h, self.w_down[e]))                                 # (m_e, D)
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
 
-    def dispatch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (M, D) -> output (M, D), router logits (M, E), expert indices (M, K)."""
+    def dispatch(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x (M, D) -> output (M, D), router logits (M, E), expert indices (M, K). valid (M,) bool marks the
+        real tokens that the reported expert load counts (padding is routed too, but not counted)."""
         K = self.cfg.top_k
         logits, weights, top_i = self.route(x)
         # 1. Sort the M*K (token, expert) assignments by expert.
@@ -225,14 +233,21 @@ class MoE(nn.Module):
         ys = self.experts(x[token_of], counts.tolist())               # (M*K, D)
         # 3. Weight and scatter back to token order (adds the K contributions of each token).
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, ys)
-        self.last_load = counts.detach().float() / flat_e.numel()
+        # The output takes the experts' dtype, not x's: under autocast x (a norm output) is fp32 while the
+        # expert matmuls return bf16, and index_add_ needs one dtype on both sides.
+        out = ys.new_zeros(x.shape[0], ys.shape[-1]).index_add_(0, token_of, ys)
+        if valid is None:
+            self.last_load = counts.detach().float() / flat_e.numel()
+        else:
+            real = top_i[valid].flatten()
+            self.last_load = torch.bincount(real, minlength=self.cfg.n_experts).float() / max(real.numel(), 1)
         return out, logits, top_i
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) -> (B, T, D) and the (already scaled) aux loss."""
-        out, logits, top_i = self.dispatch(x.reshape(-1, x.shape[-1]))
-        return out.view(x.shape), self.aux_loss(logits, top_i)
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> (B, T, D) and the (already scaled) aux loss. pad_mask (B, T): True at real tokens."""
+        valid = pad_mask.reshape(-1) if pad_mask is not None else None
+        out, logits, top_i = self.dispatch(x.reshape(-1, x.shape[-1]), valid)
+        return out.view(x.shape), self.aux_loss(logits, top_i, valid)
 
     def step(self, x: Tensor) -> Tensor:
         """Decoding: x (B, D) -> (B, D). Same routing, no aux loss.
@@ -269,7 +284,7 @@ class Block(nn.Module):
         if self.kind == "S":
             y, state = self.mixer(self.norm(h), seg, pad_mask)
             return h + y, h.new_zeros(()), state
-        y, aux = self.mixer(self.norm(h))
+        y, aux = self.mixer(self.norm(h), pad_mask)
         return h + y, aux, None
 
     def step(self, h: Tensor, state: SSMState | None) -> Tensor:
@@ -289,7 +304,7 @@ class ParallelPair(nn.Module):
     def forward(self, h: Tensor, seg: Tensor | None, pad_mask: Tensor | None) -> tuple[Tensor, Tensor, SSMState]:
         n = self.norm(h)
         y, state = self.ssm(n, seg, pad_mask)
-        m, aux = self.moe(n)
+        m, aux = self.moe(n, pad_mask)
         return h + y + m, aux, state
 
     def step(self, h: Tensor, state: SSMState) -> Tensor:

@@ -392,9 +392,11 @@ class SFTStream:
 def pad_row(ids: list[int], labels: list[int], seq_len: int, pad_id: int, lang_index: int = 0) -> dict[str, np.ndarray]:
     n = min(len(ids), seq_len)
     row = {"input_ids": np.full(seq_len, pad_id, dtype=np.int64), "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int64),
-           "doc_ids": np.zeros(seq_len, dtype=np.int64), "lang_ids": np.full(seq_len, lang_index, dtype=np.int64)}
+           "doc_ids": np.zeros(seq_len, dtype=np.int64), "lang_ids": np.full(seq_len, lang_index, dtype=np.int64),
+           "attention_mask": np.zeros(seq_len, dtype=np.int64)}
     row["input_ids"][:n], row["labels"][:n] = ids[:n], labels[:n]
     row["doc_ids"][n:] = 1  # padding is its own document
+    row["attention_mask"][:n] = 1  # padding counts in no loss and no MoE statistic
     return row
 
 
@@ -421,7 +423,7 @@ def build_sft_data(sources: list[dict], tokenizer, seq_len: int, *, temperature:
         if len(rows) > 2 * val_per_language and val_per_language:
             held, by_lang[lang] = rows[:val_per_language], rows[val_per_language:]
             padded = [pad_row(i, lab, seq_len, pad) for i, lab in held]
-            val[lang] = {k: np.stack([p[k] for p in padded]) for k in ("input_ids", "labels", "doc_ids")}
+            val[lang] = {k: np.stack([p[k] for p in padded]) for k in ("input_ids", "labels", "doc_ids", "attention_mask")}
     stream = SFTStream(by_lang, seq_len, temperature=temperature, seed=seed, pad_id=pad)
     return TrainData(stream, val, malformed)
 

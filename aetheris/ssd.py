@@ -41,7 +41,8 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
 
     x (B, T, G, P), dt (B, T, H), A (H,) negative, B (B, T, G, N), C (B, T, H, N),
     seg (B, T) non-decreasing segment index (``segment_index``) or None, initial_state (B, H, P, N) or None.
-    Returns y (B, T, H, P) and the final state (B, H, P, N), both in x's dtype.
+    Returns y (B, T, H, P) in x's dtype and the final state (B, H, P, N) in the scan's own dtype (fp32, or
+    wider for wider x): the state is carried into decoding, where a bf16 rounding would persist.
 
     Here the inputs are padded, x, B and dt laid out chunk-major and the decays summed;
     ``_ChunkScan`` does the scan itself, in blocks of chunks, with a hand-written backward. Every
@@ -93,7 +94,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     C6 = C.reshape(b, c, L, G, R, N)                                      # blocks copy their own chunks
     y, S = _ChunkScan.apply(xT, Bg, C6, dtg, A_cum, S0, same_doc, keep_state, keep_carry, keep_chunk)
     y = y.view(b, c * L, H, P)[:, :T]                                       # head = g*R + r
-    return y.to(dtype), S.to(dtype)
+    return y.to(dtype), S
 
 
 def _rowdot(u: Tensor, v: Tensor) -> Tensor:
@@ -325,7 +326,7 @@ def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   seg: Tensor | None = None, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The recurrence as a plain loop over time: the ground truth for ``ssd_chunked``.
 
-    Same arguments and results as ``ssd_chunked``. Iterates over ``unbind`` views and stacks the
+    Same arguments and results as ``ssd_chunked`` (y in x's dtype, the final state in fp32 or wider). Iterates over ``unbind`` views and stacks the
     outputs, so its backward stays linear in T (writing into a preallocated ``y[:, t]`` does not).
     """
     b, T, G, P = x.shape
@@ -346,7 +347,7 @@ def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
             prev_seg = seg[:, t]
         S = a[:, :, None, None] * S + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", S, C_t))
-    return torch.stack(ys, dim=1).to(dtype), S.to(dtype)
+    return torch.stack(ys, dim=1).to(dtype), S
 
 
 def causal_conv(u: Tensor, weight: Tensor, bias: Tensor | None, seg: Tensor | None = None,

@@ -102,6 +102,60 @@ def load_teacher(name_or_path: str = DEFAULT_TEACHER, dtype: str | torch.dtype =
     return freeze(model.to(device))
 
 
+def document_positions(doc_ids: Tensor) -> Tensor:
+    """(B, T) document ids of packed rows -> (B, T) positions that restart at 0 at every document start."""
+    T = doc_ids.shape[1]
+    index = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)             # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values  # start of each token's document
+    return index - first
+
+
+def teacher_logits(model: nn.Module, input_ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+    """The teacher's logits (B, T, V) with the documents of packed rows kept apart.
+
+    Positions restart at every document (``document_positions``). Without a cache or a 2-D attention mask,
+    transformers 5's mask builders (``masking_utils``, used by Cohere2 and Llama) read restarting positions
+    as packed sequences and builds a block-diagonal causal mask for every layer type, the sliding
+    window counted within each document; RoPE sees each document's own positions. So every document is
+    scored as if it were alone (``check_documents_kept_apart`` verifies this on the loaded teacher).
+    """
+    if doc_ids is None or bool((doc_ids == doc_ids[:, :1]).all()):
+        return model(input_ids=input_ids, use_cache=False).logits
+    return model(input_ids=input_ids, position_ids=document_positions(doc_ids), use_cache=False).logits
+
+
+class DocumentMaskError(ValueError):
+    """The teacher cannot keep packed documents apart."""
+
+
+@torch.no_grad()
+def check_documents_kept_apart(model: nn.Module, setting: str = "data.pack") -> None:
+    """Refuse packed distillation with a teacher that lets one document see another.
+
+    Scores a probe document after another one in a packed row and alone: kept apart, the two agree to rounding.
+    The bar is relative to how much the previous document moves the probe's logits when nothing separates them,
+    so it holds in bf16 as well as in fp32. Cost: three forwards over 48 tokens.
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    first, probe = torch.randint(3, vocab, (1, 24), generator=g), torch.randint(3, vocab, (1, 24), generator=g)
+    row = torch.cat([first, probe], 1).to(device)
+    doc_ids = torch.tensor([[0] * 24 + [1] * 24], device=device)
+    alone = model(input_ids=probe.to(device), use_cache=False).logits.float()
+    apart = teacher_logits(model, row, doc_ids)[:, 24:].float()
+    across = model(input_ids=row, use_cache=False).logits[:, 24:].float()
+    leak, error = float((across - alone).abs().max()), float((apart - alone).abs().max())
+    if error > 0.05 * leak:
+        attn = getattr(model.config, "_attn_implementation", None)
+        raise DocumentMaskError(
+            f"{setting}=true but this teacher (attn_implementation={attn!r}) does not keep packed documents apart "
+            f"(a document's logits move by {error:.3g} with the document before it, {leak:.3g} with no separation): "
+            f"set {setting}=false (one document per row), or load the teacher with attn_implementation 'sdpa' or 'eager'")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The teacher's decoder layers (``model.model.layers`` for every supported architecture)."""
     return model.model.layers

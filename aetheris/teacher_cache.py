@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aetheris.losses import topk_teacher
+from aetheris.teacher import teacher_logits
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -48,9 +49,10 @@ def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
 
 
-def _teacher_fields(teacher, ids: torch.Tensor, k: int, temperature: float, dtype: torch.dtype) -> dict:
+def _teacher_fields(teacher, ids: torch.Tensor, k: int, temperature: float, dtype: torch.dtype,
+                    doc_ids: torch.Tensor | None = None) -> dict:
     device = next(teacher.parameters()).device
-    logits = teacher(input_ids=ids.to(device)).logits
+    logits = teacher_logits(teacher, ids.to(device), doc_ids.to(device) if doc_ids is not None else None)
     values, t_ids, tail = topk_teacher(logits, k, temperature)
     return {"t_values": values.to(dtype).cpu(), "t_ids": t_ids.int().cpu(), "t_tail": tail.float().cpu()}
 
@@ -60,7 +62,8 @@ def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, 
                 batch_size: int = 8, shard_rows: int = 1024, dtype: str = "float16", source: dict | None = None,
                 heldout: dict[str, torch.Tensor] | None = None, tokenizer_hash: str | None = None, log=None) -> Path:
     """Draw ``rows`` rows from ``stream`` (``next_batch``, in order) and store them with the teacher's top-k;
-    ``heldout`` ({lang: (n, T) ids}) is stored beside them; ``source`` records what the cache was built from."""
+    ``heldout`` ({lang: (n, T) ids}, or {lang: {input_ids, doc_ids, ...}} for packed rows) is stored beside them;
+    ``source`` records what the cache was built from. Packed documents are kept apart (``teacher.teacher_logits``)."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"cache dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
     if rows < 1:
@@ -85,7 +88,7 @@ def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, 
     while done < rows:
         n = min(batch_size, rows - done, shard_rows - sum(int(p["input_ids"].shape[0]) for p in pending))
         batch = {key: torch.as_tensor(v) for key, v in stream.next_batch(n).items()}
-        fields = _teacher_fields(teacher, batch["input_ids"], k, temperature, store)
+        fields = _teacher_fields(teacher, batch["input_ids"], k, temperature, store, batch.get("doc_ids"))
         vocab = vocab or fields["t_values"].shape[-1]
         pending.append({**{key: v.contiguous() for key, v in batch.items()}, **fields})
         done += n
@@ -98,11 +101,16 @@ def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, 
             "rows": rows, "shards": shards, "tokenizer_hash": tokenizer_hash, "source": source or {}}
     if heldout:
         langs = sorted(heldout)
-        ids = torch.cat([heldout[lang] for lang in langs])
-        index = torch.cat([torch.full((len(heldout[lang]),), i, dtype=torch.long) for i, lang in enumerate(langs)])
-        parts = [_teacher_fields(teacher, ids[i:i + batch_size], k, temperature, store)
+        heldout = {lang: v if isinstance(v, dict) else {"input_ids": v} for lang, v in heldout.items()}
+        ids = torch.cat([heldout[lang]["input_ids"] for lang in langs])
+        docs = torch.cat([heldout[lang].get("doc_ids", torch.zeros_like(heldout[lang]["input_ids"])) for lang in langs])
+        index = torch.cat([torch.full((len(heldout[lang]["input_ids"]),), i, dtype=torch.long) for i, lang in enumerate(langs)])
+        parts = [_teacher_fields(teacher, ids[i:i + batch_size], k, temperature, store, docs[i:i + batch_size])
                  for i in range(0, len(ids), batch_size)]
         blob = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        for key in ("labels", "doc_ids", "attention_mask"):  # what the held-out KL masks and separates by
+            if all(key in heldout[lang] for lang in langs):
+                blob[key] = torch.cat([heldout[lang][key] for lang in langs]).long().contiguous()
         save_file({"input_ids": ids.contiguous(), "lang_index": index, **blob}, str(tmp / "heldout.safetensors"))
         meta["heldout_languages"] = langs
     (tmp / "cache.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -140,7 +148,8 @@ def _normal(value):
 
 
 def load_heldout(folder: str | Path) -> dict[str, dict[str, torch.Tensor]] | None:
-    """The cached held-out rows per language ({lang: {input_ids, t_values, t_ids, t_tail}}), or None."""
+    """The cached held-out rows per language ({lang: {input_ids, t_values, t_ids, t_tail}, plus labels, doc_ids
+    and attention_mask when they were given}), or None."""
     meta = read_meta(folder)
     path = Path(folder) / "heldout.safetensors"
     if not path.is_file():

@@ -149,6 +149,8 @@ class RunConfig:
                 raise ConfigError(f"train.{name}={getattr(t, name)!r} must be a positive integer")
         if t.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"train.schedule={t.schedule!r}: choose cosine, wsd or constant")
+        if t.mixed_precision is False:  # YAML reads a bare `no` as false
+            t.mixed_precision = "no"
         if t.mixed_precision not in ("auto", "bf16", "no"):
             raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or no")
         if self.data.seq_len > self.model.max_seq_len:
@@ -185,7 +187,7 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Next-token cross-entropy + MoE aux loss: the from-scratch objective (and the loss_fn contract)."""
-    out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+    out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"], attention_mask=batch.get("attention_mask"))
     metrics = {"ce": out.ce_loss.detach(), "aux": out.aux_loss.detach()}
     if out.expert_load is not None:
         metrics["expert_load"] = out.expert_load.detach()
@@ -428,11 +430,17 @@ def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
     """The run's Accelerator: mixed precision and tracker from ``t``; ``ddp_options`` (e.g.
     ``find_unused_parameters=True``) go to DistributedDataParallel when the run has several processes."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
     precision = t.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        # Accelerate keeps one process-wide precision and refuses another; the stages of one `aetheris distill`
+        # may each choose theirs. Forget the old setting only (the process group stays).
+        AcceleratorState._reset_state()
     tracker = None if t.tracker in (None, "", "none") else t.tracker
     handlers = [DistributedDataParallelKwargs(**ddp_options)] if ddp_options else None
     return Accelerator(mixed_precision=precision, log_with=tracker, project_dir=str(Path(t.out_dir)), cpu=multi_process_cpu(),

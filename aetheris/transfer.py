@@ -11,7 +11,8 @@ Sources: MambaInLlama (Wang et al. 2024) for attention -> SSM, sparse upcycling 
 
        C <- W_Q·s (H*N rows)     B <- W_K   (G*N rows)     x <- W_V   (G*P rows)     out_proj <- W_O
        (s = the teacher's attention scaling head_dim^-1/2, or 1 with attention_scale=False)
-       z rows 0 (with gate="sigmoid": y * 2*sigmoid(0) = y, a pass-through gate)
+       z rows 0 (with gate="sigmoid": y * 2*sigmoid(0) = y, a pass-through gate; gate="silu" would give
+       y * silu(0) = 0, dead mixers, so the transfer refuses it and ``student_config`` defaults to sigmoid)
        dt rows 0, dt_bias / A_log: Mamba-2 defaults or from the teacher's attention span
        conv: identity (last tap 1, others 0, bias 0);  D = 0
        every expert <- the teacher's SwiGLU MLP (optionally perturbed);  router ~ N(0, router_std)
@@ -79,7 +80,8 @@ def layer_map(n_teacher_layers: int, n_pairs: int | None = None, init: str = "la
 def student_config(teacher_config, n_pairs: int | None = None, parallel_pairs: bool = False,
                    **overrides) -> AetherisConfig:
     """The student's AetherisConfig derived from the teacher's HF config; ``overrides`` set other fields
-    (n_experts, top_k, gate, ...) but not the ones the transfer needs to match the teacher."""
+    (n_experts, top_k, gate, ...) but not the ones the transfer needs to match the teacher. The gate defaults
+    to sigmoid, the one the transfer's zeroed z rows pass through."""
     model_type = check_supported(teacher_config)
     tc = teacher_config
     n_pairs = default_pairs(tc.num_hidden_layers) if n_pairs is None else n_pairs
@@ -99,7 +101,7 @@ def student_config(teacher_config, n_pairs: int | None = None, parallel_pairs: b
                                                      "eos_token_id", "pad_token_id"})
     if clash:
         raise ValueError(f"student fields {', '.join(clash)} follow the teacher and cannot be overridden")
-    return AetherisConfig(**{**derived, **overrides})
+    return AetherisConfig(**{"gate": "sigmoid", **derived, **overrides})
 
 
 def _first(x):
@@ -117,6 +119,9 @@ def check_compatible(teacher_config, cfg: AetherisConfig, pairs: list[PairMap] |
             problems.append(f"{name}={getattr(cfg, name)!r} (teacher needs {getattr(expected, name)!r})")
     if cfg.layer_kinds != "SM" * (cfg.n_layer // 2):
         problems.append(f"layout={cfg.layout!r} (stage 1 needs (S, M) pairs: layout='SM')")
+    if cfg.gate != "sigmoid":
+        problems.append(f"gate={cfg.gate!r} (the transfer zeroes the z rows and silu(0) = 0 would make every "
+                        "transferred mixer output 0; set student.options.gate=sigmoid, which passes them through)")
     if cfg.tie_embeddings and not expected.tie_embeddings:
         problems.append("tie_embeddings=True (the teacher has a separate lm_head; set tie_embeddings=False)")
     if pairs is not None and len(pairs) != cfg.n_layer // 2:

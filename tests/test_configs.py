@@ -88,12 +88,12 @@ def test_overrides_set_one_entry_of_a_dict_field():
 
     path = ROOT / "configs" / "nano-align.yaml"
     shipped = load_distill_config(path).student.options
-    cfg = load_distill_config(path, ["student.options.gate=silu", "student.options.dt_min=1e-3"])
-    assert cfg.student.options == {**shipped, "gate": "silu", "dt_min": 0.001}  # merged into the YAML's mapping
+    cfg = load_distill_config(path, ["student.options.ssm_norm=true", "student.options.dt_min=1e-3"])
+    assert cfg.student.options == {**shipped, "ssm_norm": True, "dt_min": 0.001}  # merged into the YAML's mapping
     # No YAML: the entry goes on top of the field's default, not into an empty mapping.
     assert load_distill_config(None, ["student.options.top_k=2"]).student.options == {**EXACT_TRANSFER, "top_k": 2}
-    # The whole mapping can still be replaced.
-    assert load_distill_config(path, ["student.options={top_k: 2}"]).student.options == {"top_k": 2}
+    # A whole mapping given at once is merged over the exact-transfer defaults too (a gate left out stays sigmoid).
+    assert load_distill_config(path, ["student.options={top_k: 2}"]).student.options == {**EXACT_TRANSFER, "top_k": 2}
 
 
 @pytest.mark.parametrize("override, error", [
@@ -112,14 +112,14 @@ def test_keys_inside_a_typed_dict_field_are_checked_like_any_key(override, error
 
 
 def test_a_typed_dict_field_in_yaml_is_checked_too(tmp_path):
-    from aetheris.distill import load_distill_config
+    from aetheris.distill import EXACT_TRANSFER, load_distill_config
 
     path = tmp_path / "bad.yaml"
     path.write_text("student:\n  options:\n    n_expert: 4\n")
     with pytest.raises(ConfigError, match="unknown config key 'student.options.n_expert'.*did you mean 'student.options.n_experts'"):
         load_distill_config(path)
     path.write_text("student:\n  options:\n    dt_max: 1e-1\n")  # YAML 1.1 reads 1e-1 as a string
-    assert load_distill_config(path).student.options == {"dt_max": 0.1}
+    assert load_distill_config(path).student.options == {**EXACT_TRANSFER, "dt_max": 0.1}
 
 
 @dataclass

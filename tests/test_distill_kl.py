@@ -97,7 +97,8 @@ def test_small_k_cache_lowers_heldout_kl_and_a_mismatched_cache_is_refused(teach
     assert json.loads((cache / "cache.json").read_text())["k"] == 8
     assert report["cache"]["k"] == 8
     # judged by the full KL against the real teacher on the held-out rows, not only by the cache's lower bound
-    rows = {lang: v["input_ids"] for lang, v in load_heldout(cache).items()}
+    keys = ("input_ids", "labels", "doc_ids", "attention_mask")
+    rows = {lang: {key: v[key] for key in keys} for lang, v in load_heldout(cache).items()}
     before = heldout_kl(tiny_cohere2_teacher, load_model(start_student).eval(), rows)["mean"]
     after = heldout_kl(tiny_cohere2_teacher, load_model(tmp_path / "k8" / "student").eval(), rows)["mean"]
     assert after < before

@@ -74,3 +74,20 @@ def test_embedded_table_equals_tsv():
         else:
             assert lang.branch == row["branch"]
             assert lang.family in (row["glottolog_family"], CREOLE_FAMILY)
+
+
+def test_every_language_has_its_fineweb2_config():
+    import re
+
+    # FineWeb-2 names a config by its GlotLID label: ISO 639-3 + ISO 15924 script. Where that differs from the
+    # registry's code + primary script, the difference is deliberate (see the languages module docstring).
+    differs = {"fa": "fas_Arab", "tl": "fil_Latn", "ko": "kor_Hang", "zh": "cmn_Hani", "zh-Hant": "cmn_Hani",
+               "yue": "yue_Hani"}
+    for lang in LANGUAGES:
+        if lang.iso1 == "en":
+            assert lang.fineweb2 is None  # English is FineWeb, not FineWeb-2
+            continue
+        assert re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", lang.fineweb2), lang
+        assert lang.fineweb2 == differs.get(lang.iso1, f"{lang.iso3}_{lang.script}"), lang
+    assert {get_language(c).fineweb2 for c in ("sw", "ar", "ne", "ms", "et", "lv", "mg")} == {
+        "swh_Latn", "arb_Arab", "npi_Deva", "zsm_Latn", "ekk_Latn", "lvs_Latn", "plt_Latn"}

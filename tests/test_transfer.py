@@ -232,3 +232,20 @@ def test_expert_noise_makes_experts_differ_but_stay_close(tiny_cohere2_teacher):
     w = tiny_cohere2_teacher.model.layers[1].mlp.up_proj.weight
     assert not torch.equal(moe.w_up[0], moe.w_up[1])
     assert float((moe.w_up - w).detach().std()) == pytest.approx(0.01 * float(w.std()), rel=0.1)
+
+
+def test_transfer_refuses_a_gate_that_kills_the_transferred_mixers(tiny_cohere2_teacher):
+    tcfg = tiny_cohere2_teacher.config
+    # Why: with the z rows zeroed a silu gate multiplies every transferred mixer's output by silu(0) = 0.
+    silu = Aetheris(student_config(tcfg, n_pairs=2, gate="silu"))
+    transfer_rows = pair_modules(silu, 0)[1].in_proj.weight[: silu.cfg.d_inner]
+    assert torch.nn.functional.silu(torch.zeros(1)).item() == 0.0 and transfer_rows.shape[0] > 0
+    with pytest.raises(ValueError, match="gate='silu'.*student.options.gate=sigmoid"):
+        transfer(tiny_cohere2_teacher, silu)
+    # The default student config uses the pass-through gate: its transferred mixers are alive.
+    student = Aetheris(student_config(tcfg, n_pairs=2))
+    assert student.cfg.gate == "sigmoid"
+    transfer(tiny_cohere2_teacher, student)
+    mixer = pair_modules(student, 0)[1]
+    y, _ = mixer(torch.randn(1, 7, tcfg.hidden_size))
+    assert y.abs().max() > 0
