@@ -77,8 +77,8 @@ class DemoConfig:
     """torch CPU threads; 0 = torch's default."""
 
     def __post_init__(self):
-        if self.eval.mgsm_mode not in ("direct", "native_cot"):
-            raise ValueError(f"eval.mgsm_mode={self.eval.mgsm_mode!r}: choose direct or native_cot")
+        if self.eval.mgsm_mode not in ("direct", "native_cot", "en_cot"):
+            raise ValueError(f"eval.mgsm_mode={self.eval.mgsm_mode!r}: choose direct, native_cot or en_cot")
         lines = self.teacher.lines_per_language
         if self.eval.ppl_start < lines:
             raise ValueError(f"eval.ppl_start={self.eval.ppl_start} would score corpus lines the teacher trained on "

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: mGSM prompts/stops/filters equal to lm-eval 0.4.13 (1 differed)
 RESULTS_FORMAT = "aetheris-eval/1"
 
 
@@ -394,7 +394,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--overwrite", action="store_true", help="recompute cached results instead of resuming")
-    parser.add_argument("--mgsm-mode", default="native_cot", choices=["native_cot", "direct"])
+    parser.add_argument("--mgsm-mode", default="native_cot", choices=["native_cot", "direct", "en_cot"],
+                        help="the harness's mgsm_native_cot_* / mgsm_direct_* / mgsm_en_cot_* prompts")
     parser.add_argument("--mgsm-shots", type=int, default=8, help="few-shot exemplars (0-8) before each mGSM question")
     parser.add_argument("--toolcall-file", default=None,
                         help="JSONL of extra tool-calling examples {id, lang, tools, user, expected} (e.g. the generated 70-language set)")
