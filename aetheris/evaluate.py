@@ -273,7 +273,8 @@ def _hash_files(paths) -> str:
 
 def _task_settings(task: str, options: dict, limit) -> dict:
     prefix = {"xcopa_fixed": "xcopa", "ppl": "ppl"}.get(task, task) + "_"
-    settings = {k: v for k, v in sorted(options.items()) if k.startswith(prefix)}
+    settings = {k: v for k, v in sorted(options.items())
+                if k.startswith(prefix) or (task == "bfcl" and k == "toolcall_max_new_tokens")}
     settings["limit"] = limit
     return settings
 
@@ -404,6 +405,9 @@ def add_arguments(parser) -> None:
                              "--no-toolcall-xsid keeps only --toolcall-file")
     parser.add_argument("--toolcall-max-new-tokens", type=int, default=None,
                         help="generation cap per tool-calling request (default 256; a call to these schemas needs < 100)")
+    parser.add_argument("--bfcl-dir", default=None,
+                        help="folder with BFCL's BFCL_v4_simple_python.json, BFCL_v4_multiple.json and possible_answer/ "
+                             "(default: the data of the installed bfcl-eval package)")
     parser.add_argument("--ppl-max-sentences", type=int, default=None,
                         help="sentences per language for perplexity (default: all; --limit also caps it)")
     parser.add_argument("--ppl-start", type=int, default=0,
@@ -419,6 +423,7 @@ def options_from_args(args) -> dict:
         "toolcall_file": str(Path(args.toolcall_file).resolve()) if args.toolcall_file else None,
         "toolcall_xsid": args.toolcall_xsid,
         "toolcall_max_new_tokens": args.toolcall_max_new_tokens,
+        "bfcl_dir": str(Path(args.bfcl_dir).resolve()) if args.bfcl_dir else None,
         "ppl_max_sentences": args.ppl_max_sentences,
         "ppl_start": args.ppl_start,
     }
