@@ -213,7 +213,8 @@ def toolcall_file(run: Run) -> Path:
 def eval_commands(run: Run, model: Path, output: Path, teacher: Path | None) -> list[list[str]]:
     e = run.cfg.eval
     common = ["--model", str(model), "--output", str(output), "--batch-size", str(e.batch_size)]
-    cmds = [["eval", *common, "--tasks", "ppl", "--ppl-start", str(e.ppl_start),
+    # The demo's models trained on the first lines of each language only; --ppl-start skips past them.
+    cmds = [["eval", *common, "--tasks", "ppl", "--ppl-split", "all", "--ppl-start", str(e.ppl_start),
              "--ppl-max-sentences", str(e.ppl_max_sentences), *(["--teacher", str(teacher)] if teacher else [])],
             ["eval", *common, "--tasks", "toolcall", "--toolcall-file", str(run.eval / "toolgen-test.jsonl"),
              "--no-toolcall-xsid", "--toolcall-max-new-tokens", str(e.toolcall_max_new_tokens)]]

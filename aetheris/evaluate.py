@@ -411,7 +411,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ppl-max-sentences", type=int, default=None,
                         help="sentences per language for perplexity (default: all; --limit also caps it)")
     parser.add_argument("--ppl-start", type=int, default=0,
-                        help="skip the first N sentences of each language in the ppl task (keep text a model trained on out)")
+                        help="score ppl sentences from index N on (e.g. past the first lines a model trained on)")
+    parser.add_argument("--ppl-split", default="heldout", choices=["heldout", "all"],
+                        help="heldout: only documents that training holds out (same ids and rule as aetheris.data's "
+                             "split); all: every sentence (for models that never trained on this corpus)")
+    parser.add_argument("--ppl-seed", type=int, default=None,
+                        help="the training run's seed for --ppl-split heldout (default: the checkpoint's recorded seed, else 0)")
+    parser.add_argument("--ppl-val-fraction", type=float, default=None,
+                        help="the training run's data.val_fraction (default: the checkpoint's recorded value, else 0.05)")
     parser.add_argument("--teacher", default=None,
                         help="teacher model for per-token KL(teacher||student) in the ppl task (tokenizers must match)")
 
@@ -426,6 +433,9 @@ def options_from_args(args) -> dict:
         "bfcl_dir": str(Path(args.bfcl_dir).resolve()) if args.bfcl_dir else None,
         "ppl_max_sentences": args.ppl_max_sentences,
         "ppl_start": args.ppl_start,
+        "ppl_split": args.ppl_split,
+        "ppl_seed": args.ppl_seed,
+        "ppl_val_fraction": args.ppl_val_fraction,
     }
 
 
@@ -433,6 +443,17 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     languages = [c.strip() for c in args.languages.split(",")] if args.languages else None
     options = options_from_args(args)
+    if "ppl" in tasks:
+        from aetheris.tasks.perplexity import recorded_training
+
+        # The checkpoint's own training data: its split is the default held-out split, and scored
+        # sentences are checked against it (a leak stops the run before anything is cached).
+        recorded = recorded_training(args.model)
+        if recorded is not None:
+            options["ppl_training"] = recorded
+            options["ppl_seed"] = recorded["seed"] if options["ppl_seed"] is None else options["ppl_seed"]
+            if options["ppl_val_fraction"] is None:
+                options["ppl_val_fraction"] = recorded["val_fraction"]
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be a positive number of examples per language")
     plan = make_plan(tasks, languages, options)  # names and data files are checked before any model loads
