@@ -162,6 +162,12 @@ def test_lm_eval_hf_model_on_the_student_equals_aetheris_eval(student_folder, mg
     assert acc == [float((0 if theirs[2 * i] >= theirs[2 * i + 1] else 1) == doc["label"])
                    for i, doc in enumerate(xcopa.load(lang, {})[:limit])]
 
+    # bf16: with --logsoftmax-dtype model our log-likelihoods equal HFLM's default bf16 arithmetic exactly.
+    harness_bf16 = HFLM(pretrained=str(student_folder), batch_size=1, device="cpu", dtype="bfloat16")
+    ours_bf16 = LM.load(str(student_folder), device="cpu", dtype="bfloat16", batch_size=1, logsoftmax_dtype="model")
+    theirs_bf16 = [ll for ll, _ in harness_bf16.loglikelihood(instances[:10])]
+    assert theirs_bf16 == ours_bf16.loglikelihood([inst.arguments for inst in instances[:10]])
+
     # mgsm_direct, 2 shots: the student generates under lm-eval's HFLM (transformers' generate with
     # the harness's max_length and stopping criteria) exactly what `aetheris eval` generates.
     for lang in ("en", "ja"):
