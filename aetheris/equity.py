@@ -311,15 +311,15 @@ def render_markdown(report: dict) -> str:
     lines += ["", "Drop = teacher - student (positive = the student is worse; for bits per byte, student - teacher). "
               "DES = population variance of the family mean drops (lower = fairer). "
               "Nigerian Pidgin is grouped as its own family (Creole); isolates are their own families.", ""]
-    lines += ["## Summary", "", "| task | metric | teacher vs chance | mean drop | DES | DES noise-corrected | DES 95% CI | "
-              "DES (relative) | DES (branch) | worst family | max-min gap |",
+    lines += ["## Summary", "", "| task | metric | mean drop | DES | DES 95% CI | DES (relative) | DES (branch) | "
+              "worst family | max-min gap | DES noise-corrected | teacher vs chance |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         ci = t["des_ci95"]
         ci_s = f"[{_fmt(ci[0], 5)}, {_fmt(ci[1], 5)}]" if ci else "-"
-        lines.append(f"| {name} | {t['metric']} | {_signal_text(t)} | {_fmt(t['mean_drop'])} | {_fmt(t['des'], 5)} | "
-                     f"{_fmt(t.get('des_corrected'), 5)} | {ci_s} | {_fmt(t['des_relative'], 5)} | {_fmt(t['des_branch'], 5)} | "
-                     f"{t['worst_family']} | {_fmt(t['max_min_gap'])} |")
+        lines.append(f"| {name} | {t['metric']} | {_fmt(t['mean_drop'])} | {_fmt(t['des'], 5)} | {ci_s} | "
+                     f"{_fmt(t['des_relative'], 5)} | {_fmt(t['des_branch'], 5)} | {t['worst_family']} | "
+                     f"{_fmt(t['max_min_gap'])} | {_fmt(t.get('des_corrected'), 5)} | {_signal_text(t)} |")
     quiet = report["summary"].get("no_signal") or []
     if quiet:
         lines += ["", f"**No signal: {', '.join(quiet)}** -- the teacher is not distinguishable from chance, so these "

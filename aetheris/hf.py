@@ -87,6 +87,7 @@ class AetherisForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block", "ParallelPair"]
+    _is_stateful = True  # the recurrent state cannot be rolled back: transformers refuses assisted decoding
 
     def __init__(self, config: AetherisHFConfig):
         super().__init__(config)
@@ -146,7 +147,7 @@ class AetherisForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids: Tensor, cache: AetherisHFCache | None = None,
                                       attention_mask: Tensor | None = None, **kwargs: Any) -> dict:
         """Prefill gets the whole prompt (and its mask); each later step only the tokens the cache has
-        not consumed yet (one, except after assisted decoding)."""
+        not consumed yet (one per step)."""
         if cache is not None:
             return {"input_ids": input_ids[:, cache.seen:], "cache": cache, "use_cache": True}
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
