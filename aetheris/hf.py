@@ -8,8 +8,10 @@ as ``.model``; a checkpoint's tensor names are therefore ``model.<name>``.
 stopping_criteria, logits_processor, generation_config, beam search, sampling, ...) running on the
 recurrent decoder: the first forward (prefill, chunked scan over the prompt) returns an
 ``AetherisHFCache`` holding the fixed-size SSM state, and every later forward gets one token plus that
-cache and takes one O(1) ``Aetheris.step`` -- the way transformers' Mamba-2 carries its state, with our
-own cache class because the state (conv window + SSM state per mixer) is the model's, not a KV cache.
+cache and takes one O(1) ``Aetheris.step``. transformers' own Mamba-2 keeps its conv/SSM states in
+linear-attention cache layers of a ``DynamicCache``; we pass the model's own ``AetherisCache`` instead
+(wrapped with the few methods generate calls: sequence length, beam reordering), so training,
+``aetheris.generation`` and HF tools share one state layout.
 """
 
 from __future__ import annotations
