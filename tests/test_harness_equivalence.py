@@ -10,6 +10,7 @@ Needs the ``harness`` extra (``pip install -e '.[harness]'``); skipped without i
   log-likelihoods and mgsm_direct generations equal ``aetheris eval``'s.
 """
 
+import functools
 import json
 import os
 
@@ -28,13 +29,19 @@ MGSM_FILTERS = {"direct": ("remove_whitespace", "flexible-extract"),
                 "native_cot": ("strict-match", "flexible-extract"), "en_cot": ("strict-match", "flexible-extract")}
 
 
+@functools.lru_cache(maxsize=1)
+def task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()  # indexes every installed task YAML: ~25 s, so once
+
+
 def harness_task(name: str, data_files: dict, num_fewshot: int = 0):
     """The harness's task ``name`` (its YAML, includes and !function utils resolved) reading local files."""
     from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._factory import load_yaml
 
-    cfg = dict(load_yaml(TaskManager()._entry(name).yaml_path, resolve_func=True))
+    cfg = dict(load_yaml(task_manager()._entry(name).yaml_path, resolve_func=True))
     for key in ("tag", "group", "task_list"):
         cfg.pop(key, None)
     cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": data_files},
@@ -174,6 +181,14 @@ def test_lm_eval_hf_model_on_the_student_equals_aetheris_eval(student_folder, mg
         task = harness_task(f"mgsm_direct_{lang}", mgsm_files[lang], 2)
         instances = sorted(task.instances, key=lambda i: i.doc_id)[:4]
         theirs = harness_lm.generate_until(instances)
-        mine = mgsm.run(ours, lang, {"mgsm_mode": "direct", "mgsm_shots": 2}, limit=4)["mgsm"].outputs
-        assert theirs == mine, lang
+        result = mgsm.run(ours, lang, {"mgsm_mode": "direct", "mgsm_shots": 2}, limit=4)
+        assert theirs == result["mgsm"].outputs, lang
         assert any(t.strip() for t in theirs)  # the comparison is not between empty strings
+        # ... and those generations score the same through the harness's filters and metric
+        for inst, text in zip(instances, theirs):
+            inst.resps = [text]
+        for ensemble in task._filters:
+            ensemble.apply(instances)
+        for name, ours_name in (("remove_whitespace", "mgsm"), ("flexible-extract", "mgsm_flexible")):
+            scores = [task.process_results(i.doc, [i.filtered_resps[name]])["exact_match"] for i in instances]
+            assert scores == result[ours_name].values, (lang, name)
