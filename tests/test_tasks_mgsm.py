@@ -186,3 +186,11 @@ def test_stop_strings_cut_and_stop_early(tiny_lm):
     cut = tiny_lm.generate_until(prompts, [stop], max_new_tokens=24)
     assert cut == [cut_at_stops(f, [stop]) for f in full]
     assert cut[0] != full[0]
+
+
+def test_a_malformed_tsv_names_the_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "mgsm").mkdir()
+    (tmp_path / "mgsm" / "mgsm_en.tsv").write_text("How many?\t3\nbroken line without answer\n", encoding="utf-8")
+    monkeypatch.setenv("AETHERIS_DATA_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=r"mgsm_en.tsv line 2: expected 2 tab-separated fields"):
+        mgsm.load("en")
