@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from dataclasses import dataclass
 
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.utils import ModelOutput
 
 from .config import AetherisConfig
@@ -95,6 +96,20 @@ class AetherisForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = Aetheris(config.to_aetheris())
         self.post_init()
+        self.generation_config = self._own_generation_config()
+
+    def _own_generation_config(self) -> GenerationConfig:
+        # transformers derives the default GenerationConfig from the model config, which would read our
+        # ``top_k`` (experts per token) as a sampling cut-off: sampling would silently become top-1.
+        c = self.config
+        return GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+
+    def adjust_generation_fn(self, *args: Any, **kwargs: Any) -> None:
+        """As transformers' (loads generation_config.json), but without one the defaults are ours, not a
+        generation config read out of config.json."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = self._own_generation_config()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Aetheris initialises itself; never re-initialise tensors that were loaded from a checkpoint.

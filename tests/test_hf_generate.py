@@ -40,6 +40,8 @@ def _prompts():
 
 def test_generate_is_transformers_own(hf):
     assert type(hf).generate is transformers.GenerationMixin.generate
+    assert hf.config.top_k == 1 and hf.generation_config.top_k is None  # experts per token is not a sampling cut-off
+    assert hf.generation_config.eos_token_id == 2 and hf.generation_config.pad_token_id == 0
 
 
 def test_greedy_left_padded_batch_equals_our_decoder(hf, monkeypatch):
