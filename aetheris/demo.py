@@ -77,8 +77,8 @@ class DemoConfig:
     """torch CPU threads; 0 = torch's default."""
 
     def __post_init__(self):
-        if self.eval.mgsm_mode not in ("direct", "native_cot"):
-            raise ValueError(f"eval.mgsm_mode={self.eval.mgsm_mode!r}: choose direct or native_cot")
+        if self.eval.mgsm_mode not in ("direct", "native_cot", "en_cot"):
+            raise ValueError(f"eval.mgsm_mode={self.eval.mgsm_mode!r}: choose direct, native_cot or en_cot")
         lines = self.teacher.lines_per_language
         if self.eval.ppl_start < lines:
             raise ValueError(f"eval.ppl_start={self.eval.ppl_start} would score corpus lines the teacher trained on "
@@ -213,7 +213,8 @@ def toolcall_file(run: Run) -> Path:
 def eval_commands(run: Run, model: Path, output: Path, teacher: Path | None) -> list[list[str]]:
     e = run.cfg.eval
     common = ["--model", str(model), "--output", str(output), "--batch-size", str(e.batch_size)]
-    cmds = [["eval", *common, "--tasks", "ppl", "--ppl-start", str(e.ppl_start),
+    # The demo's models trained on the first lines of each language only; --ppl-start skips past them.
+    cmds = [["eval", *common, "--tasks", "ppl", "--ppl-split", "all", "--ppl-start", str(e.ppl_start),
              "--ppl-max-sentences", str(e.ppl_max_sentences), *(["--teacher", str(teacher)] if teacher else [])],
             ["eval", *common, "--tasks", "toolcall", "--toolcall-file", str(run.eval / "toolgen-test.jsonl"),
              "--no-toolcall-xsid", "--toolcall-max-new-tokens", str(e.toolcall_max_new_tokens)]]

@@ -10,8 +10,19 @@ Definitions (DESIGN.md §5):
 - **DES** = population variance (ddof 0) of the ``D_f`` across families -- 0 when every family pays
   the same, larger when some pay more. Reported with the languages per family, ``des_relative`` (the
   same on relative drops), ``des_branch`` (finer grouping), the worst family, the max-min gap of
-  ``D_f`` and a paired bootstrap 95% interval of DES that resamples examples within each language
-  (teacher and student on the same resampled items).
+  ``D_f`` and a paired bootstrap 95% interval of DES that resamples languages within each family and
+  examples within each language (teacher and student on the same resampled items);
+- **des_corrected**: DES minus the part that per-language sampling noise adds on average. With
+  ``s_f^2`` the sampling variance of family mean ``D_f`` (``sum of var(d_l) / n_f^2``, each ``var(d_l)``
+  the bootstrap variance of that language's drop), ``E[DES] = true DES + (F-1)/F^2 * sum_f s_f^2``, so
+  ``des_corrected = des - (F-1)/F^2 * sum_f s_f^2``; it can come out negative when noise explains all
+  of the spread;
+- **significance**: per language the drop's paired-bootstrap 95% interval (``drop_ci95``); per task
+  whether the teacher beats chance (XCOPA 0.5, mGSM / tool calling 0): the lower end of the 95%
+  interval of its score pooled over all examples must exceed chance. A task without that signal is
+  marked ``"signal": false`` ("no signal"): its drops are noise, so it stays out of the headline
+  numbers (``summary.des_signal``, ``summary.mean_des_relative``, the family ranking across tasks)
+  and is drawn greyed in the plots.
 
 ``aetheris compare --teacher DIR_T --student DIR_S --output DIR`` reads the two ``results.json`` files
 that ``aetheris eval`` wrote and writes ``report.json``, ``report.md`` and PNG plots (per-language drop
@@ -38,6 +49,13 @@ def in_registry(code: str) -> bool:
         return False
 
 N_BOOT = 1000
+
+# Score a model gets without any skill, by result-name prefix (None: no chance level, e.g. bits per byte).
+CHANCE = {"xcopa": 0.5, "mgsm": 0.0, "toolcall": 0.0, "bfcl": 0.0}
+
+
+def chance_level(task: str) -> float | None:
+    return next((v for prefix, v in CHANCE.items() if task.startswith(prefix)), None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,30 +88,69 @@ def des(drops: dict[str, float], level: str = "family") -> float:
     return float(np.var(means)) if means else float("nan")
 
 
-def _paired_bootstrap_des(teacher: dict, student: dict, higher_is_better: bool, level: str, n_boot: int, seed: int):
-    """Percentile 95% interval of DES, resampling examples within each language (paired T/S)."""
-    rng = np.random.default_rng(seed)
-    codes = sorted(teacher)
-    drops_boot = {}
-    for code in codes:
-        t, s = teacher[code], student[code]
-        tv, sv = np.asarray(t["values"], float), np.asarray(s["values"], float)
-        tw = np.asarray(t["weights"], float) if t.get("weights") is not None else np.ones_like(tv)
-        sw = np.asarray(s["weights"], float) if s.get("weights") is not None else np.ones_like(sv)
-        idx = rng.integers(0, tv.size, size=(n_boot, tv.size))
-        t_stat = tv[idx].sum(1) / tw[idx].sum(1)
-        s_stat = sv[idx].sum(1) / sw[idx].sum(1)
-        drops_boot[code] = (t_stat - s_stat) if higher_is_better else (s_stat - t_stat)
+def _ratio_stats(entry: dict, idx: np.ndarray) -> np.ndarray:
+    """``sum(values) / sum(weights)`` for each resample of example indices idx (n_boot, n)."""
+    v = np.asarray(entry["values"], float)
+    w = np.asarray(entry["weights"], float) if entry.get("weights") is not None else np.ones_like(v)
+    return v[idx].sum(1) / w[idx].sum(1)
+
+
+def paired_drop_replicates(teacher: dict, student: dict, higher_is_better: bool, n_boot: int,
+                           rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Language -> (n_boot,) bootstrap drops, teacher and student on the same resampled examples."""
+    out = {}
+    for code in sorted(teacher):
+        n = len(teacher[code]["values"])
+        idx = rng.integers(0, n, size=(n_boot, n))
+        t_stat, s_stat = _ratio_stats(teacher[code], idx), _ratio_stats(student[code], idx)
+        out[code] = (t_stat - s_stat) if higher_is_better else (s_stat - t_stat)
+    return out
+
+
+def bootstrap_des(drops_boot: dict[str, np.ndarray], level: str, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot,) DES replicates: in each, every family's languages are resampled with replacement and
+    each language contributes its drop from the same replicate of the example resampling."""
     groups: dict[str, list[np.ndarray]] = {}
-    for code in codes:
-        groups.setdefault(group_of(code, level), []).append(drops_boot[code])
-    family_means = np.stack([np.mean(np.stack(v), axis=0) for v in groups.values()])  # (families, n_boot)
-    stats = family_means.var(axis=0)
-    return [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
+    for code, reps in drops_boot.items():
+        groups.setdefault(group_of(code, level), []).append(reps)
+    means = []
+    for reps in groups.values():
+        m = np.stack(reps)                                            # (n_f, n_boot)
+        n_f, n_boot = m.shape
+        pick = rng.integers(0, n_f, size=(n_f, n_boot))               # languages drawn per replicate
+        means.append(m[pick, np.arange(n_boot)].mean(0))              # (n_boot,)
+    return np.stack(means).var(axis=0)
 
 
-def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """The report entry of one task from the two ``results.json`` task entries."""
+def des_noise(drops_boot: dict[str, np.ndarray], level: str = "family") -> float:
+    """Expected DES from sampling noise alone: (F-1)/F^2 * sum_f var(D_f), var(D_f) = sum var(d_l) / n_f^2."""
+    groups: dict[str, list[float]] = {}
+    for code, reps in drops_boot.items():
+        groups.setdefault(group_of(code, level), []).append(float(np.var(reps, ddof=1)))
+    F = len(groups)
+    if F < 2:
+        return 0.0
+    return (F - 1) / F**2 * sum(sum(v) / len(v) ** 2 for v in groups.values())
+
+
+def teacher_signal(task: str, teacher_langs: dict, n_boot: int, seed: int) -> dict:
+    """Is the teacher distinguishable from chance on this task? Its score pooled over every example of
+    every language, with a bootstrap 95% interval; signal = the interval's lower end is above chance."""
+    chance = chance_level(task)
+    values = np.concatenate([np.asarray(v["values"], float) for v in teacher_langs.values()])
+    weights = np.concatenate([np.asarray(v["weights"], float) if v.get("weights") is not None
+                              else np.ones(len(v["values"])) for v in teacher_langs.values()])
+    pooled = float(values.sum() / weights.sum())
+    if chance is None or n_boot <= 0:
+        return {"chance": chance, "teacher_pooled": pooled, "teacher_pooled_ci95": None, "signal": True}
+    idx = np.random.default_rng(seed).integers(0, values.size, size=(n_boot, values.size))
+    stats = values[idx].sum(1) / weights[idx].sum(1)
+    lo, hi = float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))
+    return {"chance": chance, "teacher_pooled": pooled, "teacher_pooled_ci95": [lo, hi], "signal": lo > chance}
+
+
+def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int = 0, name: str = "") -> dict:
+    """The report entry of one task (result ``name``) from the two ``results.json`` task entries."""
     t_langs, s_langs = teacher["languages"], student["languages"]
     common = [c for c in t_langs if c in s_langs]
     if not common:
@@ -144,6 +201,19 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
     families = grouping("family")
     fam_means = {g: v["mean_drop"] for g, v in families.items()}
     worst = max(fam_means, key=fam_means.get)
+    des_ci, des_corrected = None, None
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        every = [c for c in t_langs if c in s_langs]
+        boot = paired_drop_replicates({c: t_langs[c] for c in every}, {c: s_langs[c] for c in every}, hib, n_boot, rng)
+        for code in every:
+            reps = boot[code]
+            per_language[code]["drop_ci95"] = [float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))]
+        grouped = {c: boot[c] for c in common}
+        stats = bootstrap_des(grouped, "family", rng)
+        des_ci = [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
+        des_corrected = des(drops, "family") - des_noise(grouped, "family")
+    signal = teacher_signal(name, {c: t_langs[c] for c in t_langs if c in s_langs}, n_boot, seed)
     return {
         "metric": t_langs[common[0]]["metric"],
         "higher_is_better": hib,
@@ -153,9 +223,9 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
         "n_families": len(families),
         "not_grouped": outside,
         "des": des(drops, "family"),
-        "des_ci95": _paired_bootstrap_des({c: t_langs[c] for c in common}, {c: s_langs[c] for c in common},
-                                          hib, "family", n_boot, seed)
-        if n_boot > 0 else None,
+        "des_ci95": des_ci,
+        "des_corrected": des_corrected,
+        **signal,
         "des_relative": des({c: r for c, r in rel.items() if r is not None}, "family"),
         "des_branch": des(drops, "branch"),
         "worst_family": worst,
@@ -173,7 +243,8 @@ def _mean_or_none(values):
 def summarize(tasks: dict[str, dict]) -> dict:
     """Across tasks: relative drops make accuracy and bits-per-byte comparable."""
     family_rel: dict[str, list[float]] = {}
-    for entry in tasks.values():
+    with_signal = {name: e for name, e in tasks.items() if e.get("signal", True)}
+    for entry in with_signal.values():
         for fam, v in entry["families"].items():
             if v["mean_relative_drop"] is not None:
                 family_rel.setdefault(fam, []).append(v["mean_relative_drop"])
@@ -182,11 +253,14 @@ def summarize(tasks: dict[str, dict]) -> dict:
         "tasks": list(tasks),
         "des": {name: e["des"] for name, e in tasks.items()},
         "des_relative": {name: e["des_relative"] for name, e in tasks.items()},
+        "des_signal": {name: e["des"] for name, e in with_signal.items()},
+        "des_corrected": {name: e.get("des_corrected") for name, e in with_signal.items()},
+        "no_signal": [name for name in tasks if name not in with_signal],
         "worst_family": {name: e["worst_family"] for name, e in tasks.items()},
         "mean_relative_drop": {name: e["mean_relative_drop"] for name, e in tasks.items()},
         "family_mean_relative_drop": family_mean_rel,
         "worst_family_overall": max(family_mean_rel, key=family_mean_rel.get) if family_mean_rel else None,
-        "mean_des_relative": _mean_or_none([e["des_relative"] for e in tasks.values()
+        "mean_des_relative": _mean_or_none([e["des_relative"] for e in with_signal.values()
                                             if e["des_relative"] is not None and math.isfinite(e["des_relative"])]),
     }
 
@@ -199,13 +273,17 @@ def build_report(teacher_results: dict, student_results: dict, n_boot: int = N_B
             f"the teacher results have tasks {sorted(t_tasks)} and the student results {sorted(s_tasks)}: "
             "nothing to compare; run `aetheris eval` with the same --tasks for both"
         )
-    tasks = {name: compare_task(t_tasks[name], s_tasks[name], n_boot, seed) for name in common}
+    tasks = {name: compare_task(t_tasks[name], s_tasks[name], n_boot, seed, name) for name in common}
     report = {
         "teacher": teacher_results.get("model", {}),
         "student": student_results.get("model", {}),
         "definitions": {
             "drop": "teacher - student (student - teacher for lower-is-better metrics); positive = student worse",
             "des": "population variance of family mean drops (lower = fairer)",
+            "des_corrected": "des minus its expected value under per-language sampling noise, (F-1)/F^2 * sum_f var(D_f)",
+            "des_ci95": "paired bootstrap: languages resampled within families, examples within languages",
+            "signal": "teacher's pooled score has a 95% bootstrap interval above chance (XCOPA 0.5, mGSM/tool calling 0); "
+                      "tasks without it are 'no signal' and stay out of the headline numbers",
             "grouping": "aetheris.languages: creoles (pcm) are their own family 'Creole'; each isolate is its own family",
         },
         "tasks": tasks,
@@ -233,13 +311,19 @@ def render_markdown(report: dict) -> str:
     lines += ["", "Drop = teacher - student (positive = the student is worse; for bits per byte, student - teacher). "
               "DES = population variance of the family mean drops (lower = fairer). "
               "Nigerian Pidgin is grouped as its own family (Creole); isolates are their own families.", ""]
-    lines += ["## Summary", "", "| task | metric | mean drop | DES | DES 95% CI | DES (relative) | DES (branch) | worst family | max-min gap |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["## Summary", "", "| task | metric | mean drop | DES | DES 95% CI | DES (relative) | DES (branch) | "
+              "worst family | max-min gap | DES noise-corrected | teacher vs chance |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         ci = t["des_ci95"]
         ci_s = f"[{_fmt(ci[0], 5)}, {_fmt(ci[1], 5)}]" if ci else "-"
         lines.append(f"| {name} | {t['metric']} | {_fmt(t['mean_drop'])} | {_fmt(t['des'], 5)} | {ci_s} | "
-                     f"{_fmt(t['des_relative'], 5)} | {_fmt(t['des_branch'], 5)} | {t['worst_family']} | {_fmt(t['max_min_gap'])} |")
+                     f"{_fmt(t['des_relative'], 5)} | {_fmt(t['des_branch'], 5)} | {t['worst_family']} | "
+                     f"{_fmt(t['max_min_gap'])} | {_fmt(t.get('des_corrected'), 5)} | {_signal_text(t)} |")
+    quiet = report["summary"].get("no_signal") or []
+    if quiet:
+        lines += ["", f"**No signal: {', '.join(quiet)}** -- the teacher is not distinguishable from chance, so these "
+                  "drops are noise; they are left out of the headline DES, the family ranking and the heatmap."]
     worst = report["summary"].get("worst_family_overall")
     if worst:
         lines += ["", f"**Family that loses most overall (mean relative drop across tasks): {worst}.**"]
@@ -248,14 +332,25 @@ def render_markdown(report: dict) -> str:
                   "| family | languages | mean drop | mean relative drop |", "|---|---|---|---|"]
         for fam, v in sorted(t["families"].items(), key=lambda kv: -kv[1]["mean_drop"]):
             lines.append(f"| {fam} | {', '.join(v['languages'])} | {_fmt(v['mean_drop'])} | {_fmt(v['mean_relative_drop'])} |")
-        lines += ["", "| language | family | n | teacher | student | drop | relative drop |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "| language | family | n | teacher | student | drop | drop 95% CI | relative drop |",
+                  "|---|---|---|---|---|---|---|---|"]
         for code, v in t["languages"].items():
+            ci = v.get("drop_ci95")
+            ci_s = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
             lines.append(f"| {code} ({v['name']}) | {v['family'] or '- (not grouped)'} | {v['n']} | {_fmt(v['teacher'])} | "
-                         f"{_fmt(v['student'])} | {_fmt(v['drop'])} | {_fmt(v['relative_drop'])} |")
+                         f"{_fmt(v['student'])} | {_fmt(v['drop'])} | {ci_s} | {_fmt(v['relative_drop'])} |")
     if "kl" in report:
         lines += ["", "## KL(teacher || student) per token, nats", "", "| language | KL |", "|---|---|"]
         lines += [f"| {code} | {_fmt(v, 4)} |" for code, v in report["kl"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _signal_text(t: dict) -> str:
+    if t.get("chance") is None:
+        return "n/a"
+    ci = t.get("teacher_pooled_ci95")
+    ci_s = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+    return f"{_fmt(t['teacher_pooled'])}{ci_s} vs {t['chance']:g}" + ("" if t.get("signal", True) else " **no signal**")
 
 
 def _family_colors(families: list[str]) -> dict[str, tuple]:
@@ -284,10 +379,21 @@ def plot_drops(report: dict, path: Path) -> None:
                                                       3.2 * len(tasks)), squeeze=False)
     for ax, (name, t) in zip(axes[:, 0], tasks.items()):
         items = sorted(t["languages"].items(), key=lambda kv: (fam(kv[1]), kv[0]))
-        ax.bar(range(len(items)), [v["drop"] for _, v in items], color=[colors[fam(v)] for _, v in items])
+        signal = t.get("signal", True)
+        heights = [v["drop"] for _, v in items]
+        err = None
+        if all(v.get("drop_ci95") for _, v in items):  # 95% intervals as asymmetric error bars
+            err = np.array([[v["drop"] - v["drop_ci95"][0], v["drop_ci95"][1] - v["drop"]] for _, v in items]).T.clip(0)
+        ax.bar(range(len(items)), heights, yerr=err, ecolor="0.4", error_kw={"linewidth": 0.6},
+               color=[colors[fam(v)] if signal else "0.8" for _, v in items])
         ax.set_xticks(range(len(items)), [c for c, _ in items], rotation=90, fontsize=7)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(f"{name}: drop per language ({t['metric']}); DES = {t['des']:.4g}", fontsize=9)
+        title = f"{name}: drop per language ({t['metric']}); DES = {t['des']:.4g}"
+        if t.get("des_corrected") is not None:
+            title += f", noise-corrected {t['des_corrected']:.4g}"
+        if not signal:
+            title = f"{name}: NO SIGNAL (teacher at chance) -- drops are noise"
+        ax.set_title(title, fontsize=9, color="black" if signal else "0.45")
         ax.set_ylabel("drop")
     used = sorted(set(all_fams))
     fig.legend(handles=[Patch(color=colors[f], label=f) for f in used], loc="upper center",
@@ -305,8 +411,9 @@ def plot_heatmap(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(report["tasks"])
-    fams = sorted({f for t in report["tasks"].values() for f in t["families"]})
+    # Tasks without signal are left out (their drops are noise); all of them if none has signal.
+    tasks = [n for n, t in report["tasks"].items() if t.get("signal", True)] or list(report["tasks"])
+    fams = sorted({f for n in tasks for f in report["tasks"][n]["families"]})
     raw = np.full((len(fams), len(tasks)), np.nan)
     for j, name in enumerate(tasks):
         for i, fam in enumerate(fams):
@@ -366,5 +473,9 @@ def run(args) -> int:
     plot_heatmap(report, out / "family_task_heatmap.png")
     print(f"wrote {out / 'report.json'}, {out / 'report.md'}, drops_by_language.png, family_task_heatmap.png")
     for name, t in report["tasks"].items():
-        print(f"  {name:>14}: DES {t['des']:.5g} (relative {_fmt(t['des_relative'], 5)}), worst family {t['worst_family']}")
+        if not t.get("signal", True):
+            print(f"  {name:>14}: no signal (teacher {_fmt(t['teacher_pooled'])} vs chance {t['chance']:g}); DES not reported")
+            continue
+        print(f"  {name:>14}: DES {t['des']:.5g} (noise-corrected {_fmt(t.get('des_corrected'), 5)}, relative "
+              f"{_fmt(t['des_relative'], 5)}), worst family {t['worst_family']}")
     return 0

@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-CACHE_VERSION = 1
+LOGSOFTMAX_DTYPES = ("float32", "model", "bfloat16", "float16")
+CACHE_VERSION = 2  # 2: mGSM prompts/stops/filters equal to lm-eval 0.4.13 (1 differed)
 RESULTS_FORMAT = "aetheris-eval/1"
 
 
@@ -61,9 +62,13 @@ def model_fingerprint(name_or_path: str) -> str:
 class LM:
     """A causal LM + tokenizer behind the three calls the tasks need."""
 
-    def __init__(self, model, tokenizer, name: str = "model", batch_size: int = 8, max_length: int | None = None):
+    def __init__(self, model, tokenizer, name: str = "model", batch_size: int = 8, max_length: int | None = None,
+                 logsoftmax_dtype: str = "float32"):
         import torch
 
+        if logsoftmax_dtype not in LOGSOFTMAX_DTYPES:
+            raise ValueError(f"logsoftmax dtype {logsoftmax_dtype!r}: choose one of {', '.join(LOGSOFTMAX_DTYPES)}")
+        self.logsoftmax_dtype = logsoftmax_dtype
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
@@ -83,7 +88,8 @@ class LM:
         self.fingerprint = "unknown"
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8) -> "LM":
+    def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+             logsoftmax_dtype: str = "float32") -> "LM":
         """Load with a clear error (before any evaluation work) when the model cannot be loaded."""
         import torch
         import transformers
@@ -113,7 +119,8 @@ class LM:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             hint = " (HF_HUB_OFFLINE=1: only local folders and cached hub models can be loaded)" if offline else ""
             raise ValueError(f"could not load model {name_or_path!r}{hint}: {err}") from err
-        lm = cls(model.to(device), tokenizer, name=str(name_or_path), batch_size=batch_size)
+        lm = cls(model.to(device), tokenizer, name=str(name_or_path), batch_size=batch_size,
+                 logsoftmax_dtype=logsoftmax_dtype)
         lm.fingerprint = model_fingerprint(name_or_path)
         return lm
 
@@ -133,8 +140,22 @@ class LM:
         ctx = self.encode(context)
         return ctx, whole[len(ctx):]
 
-    def _logits(self, batch_ids: list[list[int]], left_pad: bool = False):
-        """Logits (B, T, V) in float32 for right-padded (default) or left-padded rows."""
+    @property
+    def numerics(self) -> dict:
+        """What the scores' arithmetic depends on besides the weights (part of the cache key)."""
+        return {"dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "logsoftmax_dtype": self.logsoftmax_dtype}
+
+    def _log_softmax(self, logits):
+        """log-softmax in the chosen dtype: float32 (default), the logits' own dtype (``model``: what
+        lm-eval's HFLM does unless given ``softmax_dtype``), or an explicit one."""
+        torch = self._torch
+        if self.logsoftmax_dtype == "model":
+            return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(logits, dim=-1, dtype=getattr(torch, self.logsoftmax_dtype))
+
+    def _logits(self, batch_ids: list[list[int]], left_pad: bool = False, native: bool = False):
+        """Logits (B, T, V) for right-padded (default) or left-padded rows; float32 unless ``native``."""
         torch = self._torch
         width = max(len(r) for r in batch_ids)
         rows, mask = [], []
@@ -145,7 +166,8 @@ class LM:
         ids = torch.tensor(rows, device=self.device)
         kwargs = {"attention_mask": torch.tensor(mask, device=self.device)} if left_pad else {}
         with torch.no_grad():
-            return self.model(ids, **kwargs).logits.float()
+            logits = self.model(ids, **kwargs).logits
+        return logits if native else logits.float()
 
     # -- the three calls
 
@@ -161,11 +183,12 @@ class LM:
         out = [0.0] * len(encoded)
         for start in _progress(range(0, len(order), self.batch_size), desc, total_items=len(order), step=self.batch_size):
             idx = order[start:start + self.batch_size]
-            logits = self._logits([encoded[i][0] for i in idx])
+            logits = self._logits([encoded[i][0] for i in idx], native=True)
             for row, i in enumerate(idx):
                 inp, cont = encoded[i]
                 sel = logits[row, len(inp) - len(cont):len(inp)]  # (len(cont), V)
-                logp = torch.log_softmax(sel, dim=-1)
+                logp = self._log_softmax(sel)
+                # summed in logp's dtype, then to Python float: the harness's arithmetic
                 out[i] = float(logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum())
         return out
 
@@ -176,10 +199,10 @@ class LM:
         out: list = [None] * len(id_lists)
         for start in _progress(range(0, len(order), self.batch_size), desc, total_items=len(order), step=self.batch_size):
             idx = order[start:start + self.batch_size]
-            logits = self._logits([id_lists[i][: self.max_length] for i in idx])
+            logits = self._logits([id_lists[i][: self.max_length] for i in idx], native=True)
             for row, i in enumerate(idx):
                 ids = id_lists[i][: self.max_length]
-                logp = torch.log_softmax(logits[row, : len(ids) - 1], dim=-1)
+                logp = self._log_softmax(logits[row, : len(ids) - 1])
                 out[i] = logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None])[:, 0].tolist()
         return out
 
@@ -273,7 +296,8 @@ def _hash_files(paths) -> str:
 
 def _task_settings(task: str, options: dict, limit) -> dict:
     prefix = {"xcopa_fixed": "xcopa", "ppl": "ppl"}.get(task, task) + "_"
-    settings = {k: v for k, v in sorted(options.items()) if k.startswith(prefix)}
+    settings = {k: v for k, v in sorted(options.items())
+                if k.startswith(prefix) or (task == "bfcl" and k == "toolcall_max_new_tokens")}
     settings["limit"] = limit
     return settings
 
@@ -299,6 +323,7 @@ def evaluate(lm: LM, tasks: list[str], output: Path, languages: list[str] | None
             "model": lm.fingerprint,
             "data": _hash_files(files),
             "settings": _task_settings(task, task_options, limit),
+            "numerics": lm.numerics,
         }
         if task == "ppl" and teacher is not None:
             key["teacher"] = teacher.fingerprint
@@ -393,8 +418,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--logsoftmax-dtype", default="float32", choices=list(LOGSOFTMAX_DTYPES),
+                        help="dtype of the log-softmax behind log-likelihoods and bits per byte: float32 (default), "
+                             "model = the logits' own dtype, as lm-eval's hf model does by default (for bf16 models "
+                             "scored the harness's way), or bfloat16/float16")
     parser.add_argument("--overwrite", action="store_true", help="recompute cached results instead of resuming")
-    parser.add_argument("--mgsm-mode", default="native_cot", choices=["native_cot", "direct"])
+    parser.add_argument("--mgsm-mode", default="native_cot", choices=["native_cot", "direct", "en_cot"],
+                        help="the harness's mgsm_native_cot_* / mgsm_direct_* / mgsm_en_cot_* prompts")
     parser.add_argument("--mgsm-shots", type=int, default=8, help="few-shot exemplars (0-8) before each mGSM question")
     parser.add_argument("--toolcall-file", default=None,
                         help="JSONL of extra tool-calling examples {id, lang, tools, user, expected} (e.g. the generated 70-language set)")
@@ -403,10 +433,20 @@ def add_arguments(parser) -> None:
                              "--no-toolcall-xsid keeps only --toolcall-file")
     parser.add_argument("--toolcall-max-new-tokens", type=int, default=None,
                         help="generation cap per tool-calling request (default 256; a call to these schemas needs < 100)")
+    parser.add_argument("--bfcl-dir", default=None,
+                        help="folder with BFCL's BFCL_v4_simple_python.json, BFCL_v4_multiple.json and possible_answer/ "
+                             "(default: the data of the installed bfcl-eval package)")
     parser.add_argument("--ppl-max-sentences", type=int, default=None,
                         help="sentences per language for perplexity (default: all; --limit also caps it)")
     parser.add_argument("--ppl-start", type=int, default=0,
-                        help="skip the first N sentences of each language in the ppl task (keep text a model trained on out)")
+                        help="score ppl sentences from index N on (e.g. past the first lines a model trained on)")
+    parser.add_argument("--ppl-split", default="heldout", choices=["heldout", "all"],
+                        help="heldout: only documents that training holds out (same ids and rule as aetheris.data's "
+                             "split); all: every sentence (for models that never trained on this corpus)")
+    parser.add_argument("--ppl-seed", type=int, default=None,
+                        help="the training run's seed for --ppl-split heldout (default: the checkpoint's recorded seed, else 0)")
+    parser.add_argument("--ppl-val-fraction", type=float, default=None,
+                        help="the training run's data.val_fraction (default: the checkpoint's recorded value, else 0.05)")
     parser.add_argument("--teacher", default=None,
                         help="teacher model for per-token KL(teacher||student) in the ppl task (tokenizers must match)")
 
@@ -418,8 +458,12 @@ def options_from_args(args) -> dict:
         "toolcall_file": str(Path(args.toolcall_file).resolve()) if args.toolcall_file else None,
         "toolcall_xsid": args.toolcall_xsid,
         "toolcall_max_new_tokens": args.toolcall_max_new_tokens,
+        "bfcl_dir": str(Path(args.bfcl_dir).resolve()) if args.bfcl_dir else None,
         "ppl_max_sentences": args.ppl_max_sentences,
         "ppl_start": args.ppl_start,
+        "ppl_split": args.ppl_split,
+        "ppl_seed": args.ppl_seed,
+        "ppl_val_fraction": args.ppl_val_fraction,
     }
 
 
@@ -427,13 +471,26 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     languages = [c.strip() for c in args.languages.split(",")] if args.languages else None
     options = options_from_args(args)
+    if "ppl" in tasks:
+        from aetheris.tasks.perplexity import recorded_training
+
+        # The checkpoint's own training data: its split is the default held-out split, and scored
+        # sentences are checked against it (a leak stops the run before anything is cached).
+        recorded = recorded_training(args.model)
+        if recorded is not None:
+            options["ppl_training"] = recorded
+            options["ppl_seed"] = recorded["seed"] if options["ppl_seed"] is None else options["ppl_seed"]
+            if options["ppl_val_fraction"] is None:
+                options["ppl_val_fraction"] = recorded["val_fraction"]
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be a positive number of examples per language")
     plan = make_plan(tasks, languages, options)  # names and data files are checked before any model loads
-    lm = LM.load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    lm = LM.load(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                 logsoftmax_dtype=args.logsoftmax_dtype)
     teacher = None
     if args.teacher:
-        teacher = LM.load(args.teacher, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+        teacher = LM.load(args.teacher, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                          logsoftmax_dtype=args.logsoftmax_dtype)
         from aetheris.tasks.perplexity import check_same_tokenizer
 
         check_same_tokenizer(teacher, lm)

@@ -4,8 +4,14 @@
 evaluation code) can load a student folder like any causal LM. The wrapper holds the plain-torch model
 as ``.model``; a checkpoint's tensor names are therefore ``model.<name>``.
 
-``generate`` is routed to Aetheris' own recurrent decoder (prefill once, then O(1) per token) rather
-than transformers' attention-cache machinery, which does not fit a fixed-size SSM state.
+``generate`` is transformers' own ``GenerationMixin.generate`` (every argument it takes: max_length,
+stopping_criteria, logits_processor, generation_config, beam search, sampling, ...) running on the
+recurrent decoder: the first forward (prefill, chunked scan over the prompt) returns an
+``AetherisHFCache`` holding the fixed-size SSM state, and every later forward gets one token plus that
+cache and takes one O(1) ``Aetheris.step``. transformers' own Mamba-2 keeps its conv/SSM states in
+linear-attention cache layers of a ``DynamicCache``; we pass the model's own ``AetherisCache`` instead
+(wrapped with the few methods generate calls: sequence length, beam reordering), so training,
+``aetheris.generation`` and HF tools share one state layout.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from dataclasses import dataclass
+
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
+from transformers.utils import ModelOutput
 
 from .config import AetherisConfig
-from .model import Aetheris
+from .model import Aetheris, AetherisCache
 
 
 class AetherisHFConfig(PretrainedConfig):
@@ -48,16 +57,59 @@ class AetherisHFConfig(PretrainedConfig):
         return AetherisConfig.from_dict({k: getattr(self, k) for k in AetherisConfig().to_dict()})
 
 
-class AetherisForCausalLM(PreTrainedModel):
+class AetherisHFCache:
+    """The decode state between ``generate`` steps: one ``AetherisCache`` (conv window + SSM state per
+    mixer, size independent of the context) and the number of tokens it has consumed."""
+
+    is_compileable = False  # transformers asks before building static attention masks
+
+    def __init__(self, state: AetherisCache, seen: int):
+        self.state, self.seen = state, seen
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [True] * len(self.state.states)  # every layer's state is recurrent: nothing to slice by length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        """Beam search: keep/duplicate batch rows ``beam_idx`` (in place, as transformers expects)."""
+        self.state = self.state.select(beam_idx.to(self.state.states[0].ssm.device) if self.state.states else beam_idx)
+
+
+@dataclass
+class AetherisCausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    cache: AetherisHFCache | None = None  # the name transformers' generate reads the state back from
+
+
+class AetherisForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = AetherisHFConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["Block", "ParallelPair"]
+    _is_stateful = True  # the recurrent state cannot be rolled back: transformers refuses assisted decoding
 
     def __init__(self, config: AetherisHFConfig):
         super().__init__(config)
         self.model = Aetheris(config.to_aetheris())
         self.post_init()
+        self.generation_config = self._own_generation_config()
+
+    def _own_generation_config(self) -> GenerationConfig:
+        # transformers derives the default GenerationConfig from the model config, which would read our
+        # ``top_k`` (experts per token) as a sampling cut-off: sampling would silently become top-1.
+        c = self.config
+        return GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+
+    def adjust_generation_fn(self, *args: Any, **kwargs: Any) -> None:
+        """As transformers' (loads generation_config.json), but without one the defaults are ours, not a
+        generation config read out of config.json."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = self._own_generation_config()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Aetheris initialises itself; never re-initialise tensors that were loaded from a checkpoint.
@@ -87,38 +139,38 @@ class AetherisForCausalLM(PreTrainedModel):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # no KV cache: the first forward creates an AetherisHFCache itself (as Mamba's do)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                doc_ids: Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
+                doc_ids: Tensor | None = None, cache: AetherisHFCache | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, **kwargs: Any) -> AetherisCausalLMOutput:
+        """Full forward (training, scoring, the prefill of ``generate``), or -- given ``cache`` -- the
+        recurrent step over ``input_ids`` (B, t) one token at a time, advancing the cache in place."""
+        if cache is not None:
+            # Decoding: the attention mask's padding was consumed by the prefill (pads leave the state
+            # untouched); rows that finished keep stepping on pad tokens, which transformers discards.
+            logits = torch.stack([self.model.step(input_ids[:, t], cache.state) for t in range(input_ids.shape[1])], 1)
+            cache.seen += input_ids.shape[1]
+            return AetherisCausalLMOutput(logits=logits, cache=cache)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: skip the masking work
-        out = self.model(input_ids, labels=labels, doc_ids=doc_ids, attention_mask=attention_mask)
-        return CausalLMOutput(loss=out.loss, logits=out.logits)
+        out = self.model(input_ids, labels=labels, doc_ids=doc_ids, attention_mask=attention_mask,
+                         logits_to_keep=logits_to_keep)
+        new_cache = AetherisHFCache(out.cache, input_ids.shape[1]) if use_cache else None
+        return AetherisCausalLMOutput(loss=out.loss, logits=out.logits, cache=new_cache)
 
-    @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 **kwargs: Any) -> Tensor:
-        """HF-style ``generate`` on the recurrent decoder: returns prompt + new tokens (B, T + new),
-        right-padded with ``pad_token_id`` after a sequence stops."""
-        from .generation import decode_ids  # generation imports the model; keep import-time light
-
-        unsupported = {k for k, v in kwargs.items() if v is not None and k not in ("generation_config", "use_cache")}
-        if unsupported:
-            raise ValueError(f"AetherisForCausalLM.generate does not support {sorted(unsupported)}; "
-                             "supported: max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, "
-                             "pad_token_id, attention_mask")
-        eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
-        stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = pad_token_id if pad_token_id is not None else (self.config.pad_token_id or (stop_ids or [0])[0])
-        new = decode_ids(self.model, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         temperature=temperature if do_sample else 0.0, top_k=top_k or 0, top_p=top_p,
-                         stop_token_ids=stop_ids)
-        width = max((len(n) for n in new), default=0)
-        out = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
-        for i, ids in enumerate(new):
-            out[i, :len(ids)] = torch.tensor(ids, dtype=input_ids.dtype)
-        return torch.cat([input_ids, out], dim=1)
+    def prepare_inputs_for_generation(self, input_ids: Tensor, cache: AetherisHFCache | None = None,
+                                      attention_mask: Tensor | None = None, **kwargs: Any) -> dict:
+        """Prefill gets the whole prompt (and its mask); each later step only the tokens the cache has
+        not consumed yet (one per step)."""
+        if cache is not None:
+            return {"input_ids": input_ids[:, cache.seen:], "cache": cache, "use_cache": True}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
 
 
 def register() -> None:

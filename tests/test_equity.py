@@ -101,3 +101,61 @@ def test_plots_with_ungrouped_languages(tmp_path):
     report = build_report(_results({**TEACHER, "qu": 0.6}), _results({**STUDENT, "qu": 0.5}, seed=1), n_boot=20)
     plot_drops(report, tmp_path / "d.png")
     assert "not grouped" in render_markdown(report)
+
+
+def _scores(values) -> dict:
+    return Scores("acc", True, list(range(len(values))), [float(v) for v in values]).to_dict(n_boot=20)
+
+
+def test_drop_intervals_signal_and_no_signal_tasks():
+    at_chance = {c: 0.5 for c in TEACHER}
+    t, s = _results(at_chance, n=40), _results(STUDENT, n=40, seed=1)
+    t["tasks"]["mgsm"] = {"languages": {c: _scores([0] * 40) for c in TEACHER}}  # teacher never right: chance
+    s["tasks"]["mgsm"] = {"languages": {c: _scores([0] * 39 + [1]) for c in TEACHER}}
+    report = build_report(t, s, n_boot=300)
+    x = report["tasks"]["xcopa"]
+    assert x["signal"] is False and x["chance"] == 0.5 and x["teacher_pooled"] == pytest.approx(0.5)
+    for v in x["languages"].values():
+        lo, hi = v["drop_ci95"]
+        assert lo <= v["drop"] <= hi
+    m = report["tasks"]["mgsm"]
+    assert m["signal"] is False and m["teacher_pooled"] == 0.0
+    assert report["summary"]["no_signal"] == ["xcopa", "mgsm"] and report["summary"]["des_signal"] == {}
+    md = render_markdown(report)
+    assert "no signal" in md and "drop 95% CI" in md
+
+
+def test_a_teacher_above_chance_has_signal():
+    strong = {c: 0.95 for c in TEACHER}
+    report = build_report(_results(strong, n=40), _results(STUDENT, n=40, seed=1), n_boot=300)
+    x = report["tasks"]["xcopa"]
+    assert x["signal"] is True and x["teacher_pooled_ci95"][0] > 0.5
+    assert report["summary"]["des_signal"] == {"xcopa": x["des"]} and report["summary"]["no_signal"] == []
+
+
+def test_noise_corrected_des_is_unbiased_for_equal_models():
+    """Teacher and student of equal skill (independent draws of the same accuracy): the plain DES is
+    positive on average (noise), the noise-corrected one averages to about zero."""
+    from aetheris.equity import des_noise, paired_drop_replicates
+
+    rng = np.random.default_rng(0)
+    codes = ["en", "de", "sw", "yo", "ja", "zh", "ar", "he"]
+    plain, corrected = [], []
+    for _ in range(40):
+        t = {c: {"values": list(rng.random(60) < 0.7)} for c in codes}
+        s = {c: {"values": list(rng.random(60) < 0.7)} for c in codes}
+        drops = {c: np.mean(t[c]["values"]) - np.mean(s[c]["values"]) for c in codes}
+        boot = paired_drop_replicates(t, s, True, 300, rng)
+        plain.append(des(drops))
+        corrected.append(des(drops) - des_noise(boot))
+    assert np.mean(plain) > 0.002
+    assert abs(np.mean(corrected)) < 0.25 * np.mean(plain)
+
+
+def test_des_bootstrap_resamples_languages_within_families():
+    """Two Germanic languages with noise-free examples but very different drops: resampling examples
+    alone gives a zero-width interval; resampling languages too does not."""
+    t = {"tasks": {"xcopa": {"languages": {"en": _scores([1] * 30), "de": _scores([1] * 30), "ja": _scores([1] * 30)}}}}
+    s = {"tasks": {"xcopa": {"languages": {"en": _scores([1] * 30), "de": _scores([0] * 30), "ja": _scores([1] * 30)}}}}
+    lo, hi = build_report(t, s, n_boot=400)["tasks"]["xcopa"]["des_ci95"]
+    assert hi - lo > 0.05  # family means 0, 0.5 or 1 -> DES in {0, 0.0625, 0.25}

@@ -81,7 +81,7 @@ def test_cache_from_another_model_or_setting_is_refused(runs, capsys):
 
 def test_bad_input_messages(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--tasks", "xcopa,copa"]) == 2
-    assert "valid tasks: xcopa, xcopa_fixed, mgsm, toolcall, ppl" in capsys.readouterr().err
+    assert "valid tasks: xcopa, xcopa_fixed, mgsm, toolcall, bfcl, ppl" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--output", str(tmp_path / "o"), "--tasks", "xcopa",
                  "--languages", "zz"]) == 2
     err = capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_bits_per_byte_and_kl_equal_independent_formulas(models):
 
     teacher, student = models
     res = perplexity.run(student, "sw", {"teacher": teacher}, limit=4)
-    sentences = perplexity.load("sw")[:4]
+    sentences = perplexity.select("sw", {}, 4)[1]  # held-out documents only (the default split)
     bits, nbytes, kl_sum, n_tok = 0.0, 0, 0.0, 0
     for text in sentences:
         ids = [student.tokenizer.bos_token_id] + student.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -80,11 +80,75 @@ def test_kl_refuses_different_tokenizers(models, tiny_tokenizer):
 @needs_data
 def test_ppl_start_scores_later_sentences_and_keeps_their_indices(models):
     _, student = models
-    later = perplexity.run(student, "sw", {"ppl_start": 5}, limit=2)["ppl"]
+    later = perplexity.run(student, "sw", {"ppl_start": 5, "ppl_split": "all"}, limit=2)["ppl"]
     assert later.ids == [5, 6]  # the sentence indices, so teacher and student pair the same sentences
     # Sentences 5 and 6 scored from index 5 equal sentences 5 and 6 of a run from the start.
-    whole = perplexity.run(student, "sw", {}, limit=7)["ppl"]
+    whole = perplexity.run(student, "sw", {"ppl_split": "all"}, limit=7)["ppl"]
     assert later.values == pytest.approx(whole.values[5:7], rel=1e-5)
     assert later.weights == whole.weights[5:7]
     with pytest.raises(ValueError, match="ppl-start"):
         perplexity.run(student, "jv", {"ppl_start": 400}, limit=2)
+
+
+@needs_data
+def test_scored_sentences_never_overlap_training_rows():
+    """Training's own split (load_documents + split_heldout, as train.py builds it) vs the sentences the
+    ppl task scores by default: no scored sentence is in any training document, in any of the 70
+    languages (jv's NusaX and pcm's MAFAND test files are read by training too)."""
+    from aetheris.data import load_documents, split_heldout
+
+    for seed, fraction in ((0, 0.05), (3, 0.2)):
+        train, _ = split_heldout(load_documents([{"type": "corpus"}], "all"), fraction, seed=seed)
+        for lang in CODES:
+            seen = {line.strip() for doc in train[lang] for line in doc.text.split("\n")}
+            ids, scored = perplexity.select(lang, {"ppl_seed": seed, "ppl_val_fraction": fraction})
+            assert scored and not seen.intersection(scored), lang
+            assert len(scored) < len(perplexity.load(lang))  # held-out documents only
+    # the split "all" does score training text: the check below is what stops it for a recorded run
+    train, _ = split_heldout(load_documents([{"type": "corpus"}], ["jv", "pcm"]), 0.05, seed=0)
+    for lang in ("jv", "pcm"):
+        seen = {line.strip() for doc in train[lang] for line in doc.text.split("\n")}
+        assert seen.intersection(perplexity.select(lang, {"ppl_split": "all"})[1])
+
+
+@needs_data
+def test_a_checkpoint_whose_training_overlaps_is_refused(models, tmp_path):
+    import json
+
+    _, student = models
+    state = tmp_path / "step-0000010" / "state.json"
+    (tmp_path / "step-0000010" / "model").mkdir(parents=True)
+    config = {"data": {"sources": [{"type": "corpus"}], "languages": ["jv", "pcm"],
+                       "val_fraction": 0.1}, "train": {"seed": 7}}
+    state.write_text(json.dumps({"step": 10, "config": config}))
+    recorded = perplexity.recorded_training(tmp_path / "step-0000010" / "model")
+    assert recorded == {"file": str(state), "sources": config["data"]["sources"], "languages": ["jv", "pcm"],
+                        "seed": 7, "val_fraction": 0.1}
+    for lang, name in (("jv", "test.csv"), ("pcm", "test.pcm")):
+        with pytest.raises(ValueError, match=f"{name}: sentence .* is in the training data recorded in .*state.json"):
+            perplexity.run(student, lang, {"ppl_split": "all", "ppl_training": recorded}, limit=3)
+        # the run's own held-out split passes the check
+        ok = perplexity.run(student, lang, {"ppl_seed": 7, "ppl_val_fraction": 0.1, "ppl_training": recorded}, limit=3)
+        assert ok["ppl"].n == 3
+
+
+@needs_data
+def test_eval_cli_uses_the_recorded_split_and_keeps_the_cache_on_a_leak(tiny_tokenizer, tmp_path, capsys):
+    import json
+
+    from aetheris.cli import main
+
+    step = tmp_path / "step-0000010"
+    model = save_tiny_cohere2(step / "model", tiny_tokenizer, seed=4)
+    config = {"data": {"sources": [{"type": "corpus"}], "languages": ["pcm"], "val_fraction": 0.3}, "train": {"seed": 1}}
+    (step / "state.json").write_text(json.dumps({"config": config}))
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(model), "--output", str(out), "--tasks", "ppl", "--languages", "pcm", "--limit", "3"]
+    assert main(args) == 0  # default: the recorded run's held-out split (seed 1, val_fraction 0.3)
+    cached = (out / "cache" / "ppl" / "pcm.json").read_bytes()
+    ids = json.loads(cached)["results"]["ppl"]["ids"]
+    assert ids == perplexity.select("pcm", {"ppl_seed": 1, "ppl_val_fraction": 0.3}, 3)[0]
+    assert ids != [0, 1, 2]  # seed 1 trains on the first block of the MAFAND test file ...
+    assert main(args + ["--ppl-split", "all", "--overwrite"]) != 0  # ... which "all" would score
+    assert "is in the training data recorded in" in capsys.readouterr().err
+    assert (out / "cache" / "ppl" / "pcm.json").read_bytes() == cached  # nothing cached is overwritten

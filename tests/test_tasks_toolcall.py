@@ -39,7 +39,8 @@ def test_bfcl_rules_by_hand():
     assert _ok({"to": "New York", "budget": 300})[1] == "missing required parameter 'passengers'"
     assert _ok({"to": "New York", "passengers": 2})[1] == "expected parameter 'budget' missing"
     assert _ok({"to": "New York", "passengers": 2, "budget": 300, "seat": "A1"})[1] == "unexpected parameter 'seat'"
-    assert _ok({"to": "New York", "passengers": 2, "budget": 300, "class": "Economy"})[0]  # optional at its default
+    # BFCL never reads a schema default: an argument the gold call lacks is unexpected even at its default
+    assert _ok({"to": "New York", "passengers": 2, "budget": 300, "class": "Economy"})[1] == "unexpected parameter 'class'"
     assert not _ok({"to": "New York", "passengers": 2, "budget": 300, "class": "business"})[0]
     assert not _ok({"to": "Boston", "passengers": 2, "budget": 300})[0]
     lists = {"name": "book_flight", "arguments": {"to": "X", "passengers": 1, "stops": ["Paris", "Rome"],
@@ -56,6 +57,7 @@ def test_parse_call_formats():
     assert tc.parse_call(action) == {"name": "book_flight", "arguments": {"to": "Oslo"}}
     assert tc.parse_call('Sure! {"name": "f", "arguments": "{\\"a\\": 1}"} done') == {"name": "f", "arguments": {"a": 1}}
     assert tc.parse_call('[{"tool_name": "f", "parameters": {}}, {"tool_name": "g"}]')["name"] == "f"
+    assert [c["name"] for c in tc.parse_calls('[{"tool_name": "f", "parameters": {}}, {"tool_name": "g"}]')] == ["f", "g"]
     assert tc.parse_call("no call here [not json") is None
     assert tc.parse_call('{"tool_name": "f", "parameters": {"a": ') is None  # truncated JSON
 
@@ -68,6 +70,8 @@ def test_score_output_metrics():
     assert tc.score_output(bad_type, ex) == {"parsed": 1.0, "schema_valid": 0.0, "name": 1.0, "exact": 0.0, "ast": 0.0}
     exact = json.dumps([{"tool_name": "book_flight", "parameters": GOLD["arguments"]}])
     assert tc.score_output(exact, ex)["exact"] == 1.0
+    two = json.dumps([{"tool_name": "book_flight", "parameters": GOLD["arguments"]}] * 2)
+    assert tc.score_output(two, ex)["ast"] == 0.0  # BFCL: one call expected, two given
     assert tc.score_output("I cannot help", ex) == {"parsed": 0.0, "schema_valid": 0.0, "name": 0.0, "exact": 0.0, "ast": 0.0}
 
 

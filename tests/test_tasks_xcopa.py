@@ -77,3 +77,35 @@ def test_accuracy_equals_harness_formula(tiny_lm, lang):
     ours = tiny_lm.loglikelihood(reqs)
     ref = [harness_continuation_logprob(tiny_lm.model, tiny_lm.tokenizer, c, x) for c, x in reqs]
     assert ours == pytest.approx(ref, abs=1e-4)
+
+
+@needs_data
+def test_logsoftmax_dtype_scores_bf16_models_the_harness_way(tiny_tokenizer, tmp_path):
+    """A bf16 model: ``model`` = log-softmax and sum in the logits' own dtype (lm-eval's HFLM default),
+    ``float32`` = both in float32; each equals its formula written out, and the two differ."""
+    import torch
+
+    from aetheris.evaluate import LM
+
+    folder = save_tiny_cohere2(tmp_path / "m", tiny_tokenizer, seed=1)
+    reqs = [r for doc in xcopa.load("sw", {})[:4] for r in xcopa.requests(doc, "sw")]
+    scored = {}
+    for mode in ("model", "float32"):
+        lm = LM.load(str(folder), device="cpu", dtype="bfloat16", batch_size=1, logsoftmax_dtype=mode)
+        assert lm.numerics == {"dtype": "bfloat16", "logsoftmax_dtype": mode}
+        scored[mode] = lm.loglikelihood(reqs)
+        expected = []
+        for ctx, cont in reqs:  # the harness's _encode_pair, then its log_softmax / gather / sum
+            n = len(ctx) - len(ctx.rstrip())
+            ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+            whole, c_ids = lm.tokenizer(ctx + cont)["input_ids"], lm.tokenizer(ctx)["input_ids"]
+            cont_ids = whole[len(c_ids):]
+            with torch.no_grad():
+                logits = lm.model(torch.tensor([whole[:-1]])).logits[0, -len(cont_ids):]
+            assert logits.dtype == torch.bfloat16
+            logp = torch.log_softmax(logits if mode == "model" else logits.float(), dim=-1)
+            expected.append(float(logp.gather(1, torch.tensor(cont_ids)[:, None]).sum()))
+        assert scored[mode] == expected
+    assert scored["model"] != scored["float32"]
+    with pytest.raises(ValueError, match="logsoftmax dtype"):
+        LM.load(str(folder), device="cpu", logsoftmax_dtype="float64")

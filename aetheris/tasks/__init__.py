@@ -1,4 +1,4 @@
-"""Evaluation tasks: XCOPA, mGSM, tool calling, parallel-text perplexity.
+"""Evaluation tasks: XCOPA, mGSM, tool calling (xSID, generated, BFCL), parallel-text perplexity.
 
 A task is data plus a scoring rule; per-language variation (connectors, prompts, answer regexes) is a
 table inside the task's module, never a subclass (the lm-evaluation-harness habit). Every task module
@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TASK_NAMES = ("xcopa", "xcopa_fixed", "mgsm", "toolcall", "ppl")
+TASK_NAMES = ("xcopa", "xcopa_fixed", "mgsm", "toolcall", "bfcl", "ppl")
 # task name -> (module, options it sets); xcopa_fixed is XCOPA on the corrected-question copy.
 _MODULES = {
     "xcopa": ("xcopa", {}),
     "xcopa_fixed": ("xcopa", {"xcopa_fixed_question": True}),
     "mgsm": ("mgsm", {}),
     "toolcall": ("toolcall", {}),
+    "bfcl": ("bfcl", {}),
     "ppl": ("perplexity", {}),
 }
 

@@ -1,38 +1,48 @@
-"""mGSM: 250 grade-school maths problems in 11 languages, direct and native chain-of-thought.
+"""mGSM: 250 grade-school maths problems in 11 languages; direct, native CoT and English CoT, as
+lm-evaluation-harness 0.4.13 runs them.
 
 Sources: Shi et al. 2022, "Language Models are Multilingual Chain-of-Thought Reasoners"
 (github.com/google-research/url-nlp/mgsm: the TSVs and the 8 translated exemplars per language);
-lm-evaluation-harness ``lm_eval/tasks/mgsm`` (native_cot / direct YAMLs, ``filters/extraction.py``,
-the ``exact_match`` metric) for prompts, stops, answer extraction and scoring.
+lm-evaluation-harness 0.4.13 ``lm_eval/tasks/mgsm`` (``utils.py``'s per-language table, the generated
+``direct/``, ``native_cot/``, ``en_cot/`` YAMLs, ``filters/extraction.py``, the ``exact_match`` metric).
+The harness reads ``juletxara/mgsm``, whose train split is the 8 exemplars of ``exemplars.json`` and
+whose test split is the TSVs; ``tests/test_harness_equivalence.py`` feeds both to the harness's own
+task objects and compares every prompt with ours.
 
-Prompt (per-language words in ``PROMPTS``):
-- test item: ``f"{QUESTION} {question}\\n{ANSWER}"`` (``ANSWER`` = the step-by-step prefix in CoT mode,
-  the plain answer word in direct mode);
-- k exemplars first, each ``f"{q}\\n{ANSWER} {target}"``, separated by blank lines (the harness's
-  ``fewshot_delimiter``/``target_delimiter``). Exemplar questions already start with the question word.
-  CoT targets are the exemplar's worked answer without its prefix; direct targets are the number.
-Generation: greedy, at most 256 new tokens; CoT stops only at the next question prefix or end tokens
-(so the flexible extraction sees the whole output), direct stops at the first newline (harness).
+Per language the harness has (``PROMPTS``) a question word, a native step-by-step answer prefix, a
+direct answer word (English ``Answer:`` for bn, ja, ru, sw, te, th, zh) and a strict regex (English
+``The answer is`` for bn). ja/zh question words end in a full-width colon (``問題：``).
+
+Prompt, every mode: exemplars then the test item, ``fewshot_delimiter`` "\\n\\n" after each exemplar.
+- test item: ``f"{QUESTION} {question}\\n{ANSWER_WORD}"``;
+- exemplar: ``f"{q}\\n{ANSWER_WORD}{delimiter}{target}"`` (``q`` already starts with the question word);
+- ``direct``: ANSWER_WORD = the direct word, delimiter "" (``Answer:11``), target = the number;
+- ``native_cot``: ANSWER_WORD = the native prefix, delimiter " ", target = the exemplar answer
+  without its first ``len(native prefix) + 1`` characters (the harness's ``answer[N:]``, which eats the
+  first character of the ja/zh answers, whose colon is full-width and not followed by a space);
+- ``en_cot``: as native_cot, but ANSWER_WORD = ``Step-by-Step Answer:`` (the target is still cut at the
+  native prefix's length);
+- exemplars: the harness's default sampler, ``random.Random(1234).sample(exemplars, k)`` drawn anew for
+  each test item in file order (so item i sees a different order than item i+1).
+Generation: greedy, at most 256 new tokens, stopped at ``[QUESTION, "</s>", "<|im_end|>"]`` in every
+mode (each language's ``generation_kwargs`` replaces the shared ``\\n\\n``/``\\n`` stops); model end
+tokens stop as well.
 Scores, both reported:
-- ``mgsm`` (strict): CoT -- first match of the language's "the answer is N" regex; direct -- the whole
-  response with leading whitespace removed;
+- ``mgsm`` (strict): direct -- the response with surrounding whitespace removed (``remove_whitespace``);
+  native_cot -- first match of the language's regex; en_cot -- first match of ``The answer is N``;
 - ``mgsm_flexible``: last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``;
-each compared to the gold number with the harness's ``exact_match(ignore_case, ignore_punctuation)``:
-lowercase, delete ASCII punctuation, compare strings. Deleting punctuation is what normalises thousands
-separators (``2,125`` == ``2125``); it also deletes a minus sign and a decimal point (``-5`` == ``5``,
-``1.5`` == ``15``) -- a harness quirk kept for comparability (MGSM's gold answers are non-negative
-integers). Digits must be ASCII: the regexes, like the harness's, do not read native digits (০-৯).
-
-Differences from the harness, on purpose: exemplars are the first k in order (the harness samples them
-with a seeded RNG), and a CoT exemplar's prefix is cut at its colon (the harness cuts a fixed
-``len(ANSWER)+1`` characters, which eats the first character of the ja/zh exemplars whose colon is
-full-width). Zero-shot prompts are identical.
+each compared to the gold number with ``exact_match(ignore_case, ignore_punctuation)``: lowercase,
+delete ASCII punctuation, compare strings. Deleting punctuation normalises thousands separators
+(``2,125`` == ``2125``); it also deletes a minus sign and a decimal point (``-5`` == ``5``,
+``1.5`` == ``15``) -- kept for comparability (MGSM's gold answers are non-negative integers). Digits must
+be ASCII: the regexes do not read native digits (০-৯).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import random
 import re
 import string
 from pathlib import Path
@@ -45,23 +55,26 @@ MAX_NEW_TOKENS = 256
 END_STRINGS = ("</s>", "<|im_end|>")  # the harness's; model end tokens are stopped on as well
 INVALID = "[invalid]"  # the harness RegexFilter's fallback
 FLEXIBLE_REGEX = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+EN_COT_ANSWER = "Step-by-Step Answer:"
+EN_COT_REGEX = r"The answer is (\-?[0-9\.\,]+)"
+FEWSHOT_SEED = 1234  # the harness's default fewshot_random_seed
 
-# lang -> question word, CoT answer prefix, direct answer word, strict answer regex (native CoT)
+# lang -> question word, native CoT answer prefix, direct answer word, native strict regex (harness utils.py)
 PROMPTS = {
-    "bn": ("প্রশ্ন:", "ধাপে ধাপে উত্তর:", "উত্তর:", r"উত্তর হল (\-?[0-9\.\,]+)"),
+    "bn": ("প্রশ্ন:", "ধাপে ধাপে উত্তর:", "Answer:", r"The answer is (\-?[0-9\.\,]+)"),
     "de": ("Frage:", "Schritt-für-Schritt-Antwort:", "Antwort:", r"Die Antwort lautet (\-?[0-9\.\,]+)"),
     "en": ("Question:", "Step-by-Step Answer:", "Answer:", r"The answer is (\-?[0-9\.\,]+)"),
     "es": ("Pregunta:", "Respuesta paso a paso:", "Respuesta:", r"La respuesta es (\-?[0-9\.\,]+)"),
     "fr": ("Question :", "Réponse étape par étape :", "Réponse :", r"La réponse est (\-?[0-9\.\,]+)"),
-    "ja": ("問題:", "ステップごとの答え:", "答え:", r"答えは(\-?[0-9\.\,]+)です。"),
-    "ru": ("Задача:", "Пошаговоерешение:", "Ответ:", r"Ответ — (\-?[0-9\.\,]+)"),
-    "sw": ("Swali:", "Jibu la Hatua kwa Hatua:", "Jibu:", r"Jibu ni (\-?[0-9\.\,]+)"),
-    "te": ("ప్రశ్న:", "దశలవారీగా సమాధానం:", "సమాధానం:", r"సమాధానం (\-?[0-9\.\,]+)"),
-    "th": ("โจทย์:", "คำตอบทีละขั้นตอน:", "คำตอบ:", r"คำตอบคือ (\-?[0-9\.\,]+)"),
-    "zh": ("问题:", "逐步解答:", "答案:", r"答案是 (\-?[0-9\.\,]+)。"),
+    "ja": ("問題：", "ステップごとの答え:", "Answer:", r"答えは(\-?[0-9\.\,]+)です。"),
+    "ru": ("Задача:", "Пошаговоерешение:", "Answer:", r"Ответ — (\-?[0-9\.\,]+)"),
+    "sw": ("Swali:", "Jibu la Hatua kwa Hatua:", "Answer:", r"Jibu ni (\-?[0-9\.\,]+)"),
+    "te": ("ప్రశ్న:", "దశలవారీగా సమాధానం:", "Answer:", r"సమాధానం (\-?[0-9\.\,]+)"),
+    "th": ("โจทย์:", "คำตอบทีละขั้นตอน:", "Answer:", r"คำตอบคือ (\-?[0-9\.\,]+)"),
+    "zh": ("问题：", "逐步解答:", "Answer:", r"答案是 (\-?[0-9\.\,]+)。"),
 }
 LANGUAGES = tuple(PROMPTS)
-MODES = ("native_cot", "direct")
+MODES = ("native_cot", "direct", "en_cot")
 
 
 def languages(options: dict) -> list[str]:
@@ -79,6 +92,10 @@ def load(lang: str) -> list[dict]:
     path = data_path("mgsm", f"mgsm_{lang}.tsv", what=f"MGSM {lang} test set")
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    bad = next((i for i, row in enumerate(rows) if len(row) != 2), None)
+    if bad is not None:
+        raise ValueError(f"{path} line {bad + 1}: expected 2 tab-separated fields (question, answer), "
+                         f"found {len(rows[bad])}; restore the file from the MGSM release")
     return [{"id": i, "question": q, "answer": a.strip()} for i, (q, a) in enumerate(rows)]
 
 
@@ -92,31 +109,44 @@ def load_exemplars(lang: str) -> list[dict]:
             for k in sorted(by_index, key=int)]
 
 
-def _strip_prefix(answer: str) -> str:
-    """An exemplar's worked answer without its "Step-by-Step Answer:" prefix (ASCII or full-width colon)."""
-    for colon in (":", "："):
-        head, sep, rest = answer.partition(colon)
-        if sep and len(head) < 40:
-            return rest.strip()
-    return answer.strip()
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mGSM mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def answer_word(lang: str, mode: str) -> str:
+    _check_mode(mode)
+    _, cot, direct, _ = PROMPTS[lang]
+    return {"direct": direct, "native_cot": cot, "en_cot": EN_COT_ANSWER}[mode]
+
+
+def exemplar_target(ex: dict, lang: str, mode: str) -> str:
+    """The harness's doc_to_target of a train doc: the number (direct) or ``answer[len(prefix) + 1:]``."""
+    if mode == "direct":
+        return str(ex["number"])
+    return ex["a"][len(PROMPTS[lang][1]) + 1:]
 
 
 def build_prompt(question: str, lang: str, mode: str = "native_cot", exemplars: list[dict] = ()) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown mGSM mode {mode!r}; choose one of {', '.join(MODES)}")
-    qword, cot, direct, _ = PROMPTS[lang]
-    answer_word = cot if mode == "native_cot" else direct
-    shots = []
-    for ex in exemplars:
-        target = _strip_prefix(ex["a"]) if mode == "native_cot" else str(ex["number"])
-        shots.append(f"{ex['q']}\n{answer_word} {target}")
-    test = f"{qword} {question}\n{answer_word}"
-    return "\n\n".join([*shots, test])
+    word = answer_word(lang, mode)
+    delimiter = "" if mode == "direct" else " "  # the harness's target_delimiter per mode
+    shots = "".join(f"{ex['q']}\n{word}{delimiter}{exemplar_target(ex, lang, mode)}\n\n" for ex in exemplars)
+    return f"{shots}{PROMPTS[lang][0]} {question}\n{word}"
+
+
+def sample_exemplars(pool: list[dict], shots: int, n_docs: int, seed: int = FEWSHOT_SEED) -> list[list[dict]]:
+    """Exemplars for each of the first n_docs test items: the harness's ContextSampler draws
+    ``Random(seed).sample(pool, shots)`` once per item, in order, from one generator."""
+    if shots <= 0:
+        return [[] for _ in range(n_docs)]
+    if shots > len(pool):
+        raise ValueError(f"mGSM has {len(pool)} exemplars per language; --mgsm-shots {shots} is too many")
+    rng = random.Random(seed)
+    return [rng.sample(pool, shots) for _ in range(n_docs)]
 
 
 def stop_strings(lang: str, mode: str = "native_cot") -> list[str]:
-    if mode == "direct":
-        return ["\n\n", "\n", *END_STRINGS]
+    _check_mode(mode)
     return [PROMPTS[lang][0], *END_STRINGS]
 
 
@@ -136,9 +166,10 @@ def _regex_filter(response: str, pattern: re.Pattern, group_select: int) -> str:
 
 
 def extract_strict(response: str, lang: str, mode: str = "native_cot") -> str:
+    _check_mode(mode)
     if mode == "direct":
-        return response.lstrip()  # the harness's remove_whitespace filter
-    return _regex_filter(response, re.compile(PROMPTS[lang][3]), 0)
+        return response.strip()  # the harness's remove_whitespace filter
+    return _regex_filter(response, re.compile(PROMPTS[lang][3] if mode == "native_cot" else EN_COT_REGEX), 0)
 
 
 def extract_flexible(response: str) -> str:
@@ -160,11 +191,10 @@ def exact_match(prediction: str, gold: str) -> float:
 def run(lm, lang: str, options: dict, limit: int | None = None) -> dict[str, Scores]:
     mode = options.get("mgsm_mode", "native_cot")
     shots = int(options.get("mgsm_shots", 0))
-    exemplars = load_exemplars(lang)[:shots] if shots > 0 else []
-    if shots > len(exemplars):
-        raise ValueError(f"mGSM has {len(exemplars)} exemplars per language; --mgsm-shots {shots} is too many")
+    _check_mode(mode)
     docs = load(lang)[:limit]
-    prompts = [build_prompt(d["question"], lang, mode, exemplars) for d in docs]
+    shots_per_doc = sample_exemplars(load_exemplars(lang) if shots > 0 else [], shots, len(docs))
+    prompts = [build_prompt(d["question"], lang, mode, ex) for d, ex in zip(docs, shots_per_doc)]
     outputs = lm.generate_until(prompts, stop_strings(lang, mode), max_new_tokens=MAX_NEW_TOKENS,
                                 desc=f"mgsm {lang}")
     strict = [exact_match(extract_strict(o, lang, mode), d["answer"]) for o, d in zip(outputs, docs)]

@@ -17,19 +17,16 @@ Prompt: Cohere Command-R7B style (DESIGN.md §2): tools as JSON in the system tu
 as ``<|START_ACTION|>[{"tool_call_id", "tool_name", "parameters"}]<|END_ACTION|>``, rendered by the
 shared chat template (``aetheris.chat``) so evaluation, SFT and the server see one format.
 
-Scores per example (the first call in the output is scored):
+Scores per example:
 - ``parsed``: a JSON call was found (action block, or the first JSON object/array in the text);
-- ``schema_valid``: its function exists among the offered tools and its arguments validate
+- ``schema_valid``: its (first) function exists among the offered tools and its arguments validate
   against that function's JSON schema (``jsonschema``);
 - ``name``: function name == expected;
 - ``exact``: name and arguments exactly equal (JSON equality);
-- ``ast`` (the primary score): BFCL's AST checker rules (gorilla/berkeley-function-call-leaderboard
-  ``ast_checker.py``), re-implemented: same name; every required parameter present; no parameter
-  outside the schema; type-aware values (an integer is accepted for a ``number``, booleans are not
-  numbers); strings compared after BFCL's ``standardize_string`` (drop spaces and ``,./-_*^``,
-  lowercase, ``'`` -> ``"``); lists element-wise in order; dicts order-free with the same keys;
-  an expected optional parameter may be omitted only when its value is the schema default, and a
-  predicted parameter that is not expected is accepted only when it equals the schema default.
+- ``ast`` (the primary score): BFCL's AST checker (``check_calls`` below): exactly one call, matched
+  against BFCL possible answers -- a BFCL record's own, or the single gold call as one allowed value per
+  argument (``possible_answers``). ``tests/test_bfcl.py`` holds our verdicts equal to the official
+  checker's on BFCL's simple and multiple sets.
 """
 
 from __future__ import annotations
@@ -223,9 +220,23 @@ def render_prompt(tools: list[dict], user: str) -> str:
     return render_messages([{"role": "user", "content": user}], tools=tools, bos=False)
 
 
-def parse_call(text: str) -> dict | None:
-    """The first call in a model output as {"name", "arguments"}, or None when nothing parses.
-    Accepts a Command-R action list, a single action object, or OpenAI-style {"name", "arguments"}."""
+def _as_call(value) -> dict | None:
+    if not isinstance(value, dict):
+        return None
+    name = value.get("tool_name", value.get("name"))
+    args = value.get("parameters", value.get("arguments", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    return {"name": name, "arguments": args} if isinstance(name, str) and isinstance(args, dict) else None
+
+
+def parse_calls(text: str) -> list[dict] | None:
+    """Every call of the first JSON value in a model output that holds one, as [{"name", "arguments"}],
+    or None when nothing parses. Accepts a Command-R action list, a single action object, or
+    OpenAI-style {"name", "arguments"}."""
     start = text.find("<|START_ACTION|>")
     body = text[start + len("<|START_ACTION|>"):] if start >= 0 else text
     decoder = json.JSONDecoder()
@@ -234,22 +245,45 @@ def parse_call(text: str) -> dict | None:
             value, _ = decoder.raw_decode(body, m.start())
         except json.JSONDecodeError:
             continue
-        call = value[0] if isinstance(value, list) and value else value
-        if not isinstance(call, dict):
-            continue
-        name = call.get("tool_name", call.get("name"))
-        args = call.get("parameters", call.get("arguments", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return None
-        if isinstance(name, str) and isinstance(args, dict):
-            return {"name": name, "arguments": args}
+        items = value if isinstance(value, list) else [value]
+        calls = [_as_call(v) for v in items]
+        if calls and calls[0] is not None:
+            # an entry that is not a call still counts: BFCL sees a list of calls with a broken one
+            return [c if c is not None else {"name": None, "arguments": {}} for c in calls]
     return None
 
 
-# --- BFCL-style matching --------------------------------------------------------------------------------
+def parse_call(text: str) -> dict | None:
+    """The first call in a model output (``parse_calls``), or None."""
+    calls = parse_calls(text)
+    return calls[0] if calls else None
+
+
+# --- BFCL-compatible matching ---------------------------------------------------------------------------
+#
+# BFCL's AST checker (gorilla/berkeley-function-call-leaderboard, ``bfcl_eval/eval_checker/ast_eval/
+# ast_checker.py``) compares a call with *possible answers*: per parameter a list of allowed values, ""
+# in the list meaning "may be omitted"; a dict parameter's allowed values are dicts of ``{key: [allowed]}``;
+# an array of dicts' allowed values are lists of such dicts. Its rules, re-implemented here:
+# - exactly one call (simple/multiple categories); the name equals the possible answer's function;
+# - every ``required`` parameter present; every given parameter both in the schema and in the possible
+#   answer; every possible-answer parameter without "" among its values present;
+# - types by the schema's BFCL type (JSON schema's ``number``/``object`` read as ``float``/``dict``), exact
+#   Python types (a bool is not an integer, 5.0 is not an integer); an integer passes for a top-level
+#   ``float`` (converted), never inside an array; array items are type-checked one level deep against
+#   the first list among the allowed values; a value whose type equals the allowed values' own type
+#   when that differs from the schema's (e.g. "5" where the answers are strings for an integer) is a
+#   "variable" and is compared raw;
+# - strings: ``standardize_string`` (drop spaces and ``,./-_*^``, lowercase, ' -> ") then membership;
+#   lists: elementwise standardised, order kept, membership among the allowed lists; dicts: every given
+#   key allowed and its (standardised) value among that key's allowed values, every missing key
+#   optional; lists of dicts: same length and dict by dict in order; anything else: Python ``in`` (so
+#   1 == 1.0 == True, as in BFCL).
+# The schema's ``default`` is never read.
+
+BFCL_TYPES = {"string": str, "integer": int, "float": float, "boolean": bool, "array": list, "tuple": list,
+              "dict": dict, "any": str}
+JSON_SCHEMA_TYPES = {"number": "float", "object": "dict"}  # JSON schema names -> BFCL's
 
 
 def standardize_string(s: str) -> str:
@@ -257,71 +291,167 @@ def standardize_string(s: str) -> str:
     return re.sub(r"[ \,\.\/\-\_\*\^]", "", s).lower().replace("'", '"')
 
 
-_JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "float": (int, float),
-               "boolean": (bool,), "array": (list,), "tuple": (list,), "object": (dict,), "dict": (dict,)}
+def _std(value):
+    return standardize_string(value) if type(value) is str else value
 
 
-def type_ok(value, schema: dict) -> bool:
-    expected = schema.get("type")
-    if expected is None or expected == "any":
-        return True
-    types = expected if isinstance(expected, list) else [expected]
-    for t in types:
-        py = _JSON_TYPES.get(t)
-        if py is None:
-            return True  # a type we do not know: do not fail the call on it
-        if isinstance(value, bool) and bool not in py:
-            continue  # True is an int in Python, never a number here
-        if isinstance(value, py):
-            if t in ("array", "tuple") and "items" in schema:
-                return all(type_ok(v, schema["items"]) for v in value)
+def _bfcl_type(schema: dict | None, where: str) -> type:
+    name = (schema or {}).get("type")
+    name = JSON_SCHEMA_TYPES.get(name, name)
+    if name not in BFCL_TYPES:
+        raise ValueError(f"{where}: type {name!r} is not one BFCL's checker knows "
+                         f"({', '.join(BFCL_TYPES)}; JSON schema's number/object are read as float/dict)")
+    return BFCL_TYPES[name]
+
+
+def _answer_type(allowed) -> type | None:
+    """The Python type of the first allowed value that is not the "may be omitted" marker."""
+    return next((type(a) for a in allowed if a != ""), None)
+
+
+def _type_check(value, allowed: list, py: type, item_py: type | None) -> tuple[bool, bool]:
+    """(type ok, value is a "variable" to compare raw)."""
+    answer_type = _answer_type(allowed)
+    variable = answer_type is not None and answer_type is not py
+    if type(value) is py:
+        if item_py is None:
+            return True, variable
+        for candidate in allowed:  # one level deep, against the first candidate that fits
+            if not isinstance(candidate, list):
+                return True, variable
+            inner = _answer_type(candidate)
+            if all(type(v) is item_py or (inner is not None and type(v) is inner) for v in value):
+                return True, variable
+        return False, False
+    if answer_type is not None and type(value) is answer_type:
+        return True, True
+    return False, False
+
+
+def _dict_ok(value: dict, allowed: list) -> bool:
+    for candidate in allowed:
+        if candidate == "" or not isinstance(candidate, dict):
+            continue
+        if all(k in candidate and _std(v) in [_std(a) for a in candidate[k]] for k, v in value.items()) and \
+                all(k in value or "" in options for k, options in candidate.items()):
             return True
     return False
 
 
-def values_match(pred, gold) -> bool:
-    """Type-aware equality: standardized strings, numbers by value, lists in order, dicts order-free."""
-    if isinstance(gold, bool) or isinstance(pred, bool):
-        return type(pred) is type(gold) and pred == gold
-    if isinstance(gold, str):
-        return isinstance(pred, str) and standardize_string(pred) == standardize_string(gold)
-    if isinstance(gold, (int, float)):
-        return isinstance(pred, (int, float)) and float(pred) == float(gold)
-    if isinstance(gold, list):
-        return isinstance(pred, list) and len(pred) == len(gold) and all(values_match(p, g) for p, g in zip(pred, gold))
-    if isinstance(gold, dict):
-        return isinstance(pred, dict) and set(pred) == set(gold) and all(values_match(pred[k], gold[k]) for k in gold)
-    return pred == gold
+def _list_of_dicts_ok(value: list, allowed: list) -> bool:
+    for candidate in allowed:
+        candidate = list(candidate) if isinstance(candidate, (list, str)) else []
+        if len(candidate) == len(value) and all(_dict_ok(v, [c]) for v, c in zip(value, candidate)):
+            return True
+    return False
 
 
-def ast_match(call: dict | None, expected: dict, tools: list[dict]) -> tuple[bool, str]:
-    """(match, reason) under BFCL's AST rules for one call."""
-    if call is None:
-        return False, "no call parsed"
-    if call["name"] != expected["name"]:
+def _list_ok(value: list, allowed: list) -> bool:
+    got = [_std(v) for v in value]
+    return any(isinstance(c, (list, str)) and got == [_std(a) for a in c] for c in allowed)
+
+
+def check_call(call: dict, possible: dict, tools: list[dict], where: str = "call") -> tuple[bool, str]:
+    """One call ``{"name", "arguments"}`` against BFCL possible answers ``{function: {param: [allowed]}}``."""
+    (name, answers), = possible.items()
+    schema = next((normalize_tool(t) for t in tools if normalize_tool(t)["name"] == name), None)
+    if schema is None:
+        raise ValueError(f"{where}: the expected function {name!r} is not among the record's tools")
+    params = schema.get("parameters") or {}
+    props, required = params.get("properties") or {}, params.get("required") or []
+    for p, allowed in answers.items():
+        if not isinstance(allowed, list):
+            raise ValueError(f"{where}: possible answers of {name}.{p} must be a list of allowed values "
+                             f"(\"\" = may be omitted), got {type(allowed).__name__}")
+    if call["name"] != name:
         return False, f"wrong function {call['name']!r}"
-    schema = next((normalize_tool(t) for t in tools if normalize_tool(t)["name"] == expected["name"]), None)
-    params = (schema or {}).get("parameters", {}) or {}
-    props, required = params.get("properties", {}), params.get("required", [])
-    args, gold = call["arguments"], expected["arguments"]
+    args = call["arguments"]
     for p in required:
         if p not in args:
             return False, f"missing required parameter {p!r}"
-    for p, v in args.items():
-        if p not in props:
+    for p, value in args.items():
+        if p not in props or p not in answers:
             return False, f"unexpected parameter {p!r}"
-        if not type_ok(v, props[p]):
+        allowed = answers[p]
+        py = _bfcl_type(props[p], f"{where}: {name}.{p}")
+        item_py = None
+        if py is list and props[p].get("type") in ("array", "tuple") and "items" in props[p]:
+            item_py = _bfcl_type(props[p]["items"], f"{where}: {name}.{p} items")
+        if py is float and type(value) is int:
+            value = float(value)  # Python's int -> float promotion, top level only
+        ok, variable = _type_check(value, allowed, py, item_py)
+        if not ok:
             return False, f"wrong type for {p!r}"
-        if p not in gold:
-            if "default" in props[p] and values_match(v, props[p]["default"]):
-                continue
-            return False, f"parameter {p!r} was not expected"
-        if not values_match(v, gold[p]):
+        if variable:
+            fits = value in allowed
+        elif py is dict:
+            fits = _dict_ok(value, allowed)
+        elif py is list and item_py is dict:
+            fits = _list_of_dicts_ok(value, allowed)
+        elif py is str:
+            fits = _std(value) in [_std(a) for a in allowed if type(a) is str]
+        elif py is list:
+            fits = _list_ok(value, allowed)
+        else:
+            fits = value in allowed
+        if not fits:
             return False, f"wrong value for {p!r}"
-    for p, g in gold.items():
-        if p not in args and not ("default" in props.get(p, {}) and values_match(g, props[p]["default"])):
+    for p, allowed in answers.items():
+        if p not in args and "" not in allowed:
             return False, f"expected parameter {p!r} missing"
     return True, "ok"
+
+
+def check_calls(calls: list[dict] | None, possible: dict, tools: list[dict], where: str = "call") -> tuple[bool, str]:
+    """BFCL's simple/multiple rule: exactly one call, matched against the possible answers."""
+    if not calls:
+        return False, "no call parsed"
+    if len(calls) != 1:
+        return False, f"{len(calls)} calls where one was expected"
+    return check_call(calls[0], possible, tools, where)
+
+
+def possible_answers(expected: dict, tools: list[dict]) -> dict:
+    """A single gold call as BFCL possible answers: every given argument its one allowed value (dicts as
+    ``{key: [value]}``, lists of dicts as one list of such dicts); nothing else may be given."""
+    schema = next((normalize_tool(t) for t in tools if normalize_tool(t)["name"] == expected["name"]), None)
+    props = ((schema or {}).get("parameters") or {}).get("properties") or {}
+    answers = {}
+    for p, v in expected["arguments"].items():
+        if isinstance(v, dict):
+            answers[p] = [{k: [x] for k, x in v.items()}]
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v) and \
+                (props.get(p, {}).get("items") or {}).get("type") in ("dict", "object"):
+            answers[p] = [[{k: [x] for k, x in d.items()} for d in v]]
+        else:
+            answers[p] = [v]
+    return {expected["name"]: answers}
+
+
+def ast_match(call: dict | None, expected: dict, tools: list[dict]) -> tuple[bool, str]:
+    """(match, reason) of one call against one gold call, under BFCL's rules (``check_call``)."""
+    if call is None:
+        return False, "no call parsed"
+    return check_call(call, possible_answers(expected, tools), tools)
+
+
+_BFCL_TO_JSON_SCHEMA = {"dict": "object", "float": "number", "tuple": "array"}
+
+
+def _json_schema(schema):
+    """BFCL's schema dialect (dict, float, tuple, any) as JSON schema, for ``jsonschema``."""
+    if isinstance(schema, list):
+        return [_json_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _json_schema(v) if k in ("items", "additionalProperties") else v for k, v in schema.items()}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {name: _json_schema(v) for name, v in out["properties"].items()}
+    if out.get("type") == "any":
+        out.pop("type")
+    elif out.get("type") in _BFCL_TO_JSON_SCHEMA:
+        out["type"] = _BFCL_TO_JSON_SCHEMA[out["type"]]
+    return out
 
 
 def schema_valid(call: dict | None, tools: list[dict]) -> bool:
@@ -333,21 +463,23 @@ def schema_valid(call: dict | None, tools: list[dict]) -> bool:
     if schema is None:
         return False
     try:
-        jsonschema.validate(call["arguments"], schema.get("parameters") or {"type": "object"})
+        jsonschema.validate(call["arguments"], _json_schema(schema.get("parameters") or {"type": "object"}))
     except jsonschema.ValidationError:
         return False
     return True
 
 
 def score_output(text: str, example: dict) -> dict[str, float]:
-    call = parse_call(text)
+    calls = parse_calls(text)
+    call = calls[0] if calls else None
     expected = example["expected"]
+    possible = example.get("possible_answer") or possible_answers(expected, example["tools"])
     return {
         "parsed": float(call is not None),
         "schema_valid": float(schema_valid(call, example["tools"])),
         "name": float(call is not None and call["name"] == expected["name"]),
         "exact": float(call is not None and call["name"] == expected["name"] and call["arguments"] == expected["arguments"]),
-        "ast": float(ast_match(call, expected, example["tools"])[0]),
+        "ast": float(check_calls(calls, possible, example["tools"], example.get("where", "call"))[0]),
     }
 
 
@@ -357,7 +489,8 @@ def _user_text(ex: dict) -> str:
     return next(m["content"] for m in reversed(ex["messages"]) if m.get("role") == "user")
 
 
-def _score(lm, examples: list[dict], desc: str, options: dict) -> Scores:
+def score_examples(lm, examples: list[dict], desc: str, options: dict) -> Scores:
+    """Generate one answer per example and score it (``ast`` per example; rates in ``extra``)."""
     prompts = [render_prompt(ex["tools"], _user_text(ex)) for ex in examples]
     cap = int(options.get("toolcall_max_new_tokens") or MAX_NEW_TOKENS)
     outputs = lm.generate_until(prompts, STOPS, max_new_tokens=cap, desc=desc, skip_special_tokens=False)
@@ -372,8 +505,8 @@ def _score(lm, examples: list[dict], desc: str, options: dict) -> Scores:
 def run(lm, lang: str, options: dict, limit: int | None = None) -> dict[str, Scores]:
     results = {}
     if lang in XSID_FILES and _with_xsid(options):
-        results["toolcall_xsid"] = _score(lm, xsid_examples(lang)[:limit], f"toolcall xsid {lang}", options)
+        results["toolcall_xsid"] = score_examples(lm, xsid_examples(lang)[:limit], f"toolcall xsid {lang}", options)
     extra = [ex for ex in _extra_examples(options) if ex["lang"] == lang][:limit]
     if extra:
-        results["toolcall_gen"] = _score(lm, extra, f"toolcall gen {lang}", options)
+        results["toolcall_gen"] = score_examples(lm, extra, f"toolcall gen {lang}", options)
     return results
