@@ -436,8 +436,8 @@ def _check_schema(root, param: str, budget: SchemaBudget) -> None:
             raise ApiError(400, f"Invalid '{path}.format': {json.dumps(node['format'])[:60]} cannot be enforced by "
                            f"the grammar; supported formats: {', '.join(sorted(SCHEMA_FORMATS))}.",
                            param=f"{path}.format", code="unsupported_schema_keyword")
-        if "multipleOf" in node and node.get("type") != "integer":
-            raise _bad(f"{path}.multipleOf", "only enforced on integers (type: 'integer')",
+        if "multipleOf" in node and (node.get("type") != "integer" or not _is_int(node["multipleOf"])):
+            raise _bad(f"{path}.multipleOf", "only enforced as an integer multiple on integers (type: 'integer')",
                        "unsupported_schema_keyword")
 
 
