@@ -136,6 +136,26 @@ def test_recursive_schema_gives_valid_calls(live):
     assert finished >= 1
 
 
+def test_arguments_are_validated_before_they_are_returned():
+    from aetheris.server import ActionStream, ApiError, Spec
+
+    spec = Spec(prompts=[[1]], n=1, params=SamplingParams(), chat=True, tool_schemas={"f": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}})
+    good = '[{"tool_call_id": "0", "tool_name": "f", "parameters": {"a": 1}}, {"tool_call_id": "1", ' \
+        '"tool_name": "f", "parameters": {"a": 2}}]'
+    stream = ActionStream(spec.check_call)
+    deltas = [d for ch in good for d in stream.feed(ch)]  # one character at a time, as tokens arrive
+    # Per call: the header (id, name) first, then the whole arguments in one delta once they validated.
+    assert [(d["index"], d["function"]["arguments"]) for d in deltas] == [(0, ""), (0, '{"a": 1}'), (1, ""),
+                                                                          (1, '{"a": 2}')]
+    sent = []
+    stream = ActionStream(spec.check_call)
+    with pytest.raises(ApiError, match="does not match the tool's schema"):
+        for ch in good.replace('{"a": 2}', '{"a": "x"}'):
+            sent += stream.feed(ch)
+    assert [d["function"]["arguments"] for d in sent if d["index"] == 1] == [""]  # no invalid text went out
+
+
 def test_parameters_must_describe_an_object(live):
     for params in ({"anyOf": [{"type": "string"}, {"type": "integer"}]},
                    {"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s"}):
