@@ -7,11 +7,13 @@ error object follow the OpenAI API reference (platform.openai.com/docs/api-refer
 
 How a request flows:
 
-1. The handler reads the body (size-capped), validates every field by hand so an error names the
-   field (``ApiError`` -> ``{"error": {message, type, param, code}}``), renders the prompt with
-   ``aetheris.chat`` (or the checkpoint's own chat template when it has a different one), tokenises
-   it, and compiles the grammars it needs with xgrammar (github.com/mlc-ai/xgrammar: TokenizerInfo,
-   GrammarCompiler.compile_json_schema / compile_lark, GrammarMatcher, token bitmasks).
+1. The handler reads the body (size-capped, within a deadline), validates every field by hand so an
+   error names the field (``ApiError`` -> ``{"error": {message, type, param, code}}``), checks JSON
+   schemas for keywords the grammar enforces and for size (``Limits``), renders the prompt with
+   ``aetheris.chat`` (or the checkpoint's own chat template when it has a different one) and tokenises
+   it -- request text with special-token matching off, so only the template's markers are control
+   tokens -- and only then compiles the grammars it needs with xgrammar (github.com/mlc-ai/xgrammar:
+   TokenizerInfo, GrammarCompiler.compile_json_schema / compile_lark, GrammarMatcher, token bitmasks).
 2. It puts a ``Job`` on the engine's bounded queue (full -> 429). One worker thread owns the model and
    runs *continuous batching*: each new job is prefilled once with the chunked scan, its recurrent
    state is concatenated onto the running batch, and every step decodes all running sequences with
@@ -20,10 +22,13 @@ How a request flows:
    ``<|START_RESPONSE|>`` (text) or ``<|START_ACTION|>`` (tool calls), as ``tool_choice`` allows; text
    is free (or JSON-schema constrained for ``response_format``); an action block is constrained by a
    grammar of ``[{"tool_call_id", "tool_name", "parameters": <that tool's schema>}, ...]`` so every
-   call parses and validates. Sampling (``generation.sample``) and UTF-8-safe detokenisation with stop
+   call parses and validates (and is validated with jsonschema before it is returned). Sampling (``generation.sample``) and UTF-8-safe detokenisation with stop
    strings (``generation.TextState`` / ``Detokenizer``) are the ones ``aetheris generate`` uses.
 4. The worker hands per-step deltas to the event loop (``call_soon_threadsafe``); the handler turns
-   them into an OpenAI response or SSE chunks. A client that disconnects cancels its job.
+   them into an OpenAI response or SSE chunks. Each waiting request polls its connection on a timer:
+   a client that disconnects cancels its job. An outer ASGI wrapper (``_Gate``) caps requests in
+   flight and answers anything that escaped in OpenAI's error shape; ``uvicorn_config`` adds header,
+   body and keep-alive deadlines.
 """
 
 from __future__ import annotations
