@@ -115,6 +115,8 @@ class Limits:
     max_schema_enum: int = 1024     # enum and const values
     max_schema_depth: int = 16      # nested subschemas
     max_schema_nodes: int = 2048    # subschemas in all
+    max_schema_regex: int = 1024    # regex size (bounded repetitions multiplied out) of all patterns together
+    max_schema_number: float = 1e15  # |minimum|, |maximum|, ... (wider float ranges compile slowly)
     max_logit_bias: int = 300       # logit_bias entries
     compile_slots: int = 2          # grammar compilations running at once (others wait)
     compile_wait_s: float = 10.0    # longest wait for a compile slot before a 503
@@ -152,7 +154,7 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))  # (isfinite overflows on ints past 1e308)
 
 
 def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -337,13 +339,14 @@ class SchemaBudget:
 
     def __init__(self, limits: Limits):
         self.limits = limits
-        self.properties = self.enum = self.nodes = 0
+        self.properties = self.enum = self.nodes = self.regex = 0
 
     def add(self, param: str, what: str, count: int) -> None:
         setattr(self, what, getattr(self, what) + count)
         cap = getattr(self.limits, f"max_schema_{what}")
         if getattr(self, what) > cap:
-            noun = {"properties": "properties", "enum": "enum/const values", "nodes": "subschemas"}[what]
+            noun = {"properties": "properties", "enum": "enum/const values", "nodes": "subschemas",
+                    "regex": "regex size (pattern characters, bounded repetitions multiplied out)"}[what]
             raise ApiError(400, f"Invalid '{param}': the schemas of this request have more than {cap} {noun}; "
                            "this server compiles at most that many into a grammar. Split or simplify the schema.",
                            param=param, code="schema_too_large")
@@ -410,6 +413,9 @@ def _check_schema(root, param: str, budget: SchemaBudget) -> None:
                     raise _bad(f"{path}.{key}", "must be an object of subschemas", "invalid_schema")
                 if key == "properties":
                     budget.add(path, "properties", len(members))
+                if key == "patternProperties":
+                    for name in members:
+                        _check_pattern(name, f"{path}.patternProperties", budget)
                 stack += [(sub, f"{path}.{key}.{name}", depth + 1) for name, sub in members.items()]
         for key in ("additionalProperties", "unevaluatedProperties", "propertyNames", "items"):
             if key in node:
@@ -428,15 +434,12 @@ def _check_schema(root, param: str, budget: SchemaBudget) -> None:
                                "schema_too_deep")
         if "$ref" in node:
             _resolve_ref(root, node["$ref"], f"{path}.$ref")
-        pattern = node.get("pattern")
-        if isinstance(pattern, str):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise _bad(f"{path}.pattern", f"not a valid regular expression ({err})", "invalid_schema") from None
-            if _REGEX_UNSUPPORTED.search(pattern):
-                raise _bad(f"{path}.pattern", "lookaround, backreferences, word boundaries and \\p{..} classes "
-                           "cannot be enforced by the grammar", "unsupported_schema_keyword")
+        if isinstance(node.get("pattern"), str):
+            _check_pattern(node["pattern"], f"{path}.pattern", budget)
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if _is_num(node.get(key)) and abs(node[key]) > limits.max_schema_number:
+                raise _bad(f"{path}.{key}", f"bounds beyond ±{limits.max_schema_number:g} are not supported",
+                           "schema_too_large")
         if "format" in node and node["format"] not in SCHEMA_FORMATS:
             raise ApiError(400, f"Invalid '{path}.format': {json.dumps(node['format'])[:60]} cannot be enforced by "
                            f"the grammar; supported formats: {', '.join(sorted(SCHEMA_FORMATS))}.",
@@ -444,6 +447,40 @@ def _check_schema(root, param: str, budget: SchemaBudget) -> None:
         if "multipleOf" in node and (node.get("type") != "integer" or not _is_int(node["multipleOf"])):
             raise _bad(f"{path}.multipleOf", "only enforced as an integer multiple on integers (type: 'integer')",
                        "unsupported_schema_keyword")
+
+
+def _check_pattern(pattern: str, param: str, budget: SchemaBudget) -> None:
+    """A regex the grammar can enforce, counted against the request's regex budget: xgrammar expands
+    bounded repetitions copy by copy (``x{1,20000}`` compiled for 224 s), so its size is counted that way."""
+    try:
+        re.compile(pattern)
+        size = _regex_size(re._parser.parse(pattern))
+    except (re.error, RecursionError, OverflowError) as err:
+        raise _bad(param, f"not a valid regular expression ({_printable(str(err), 200)})", "invalid_schema") from None
+    if _REGEX_UNSUPPORTED.search(pattern):
+        raise _bad(param, "lookaround, backreferences, word boundaries and \\p{..} classes cannot be enforced by "
+                   "the grammar", "unsupported_schema_keyword")
+    budget.add(param, "regex", size)
+
+
+def _regex_size(items) -> int:
+    """Literal and class items, with each bounded repetition's body counted once per copy."""
+    from re import _constants as c
+
+    total = 0
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT)):
+            low, high, body = av
+            total += max(high if high != c.MAXREPEAT else low, 1) * _regex_size(body)
+        elif op is c.SUBPATTERN:
+            total += _regex_size(av[-1])
+        elif op is c.BRANCH:
+            total += sum(_regex_size(branch) for branch in av[1])
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            total += _regex_size(av[1])
+        else:
+            total += 1
+    return total
 
 
 def _schema(schema, param: str, budget: SchemaBudget) -> dict:

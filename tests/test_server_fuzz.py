@@ -213,9 +213,21 @@ def barrage() -> list[tuple[str, str, dict | bytes, int | None]]:
     add("self-referencing top ref", dict(tools=[tool({"$ref": "#"})]))
     add("deep default", dict(tools=[tool({"type": "object", "properties": {"a": {"type": "array",
                                                                             "default": json.loads("[" * 200 + "]" * 200)}}})]))
-    for pattern in ("(?=a)b", "(a)\\1", "\\bword", "\\p{L}", "[", "(?i)x"):
+    for pattern in ("(?=a)b", "(a)\\1", "\\bword", "\\p{L}", "[", "(?i)x", "x{1,20000}", "[a-z]{1,5000}",
+                    "(a{40}){40}", "(" * 3000 + ")" * 3000):
         add(f"pattern {pattern}", dict(tools=[tool({"type": "object", "properties": {"a": {"type": "string",
                                                                                            "pattern": pattern}}})]))
+    # Valid JSON schemas xgrammar cannot compile (its errors carry C++ source paths, never shown to clients).
+    for sub in ({"type": "array", "minItems": 2}, {"type": "object", "minProperties": 2},
+                {"type": "string", "pattern": "a{99999}"}):
+        add(f"uncompilable {json.dumps(sub)}", dict(tools=[tool({"type": "object", "properties": {"a": sub},
+                                                                  "required": ["a"]})], tool_choice="required"))
+    add("patternProperties key x{1,9999}", dict(tools=[tool({"type": "object", "patternProperties": {
+        "x{1,9999}": {"type": "integer"}}})]))
+    add("120 patterns of size 10 (regex budget)", dict(tools=[tool({"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": "[a-z]{10}"} for i in range(120)}})]))
+    for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        add(f"{bound} 1e300", dict(tools=[tool({"type": "object", "properties": {"a": {"type": "number", bound: 1e300}}})]))
     for bad in ({"type": 5}, {"properties": []}, {"anyOf": []}, {"anyOf": {}}, {"items": 3}, {"required": "a"},
                 {"minLength": -1}, {"enum": "ab"}):
         add(f"malformed {json.dumps(bad)}", dict(tools=[tool({"type": "object", "properties": {"a": bad}})]))
@@ -243,7 +255,7 @@ def barrage() -> list[tuple[str, str, dict | bytes, int | None]]:
     # Out-of-range and wrongly typed numbers in every numeric field.
     for key in ("temperature", "top_p", "top_k", "n", "max_tokens", "max_completion_tokens", "seed", "top_logprobs",
                 "frequency_penalty", "presence_penalty"):
-        for value in (-1e308, 1e308, 2 ** 64, -(2 ** 64), "1", True, [], {}, -1):
+        for value in (-1e308, 1e308, 2 ** 64, -(2 ** 64), 10 ** 400, "1", True, [], {}, -1):
             if key == "seed" and value == -1 or key in ("frequency_penalty", "presence_penalty") and value == -1:
                 continue  # valid values
             add(f"{key}={json.dumps(value)}", {key: value, **({"logprobs": True} if key == "top_logprobs" else {})})
