@@ -22,8 +22,9 @@ How a request flows:
    ``<|START_RESPONSE|>`` (text) or ``<|START_ACTION|>`` (tool calls), as ``tool_choice`` allows; text
    is free (or JSON-schema constrained for ``response_format``); an action block is constrained by a
    grammar of ``[{"tool_call_id", "tool_name", "parameters": <that tool's schema>}, ...]`` so every
-   call parses and validates (and is validated with jsonschema before it is returned). Sampling (``generation.sample``) and UTF-8-safe detokenisation with stop
-   strings (``generation.TextState`` / ``Detokenizer``) are the ones ``aetheris generate`` uses.
+   call parses and validates (and is validated with jsonschema before it is returned). Sampling
+   (``generation.sample``) and UTF-8-safe detokenisation with stop strings (``generation.TextState`` /
+   ``Detokenizer``) are the ones ``aetheris generate`` uses.
 4. The worker hands per-step deltas to the event loop (``call_soon_threadsafe``); the handler turns
    them into an OpenAI response or SSE chunks. Each waiting request polls its connection on a timer:
    a client that disconnects cancels its job. An outer ASGI wrapper (``_Gate``) caps requests in
@@ -218,7 +219,7 @@ def _valid_unicode(body: dict) -> None:
         for key, v in items:
             p = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
             if isinstance(key, str) and not _encodes(key):
-                raise _bad(_printable(path) or "body", f"a key is not valid UTF-8 text (lone surrogate): {_printable(key)[:60]}")
+                raise _bad(path or "body", f"a key is not valid UTF-8 text (lone surrogate): {_printable(key)[:60]}")
             if isinstance(v, str) and not _encodes(v):
                 raise _bad(p, "is not valid UTF-8 text (lone surrogate)")
             stack.append((v, p))
