@@ -360,9 +360,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http):
 
 # --- property-based: right field names, arbitrary values ---------------------------------------------
 
+# Text with lone surrogates (sent as JSON escapes) and numbers at the edges (denormals, 1e308, 10**400).
+hostile_text = st.text(alphabet=st.characters(categories=["Cs", "Lo", "Ll", "Sm"]), max_size=6)
+edge_numbers = st.sampled_from([1e-40, 5e-324, 1e-300, 1e308, -1e308, 10 ** 400, 2 ** 63, -(2 ** 63) - 1, 0.0, -0.0])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20) | hostile_text | edge_numbers,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -372,7 +375,8 @@ plausible = {
                                                 "content": st.text(max_size=30) | json_values}), max_size=3)
     | json_values,
     "max_tokens": st.integers(min_value=-2, max_value=20) | json_values,
-    "temperature": st.floats(min_value=-1, max_value=3) | json_values,
+    "temperature": st.floats(min_value=-1, max_value=3) | edge_numbers | json_values,
+    "top_p": st.floats(min_value=0, max_value=1) | edge_numbers | json_values,
     "n": st.integers(min_value=-1, max_value=5) | json_values,
     "stream": st.booleans() | json_values,
     "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
@@ -402,13 +406,13 @@ def check_response(r: httpx.Response) -> None:
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(body=bodies(CHAT_FIELDS))
 def test_fuzz_chat(http, body):
-    check_response(http.post("/v1/chat/completions", json=body))
+    check_response(http.post("/v1/chat/completions", content=json.dumps(body).encode()))  # surrogates as escapes
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(body=bodies(COMPLETION_FIELDS))
 def test_fuzz_completions(http, body):
-    check_response(http.post("/v1/completions", json=body))
+    check_response(http.post("/v1/completions", content=json.dumps(body).encode()))
 
 
 def test_still_serving_after_fuzz(http):
