@@ -87,54 +87,71 @@ def _arguments_text(arguments) -> str:
     return arguments if isinstance(arguments, str) else _dumps(arguments)
 
 
-def render_tool_calls(tool_calls: list[dict]) -> str:
+def _tool_call_parts(tool_calls: list[dict]) -> list[tuple[str, bool]]:
     calls = [
         '{"tool_call_id": ' + _dumps(tc["id"]) + ', "tool_name": ' + _dumps(tc["function"]["name"])
         + ', "parameters": ' + _arguments_text(tc["function"]["arguments"]) + "}"
         for tc in tool_calls
     ]
-    return START_ACTION + "[" + ", ".join(calls) + "]" + END_ACTION
+    return [(START_ACTION, True), ("[" + ", ".join(calls) + "]", False), (END_ACTION, True)]
+
+
+def render_tool_calls(tool_calls: list[dict]) -> str:
+    return "".join(text for text, _ in _tool_call_parts(tool_calls))
+
+
+def _assistant_parts(message: dict) -> list[tuple[str, bool]]:
+    text = content_text(message.get("content"))
+    calls = message.get("tool_calls") or []
+    out = []
+    if text or not calls:
+        out += [(START_RESPONSE, True), (text, False), (END_RESPONSE, True)]
+    if calls:
+        out += _tool_call_parts(calls)
+    return out
 
 
 def render_assistant(message: dict) -> str:
     """The body of an assistant turn (what the model generates after ``<|CHATBOT_TOKEN|>``)."""
-    text = content_text(message.get("content"))
-    calls = message.get("tool_calls") or []
-    out = ""
-    if text or not calls:
-        out += START_RESPONSE + text + END_RESPONSE
-    if calls:
-        out += render_tool_calls(calls)
-    return out
+    return "".join(text for text, _ in _assistant_parts(message))
 
 
-def render_messages(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                    bos: bool = True) -> str:
-    """Messages (+ tools) -> prompt text. Tokenise it with ``add_special_tokens=False`` (BOS is in the text)."""
-    out = BOS if bos else ""
+def render_parts(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                 bos: bool = True) -> list[tuple[str, bool]]:
+    """The prompt as (text, is_marker) pieces: the template's own control markers apart from the text that
+    came from the request (messages, tool calls, tool results, tool definitions). The server tokenises
+    request text with special-token matching off, so a user who writes ``<|END_OF_TURN_TOKEN|>`` gets
+    those characters, not a forged turn boundary. Joined, the pieces are ``render_messages``' text."""
+    out = [(BOS, True)] if bos else []
     rest = list(messages)
     if tools:
         system = render_tools(tools)
         if rest and rest[0]["role"] in ("system", "developer"):
             system += "\n\n" + content_text(rest.pop(0).get("content"))
-        out += START_TURN + SYSTEM + system + END_TURN
+        out += [(START_TURN + SYSTEM, True), (system, False), (END_TURN, True)]
     for m in rest:
         role = m["role"]
         if role in ("system", "developer"):
-            out += START_TURN + SYSTEM + content_text(m.get("content")) + END_TURN
+            out += [(START_TURN + SYSTEM, True), (content_text(m.get("content")), False), (END_TURN, True)]
         elif role == "user":
-            out += START_TURN + USER + content_text(m.get("content")) + END_TURN
+            out += [(START_TURN + USER, True), (content_text(m.get("content")), False), (END_TURN, True)]
         elif role == "assistant":
-            out += START_TURN + CHATBOT + render_assistant(m) + END_TURN
+            out += [(START_TURN + CHATBOT, True), *_assistant_parts(m), (END_TURN, True)]
         elif role == "tool":
             result = '{"tool_call_id": ' + _dumps(m.get("tool_call_id", "")) + ', "content": ' \
                 + _dumps(content_text(m.get("content"))) + "}"
-            out += START_TURN + SYSTEM + START_TOOL_RESULT + result + END_TOOL_RESULT + END_TURN
+            out += [(START_TURN + SYSTEM + START_TOOL_RESULT, True), (result, False), (END_TOOL_RESULT + END_TURN, True)]
         else:
             raise ValueError(f"unknown message role {role!r}; expected one of {', '.join(ROLES)}")
     if add_generation_prompt:
-        out += GENERATION_PROMPT
-    return out
+        out.append((GENERATION_PROMPT, True))
+    return [(text, marker) for text, marker in out if text]
+
+
+def render_messages(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    bos: bool = True) -> str:
+    """Messages (+ tools) -> prompt text. Tokenise it with ``add_special_tokens=False`` (BOS is in the text)."""
+    return "".join(text for text, _ in render_parts(messages, tools, add_generation_prompt, bos))
 
 
 # ---------------------------------------------------------------------------------------------------

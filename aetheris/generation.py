@@ -54,19 +54,28 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
 
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (exact argmax): dividing logits by ~0 only overflows."""
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
     """logits (B, V) -> token ids (B,)."""
-    if params.temperature == 0:
+    if params.temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    # Shift the top logit to 0 before dividing, so a small temperature sends the others to -inf, never
+    # the top one to +inf (softmax of inf is NaN).
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     if params.top_k > 0:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token if the tokens ranked above it already reach top_p (the top token always stays).
+        # Drop a token if the tokens ranked above it already reach top_p. The top token always stays,
+        # also when top_p is below float32's range (1e-300 rounds to 0 and would drop everything).
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
@@ -228,11 +237,18 @@ def _stop_ids(tokenizer, params: SamplingParams) -> SamplingParams:
 
 
 class TextState:
-    """Per-row text assembly (shared with the server): detokenise, find stop strings, hold back text a stop string might start."""
+    """Per-row text assembly (shared with the server): detokenise, find stop strings, hold back text a stop string might start.
+
+    Stop strings are matched with one Knuth-Morris-Pratt automaton each, fed every new character once, so
+    finding them and deciding how much to hold back costs O(new text) per token, however long the
+    generation or the stop strings.
+    """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.detok = Detokenizer(tokenizer)
         self.stop = stop
+        self.fail = [_failure(s) for s in stop]
+        self.matched = [0] * len(stop)  # per stop string: length of the longest text suffix that is its prefix
         self.text = ""      # text so far (stop string excluded once found)
         self.emitted = 0    # characters already handed to a stream consumer
         self.ids: list[int] = []
@@ -247,26 +263,50 @@ class TextState:
         self.ids.append(token)
         before = len(self.text)
         self.text += self.detok.push(token) + (self.detok.flush() if last else "")
-        # Only the new text (plus a stop string's length of overlap) can hold a new stop string.
-        hits = [at for s in self.stop if (at := self.text.find(s, max(0, before - len(s) + 1))) != -1]
+        hits = self._scan(before)
         if hits:
             self.text = self.text[:min(hits)]
             self.finish = "stop"
         elif last:
             self.finish = "length"
 
+    def _scan(self, start: int) -> list[int]:
+        """Advance the automata over text[start:]; the start of each stop string's first completed match."""
+        hits = []
+        for j, (s, fail) in enumerate(zip(self.stop, self.fail)):
+            k = self.matched[j]
+            for i in range(start, len(self.text)):
+                c = self.text[i]
+                while k and s[k] != c:
+                    k = fail[k - 1]
+                if s[k] == c:
+                    k += 1
+                if k == len(s):
+                    hits.append(i + 1 - k)
+                    break
+            self.matched[j] = k
+        return hits
+
     def ready(self) -> str:
         """New text that can no longer become part of a stop string."""
         end = len(self.text)
-        if self.finish is None:
-            for s in self.stop:  # hold back the longest tail that is a prefix of a stop string
-                for n in range(min(len(s) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(s[:n]):
-                        end = min(end, len(self.text) - n)
-                        break
+        if self.finish is None and self.stop:
+            end -= max(self.matched)  # the longest tail that is a prefix of a stop string
         delta = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
         return delta
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[k] != s[i]:
+            k = fail[k - 1]
+        if s[k] == s[i]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 def _run(model: Aetheris, tokenizer, prompts, params: SamplingParams) -> Iterator[tuple[int, str, TextState]]:

@@ -7,11 +7,13 @@ error object follow the OpenAI API reference (platform.openai.com/docs/api-refer
 
 How a request flows:
 
-1. The handler reads the body (size-capped), validates every field by hand so an error names the
-   field (``ApiError`` -> ``{"error": {message, type, param, code}}``), renders the prompt with
-   ``aetheris.chat`` (or the checkpoint's own chat template when it has a different one), tokenises
-   it, and compiles the grammars it needs with xgrammar (github.com/mlc-ai/xgrammar: TokenizerInfo,
-   GrammarCompiler.compile_json_schema / compile_lark, GrammarMatcher, token bitmasks).
+1. The handler reads the body (size-capped, within a deadline), validates every field by hand so an
+   error names the field (``ApiError`` -> ``{"error": {message, type, param, code}}``), checks JSON
+   schemas for keywords the grammar enforces and for size (``Limits``), renders the prompt with
+   ``aetheris.chat`` (or the checkpoint's own chat template when it has a different one) and tokenises
+   it -- request text with special-token matching off, so only the template's markers are control
+   tokens -- and only then compiles the grammars it needs with xgrammar (github.com/mlc-ai/xgrammar:
+   TokenizerInfo, GrammarCompiler.compile_json_schema / compile_lark, GrammarMatcher, token bitmasks).
 2. It puts a ``Job`` on the engine's bounded queue (full -> 429). One worker thread owns the model and
    runs *continuous batching*: each new job is prefilled once with the chunked scan, its recurrent
    state is concatenated onto the running batch, and every step decodes all running sequences with
@@ -20,10 +22,14 @@ How a request flows:
    ``<|START_RESPONSE|>`` (text) or ``<|START_ACTION|>`` (tool calls), as ``tool_choice`` allows; text
    is free (or JSON-schema constrained for ``response_format``); an action block is constrained by a
    grammar of ``[{"tool_call_id", "tool_name", "parameters": <that tool's schema>}, ...]`` so every
-   call parses and validates. Sampling (``generation.sample``) and UTF-8-safe detokenisation with stop
-   strings (``generation.TextState`` / ``Detokenizer``) are the ones ``aetheris generate`` uses.
+   call parses and validates (and is validated with jsonschema before it is returned). Sampling
+   (``generation.sample``) and UTF-8-safe detokenisation with stop strings (``generation.TextState`` /
+   ``Detokenizer``) are the ones ``aetheris generate`` uses.
 4. The worker hands per-step deltas to the event loop (``call_soon_threadsafe``); the handler turns
-   them into an OpenAI response or SSE chunks. A client that disconnects cancels its job.
+   them into an OpenAI response or SSE chunks. Each waiting request polls its connection on a timer:
+   a client that disconnects cancels its job. An outer ASGI wrapper (``_Gate``) caps requests in
+   flight and answers anything that escaped in OpenAI's error shape; ``uvicorn_config`` adds header,
+   body and keep-alive deadlines.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type: str | None = None):
+        # Messages quote the request (a model name, an unknown key): lone surrogates there cannot be
+        # encoded as UTF-8, so they are written as escapes (``\\ud800``) rather than failing the response.
+        message, param = _printable(message), _printable(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error",
@@ -69,20 +78,54 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def _printable(text: str | None, limit: int = 2000) -> str | None:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:limit]
+
+
+_SOURCE_LOCATION = re.compile(r"\[[0-9:.]+\]\s*|\S*\.(?:cc|cpp|h|hpp|py):\d+:?\s*")
+
+
+def _library_message(err: BaseException) -> str:
+    """A library's error as one line for a client: no timestamps or source paths (``/project/cpp/x.cc:12:``)."""
+    lines = [line for line in str(err).splitlines() if line.strip()] or [err.__class__.__name__]
+    return _SOURCE_LOCATION.sub("", lines[0]).strip()[:300]
+
+
 def _bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, f"Invalid '{param}': {message}", param=param, code=code)
 
 
 @dataclass
 class Limits:
+    """Every cap of the server (SERVING.md, "Limits and security", lists them with their flags)."""
     max_body_bytes: int = 4 << 20
     max_tokens: int = 2048          # cap on max_tokens (and the default when a request gives none)
     max_prompt_tokens: int = 8192
+    max_prompt_bytes: int = 256 << 10  # rendered prompt, checked before tokenising (32 bytes per token of 8192)
     max_n: int = 8
     max_queue: int = 64             # requests waiting for the worker; more -> 429
     max_batch: int = 32             # sequences decoded together in one step
     prefill_tokens: int = 16384     # bound on one batched prefill: prompts x longest prompt (padded)
     threads: int = 0                # torch threads of the decode worker; 0 = all cores but one
+    max_tools: int = 128
+    # JSON schemas (tools and response_format of one request together): grammar compilation grows
+    # superlinearly with the number of optional properties, so these bound its time.
+    max_schema_properties: int = 256
+    max_schema_enum: int = 1024     # enum and const values
+    max_schema_depth: int = 16      # nested subschemas
+    max_schema_nodes: int = 2048    # subschemas in all
+    max_schema_regex: int = 1024    # regex size (bounded repetitions multiplied out) of all patterns together
+    max_schema_number: float = 1e15  # |minimum|, |maximum|, ... (wider float ranges compile slowly)
+    max_logit_bias: int = 300       # logit_bias entries
+    compile_slots: int = 2          # grammar compilations running at once (others wait)
+    compile_wait_s: float = 10.0    # longest wait for a compile slot before a 503
+    max_connections: int = 256      # HTTP requests in flight; more -> 503
+    header_timeout_s: float = 10.0  # a connection must send a request's headers within this
+    body_timeout_s: float = 30.0    # and its body within this (slow clients: 408)
+    keep_alive_s: float = 5.0       # idle keep-alive connections close after this
+    max_header_bytes: int = 16 << 10
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,7 +155,7 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))  # (isfinite overflows on ints past 1e308)
 
 
 def _number(body: dict, key: str, default, lo: float, hi: float, integer: bool = False):
@@ -161,6 +204,36 @@ def _check_fields(body: dict, allowed: set[str]) -> None:
         raise ApiError(400, "only text output is supported", param="modalities", code="unsupported_parameter")
 
 
+def _valid_unicode(body: dict) -> None:
+    """Lone surrogates (``"\\ud800"`` is valid JSON, not valid Unicode) anywhere in the body, keys included,
+    are a 400 naming where, before any of it reaches a tokenizer, a template or a response."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, v in items:
+            p = f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+            if isinstance(key, str) and not _encodes(key):
+                raise _bad(path or "body", f"a key is not valid UTF-8 text (lone surrogate): {_printable(key)[:60]}")
+            if isinstance(v, str) and not _encodes(v):
+                raise _bad(p, "is not valid UTF-8 text (lone surrogate)")
+            stack.append((v, p))
+    raise _bad("body", "is not valid UTF-8 text (lone surrogate)")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _content(v, param: str, allow_none: bool = False) -> str | None:
     if v is None:
         if allow_none:
@@ -188,7 +261,7 @@ def _messages(v) -> list[dict]:
                    "missing_required_parameter")
     if not v:
         raise _bad("messages", "empty array; expected at least one message", "empty_array")
-    out = []
+    out, call_ids = [], set()
     for i, m in enumerate(v):
         p = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -205,6 +278,7 @@ def _messages(v) -> list[dict]:
             calls = m.get("tool_calls")
             if calls is not None:
                 msg["tool_calls"] = _assistant_calls(calls, f"{p}.tool_calls")
+                call_ids |= {tc["id"] for tc in msg["tool_calls"]}
             if msg["content"] is None and not msg.get("tool_calls"):
                 raise _bad(f"{p}.content", "an assistant message needs content or tool_calls",
                            "missing_required_parameter")
@@ -212,6 +286,9 @@ def _messages(v) -> list[dict]:
             msg["content"] = _content(m.get("content"), f"{p}.content")
         if role == "tool":
             msg["tool_call_id"] = _text(m.get("tool_call_id"), f"{p}.tool_call_id")
+            if msg["tool_call_id"] not in call_ids:  # as OpenAI: a result must answer a call made before it
+                raise _bad(f"{p}.tool_call_id", f"{json.dumps(msg['tool_call_id'])[:80]} matches no tool call of a "
+                           "preceding assistant message; a 'tool' message answers one of those calls")
         out.append(msg)
     return out
 
@@ -237,23 +314,215 @@ def _assistant_calls(calls, param: str) -> list[dict]:
     return out
 
 
-def _schema(schema, param: str) -> dict:
+# Keywords xgrammar turns into grammar rules (checked one by one in tests/test_server_abuse.py: the grammar
+# rejects an instance that violates each), plus annotations that constrain nothing. Anything else (allOf,
+# oneOf, not, if/then/else, uniqueItems, dependentRequired, contains, ...) would be accepted by the grammar
+# and silently violated by the calls, so it is refused with a 400 naming the keyword.
+SCHEMA_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "$schema", "deprecated", "readOnly",
+                      "writeOnly", "$defs", "definitions"}
+SCHEMA_KEYWORDS = SCHEMA_ANNOTATIONS | {
+    "type", "enum", "const", "anyOf", "$ref",
+    "properties", "required", "additionalProperties", "unevaluatedProperties", "patternProperties", "propertyNames",
+    "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems",
+    "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "multipleOf"}
+SCHEMA_HINTS = {"oneOf": "use anyOf", "allOf": "merge the subschemas into one", "not": "list the allowed values instead",
+                "if": "use anyOf of the cases", "then": "use anyOf of the cases", "else": "use anyOf of the cases",
+                "uniqueItems": "check uniqueness in your tool", "dependentRequired": "use anyOf of the cases"}
+SCHEMA_FORMATS = {"date", "time", "date-time", "duration", "email", "hostname", "ipv4", "ipv6", "uri", "uri-reference",
+                  "uuid"}
+# Regex features xgrammar ignores or cannot compile (lookaround, backreferences, word boundaries, \p{..}).
+_REGEX_UNSUPPORTED = re.compile(r"\(\?(?!:)|\\[bBpPk1-9]")
+
+
+class SchemaBudget:
+    """Size of the schemas of one request, against the limits (tools and response_format together)."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.properties = self.enum = self.nodes = self.regex = 0
+
+    def add(self, param: str, what: str, count: int) -> None:
+        setattr(self, what, getattr(self, what) + count)
+        cap = getattr(self.limits, f"max_schema_{what}")
+        if getattr(self, what) > cap:
+            noun = {"properties": "properties", "enum": "enum/const values", "nodes": "subschemas",
+                    "regex": "regex size (pattern characters, bounded repetitions multiplied out)"}[what]
+            raise ApiError(400, f"Invalid '{param}': the schemas of this request have more than {cap} {noun}; "
+                           "this server compiles at most that many into a grammar. Split or simplify the schema.",
+                           param=param, code="schema_too_large")
+
+
+def _json_depth(value, limit: int) -> int:
+    """Nesting depth of a JSON value (iterative, so a hostile value cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(v, dict):
+            stack += [(x, d + 1) for x in v.values()]
+        elif isinstance(v, list):
+            stack += [(x, d + 1) for x in v]
+    return deepest
+
+
+def _resolve_ref(root: dict, ref, param: str):
+    """A local reference (``#``, ``#/$defs/name``) -> the subschema; anything else is a 400."""
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        raise _bad(param, f"$ref {json.dumps(ref)[:80]} is not supported; only local references such as "
+                   "'#/$defs/name' are", "invalid_schema")
+    node = root
+    for part in ref[2:].split("/") if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise _bad(param, f"$ref {json.dumps(ref)[:80]} points to nothing in this schema", "invalid_schema")
+    return node
+
+
+def _check_schema(root, param: str, budget: SchemaBudget) -> None:
+    """Walk a JSON schema (iteratively) before any library sees it: only enforceable keywords, local
+    references that resolve, and bounded size and depth."""
+    limits = budget.limits
+    stack = [(root, param, 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, bool):
+            continue
+        if not isinstance(node, dict):
+            raise _bad(path, "a JSON schema must be an object (or true/false)", "invalid_schema")
+        if depth > limits.max_schema_depth:
+            raise _bad(path, f"the schema is nested more than {limits.max_schema_depth} levels deep",
+                       "schema_too_deep")
+        budget.add(path, "nodes", 1)
+        for key in node:
+            if key not in SCHEMA_KEYWORDS:
+                hint = SCHEMA_HINTS.get(key, "the grammar cannot enforce it")
+                raise ApiError(400, f"Invalid '{path}': the JSON-schema keyword {json.dumps(key)[:60]} is not "
+                               f"supported ({hint}); generated output could violate it. Supported keywords: "
+                               f"{', '.join(sorted(SCHEMA_KEYWORDS - SCHEMA_ANNOTATIONS))}.", param=path,
+                               code="unsupported_schema_keyword")
+        for key in ("properties", "patternProperties", "$defs", "definitions"):
+            if key in node:
+                members = node[key]
+                if not isinstance(members, dict):
+                    raise _bad(f"{path}.{key}", "must be an object of subschemas", "invalid_schema")
+                if key == "properties":
+                    budget.add(path, "properties", len(members))
+                if key == "patternProperties":
+                    for name in members:
+                        _check_pattern(name, f"{path}.patternProperties", budget)
+                stack += [(sub, f"{path}.{key}.{name}", depth + 1) for name, sub in members.items()]
+        for key in ("additionalProperties", "unevaluatedProperties", "propertyNames", "items"):
+            if key in node:
+                stack.append((node[key], f"{path}.{key}", depth + 1))
+        for key in ("prefixItems", "anyOf"):
+            if key in node:
+                if not isinstance(node[key], list) or not node[key]:
+                    raise _bad(f"{path}.{key}", "must be a non-empty array of subschemas", "invalid_schema")
+                stack += [(sub, f"{path}.{key}[{i}]", depth + 1) for i, sub in enumerate(node[key])]
+        for key in ("enum", "const", "default", "examples"):
+            if key in node:
+                if key in ("enum", "const"):
+                    budget.add(path, "enum", len(node[key]) if key == "enum" and isinstance(node[key], list) else 1)
+                if _json_depth(node[key], limits.max_schema_depth) > limits.max_schema_depth:
+                    raise _bad(f"{path}.{key}", f"nested more than {limits.max_schema_depth} levels deep",
+                               "schema_too_deep")
+        if "$ref" in node:
+            _resolve_ref(root, node["$ref"], f"{path}.$ref")
+        if isinstance(node.get("pattern"), str):
+            _check_pattern(node["pattern"], f"{path}.pattern", budget)
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if _is_num(node.get(key)) and abs(node[key]) > limits.max_schema_number:
+                raise _bad(f"{path}.{key}", f"bounds beyond ±{limits.max_schema_number:g} are not supported",
+                           "schema_too_large")
+        if "format" in node and node["format"] not in SCHEMA_FORMATS:
+            raise ApiError(400, f"Invalid '{path}.format': {json.dumps(node['format'])[:60]} cannot be enforced by "
+                           f"the grammar; supported formats: {', '.join(sorted(SCHEMA_FORMATS))}.",
+                           param=f"{path}.format", code="unsupported_schema_keyword")
+        if "multipleOf" in node and (node.get("type") != "integer" or not _is_int(node["multipleOf"])):
+            raise _bad(f"{path}.multipleOf", "only enforced as an integer multiple on integers (type: 'integer')",
+                       "unsupported_schema_keyword")
+
+
+def _check_pattern(pattern: str, param: str, budget: SchemaBudget) -> None:
+    """A regex the grammar can enforce, counted against the request's regex budget: xgrammar expands
+    bounded repetitions copy by copy (``x{1,20000}`` compiled for 224 s), so its size is counted that way."""
+    try:
+        re.compile(pattern)
+        size = _regex_size(re._parser.parse(pattern))
+    except (re.error, RecursionError, OverflowError) as err:
+        raise _bad(param, f"not a valid regular expression ({_printable(str(err), 200)})", "invalid_schema") from None
+    if _REGEX_UNSUPPORTED.search(pattern):
+        raise _bad(param, "lookaround, backreferences, word boundaries and \\p{..} classes cannot be enforced by "
+                   "the grammar", "unsupported_schema_keyword")
+    budget.add(param, "regex", size)
+
+
+def _regex_size(items) -> int:
+    """Literal and class items, with each bounded repetition's body counted once per copy."""
+    from re import _constants as c
+
+    total = 0
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT)):
+            low, high, body = av
+            total += max(high if high != c.MAXREPEAT else low, 1) * _regex_size(body)
+        elif op is c.SUBPATTERN:
+            total += _regex_size(av[-1])
+        elif op is c.BRANCH:
+            total += sum(_regex_size(branch) for branch in av[1])
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            total += _regex_size(av[1])
+        else:
+            total += 1
+    return total
+
+
+def _schema(schema, param: str, budget: SchemaBudget) -> dict:
     import jsonschema
 
     if not isinstance(schema, dict):
         raise _bad(param, "a JSON schema must be an object", "invalid_type")
+    _check_schema(schema, param, budget)
     try:
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
     except jsonschema.SchemaError as err:
-        raise _bad(param, f"not a valid JSON schema: {err.message}", "invalid_schema") from None
+        raise _bad(param, f"not a valid JSON schema: {_printable(err.message, 300)}", "invalid_schema") from None
+    except RecursionError:
+        raise _bad(param, "not a valid JSON schema (nested too deeply)", "invalid_schema") from None
     return schema
 
 
-def _tools(v) -> list[dict]:
+def _tool_parameters(params, param: str, budget: SchemaBudget) -> dict:
+    """A tool's parameters schema, which must describe an object (a call's arguments are a JSON object)."""
+    if params is None:
+        return {"type": "object", "properties": {}}
+    _schema(params, param, budget)
+    target, seen = params, set()
+    while isinstance(target, dict) and "$ref" in target and id(target) not in seen:
+        seen.add(id(target))
+        target = _resolve_ref(params, target["$ref"], f"{param}.$ref")
+    kind = target.get("type") if isinstance(target, dict) else None
+    if kind in ("object", ["object"]):
+        return params
+    if target is params and kind is None and not {"anyOf", "enum", "const"} & params.keys():
+        return {**params, "type": "object"}  # {} or {"properties": ...}: the object is implied
+    raise _bad(param, "must describe an object: give the top level \"type\": \"object\" (a call's arguments are "
+               f"a JSON object), found {json.dumps(kind) if kind is not None else 'no object type'}", "invalid_schema")
+
+
+def _tools(v, budget: SchemaBudget) -> list[dict]:
     if not isinstance(v, list):
         raise _bad("tools", "expected an array of tools", "invalid_type")
-    if len(v) > 128:
-        raise _bad("tools", f"{len(v)} tools; at most 128 are allowed")
+    cap = budget.limits.max_tools
+    if len(v) > cap:
+        raise _bad("tools", f"{len(v)} tools; at most {cap} are allowed")
     out, names = [], set()
     for i, t in enumerate(v):
         p = f"tools[{i}]"
@@ -266,11 +535,7 @@ def _tools(v) -> list[dict]:
         if name in names:
             raise _bad(f"{p}.function.name", f"duplicate tool name {name!r}")
         names.add(name)
-        params = fn.get("parameters", {"type": "object", "properties": {}})
-        _schema(params, f"{p}.function.parameters")
-        if params.get("type", "object") != "object":
-            raise _bad(f"{p}.function.parameters", "must describe an object (type: 'object')")
-        entry = {"name": name, "parameters": params}
+        entry = {"name": name, "parameters": _tool_parameters(fn.get("parameters"), f"{p}.function.parameters", budget)}
         if fn.get("description") is not None:
             entry["description"] = _text(fn["description"], f"{p}.function.description")
         out.append({"type": "function", "function": entry})
@@ -286,19 +551,22 @@ def _stop(v) -> list[str]:
     return [_text(s, "stop", allow_empty=False) for s in stops]
 
 
-def _logit_bias(v, vocab_size: int) -> dict[int, float]:
-    if v is None:
-        return {}
+def _logit_bias(v, vocab_size: int, cap: int) -> Tensor | None:
+    """logit_bias -> one (V,) vector added to each step's logits (one add, however many entries)."""
+    if v is None or v == {}:
+        return None
     if not isinstance(v, dict):
         raise _bad("logit_bias", "expected a map from token id to bias", "invalid_type")
-    out = {}
+    if len(v) > cap:
+        raise _bad("logit_bias", f"{len(v)} entries; at most {cap} are allowed")
+    bias = torch.zeros(vocab_size)
     for k, b in v.items():
         if not re.fullmatch(r"\d{1,9}", k) or int(k) >= vocab_size:
             raise _bad("logit_bias", f"token id {k[:20]!r} is not in [0, {vocab_size})")
         if not _is_num(b) or not -100 <= b <= 100:
             raise _bad("logit_bias", f"bias for token {k} must be a number between -100 and 100")
-        out[int(k)] = float(b)
-    return out
+        bias[int(k)] = float(b)
+    return bias
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,13 +577,17 @@ def _logit_bias(v, vocab_size: int) -> dict[int, float]:
 class Grammars:
     """Compiles the grammars of a request against this tokenizer; masks tokens per sequence."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, limits: Limits | None = None, metrics: "Metrics | None" = None):
         import xgrammar as xgr
 
         self.xgr = xgr
         self.vocab_size = vocab_size
+        self.limits, self.metrics = limits or Limits(), metrics
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=2, cache_limit_bytes=256 << 20)
+        # A compilation cannot be interrupted: its time is bounded by the schema caps (Limits), and the
+        # number running at once by these slots, so hostile schemas cannot take every request thread.
+        self.slots = threading.BoundedSemaphore(self.limits.compile_slots)
         # Special tokens have their marker text in the vocabulary, so a grammar would accept
         # "<|END_TURN..|>" inside a JSON string; inside constrained spans they are masked out.
         special = set(tokenizer.all_special_ids) | {i for i in tokenizer.added_tokens_decoder if i < vocab_size}
@@ -325,35 +597,52 @@ class Grammars:
         self.special = torch.zeros(vocab_size, dtype=torch.bool)
         self.special[sorted(special)] = True
 
+    def _compile(self, build: Callable[[], object], param: str):
+        if not self.slots.acquire(timeout=self.limits.compile_wait_s):
+            raise ApiError(503, "The server is busy compiling grammars for other requests; retry shortly.",
+                           code="grammar_compiler_busy")
+        start = time.perf_counter()
+        try:
+            return build()
+        except ApiError:
+            raise
+        except Exception as err:  # noqa: BLE001 - xgrammar raises RuntimeError / InvalidJSONError for unsupported schemas
+            raise _bad(param, f"schema cannot be compiled to a grammar: {_library_message(err)}",
+                       "invalid_schema") from None
+        finally:
+            self.slots.release()
+            if self.metrics is not None:
+                self.metrics.compile_seconds.observe(time.perf_counter() - start)
+
     def json(self, schema: dict | None, param: str):
         """response_format: a JSON schema, or any JSON object (json_object) when schema is None."""
-        try:
-            if schema is None:
-                return self.compiler.compile_json_schema({"type": "object"}, any_whitespace=False, strict_mode=False)
-            return self.compiler.compile_json_schema(schema, any_whitespace=False)
-        except Exception as err:  # xgrammar raises RuntimeError / InvalidJSONError for unsupported schemas
-            raise _bad(param, f"schema cannot be compiled to a grammar: {str(err).splitlines()[0][:300]}",
-                       "invalid_schema") from None
+        if schema is None:
+            return self._compile(lambda: self.compiler.compile_json_schema(
+                {"type": "object"}, any_whitespace=False, strict_mode=False), param)
+        return self._compile(lambda: self.compiler.compile_json_schema(schema, any_whitespace=False), param)
 
     def tools(self, tools: list[dict], parallel: bool):
         """The action block: a JSON list of calls in ``chat.render_tool_calls``' layout, each call's
         parameters constrained by that tool's schema."""
         xgr = self.xgr
-        named, alts = {}, []
-        for i, t in enumerate(tools):
-            fn = t["function"]
-            try:
-                named[f"p{i}"] = xgr.Grammar.from_json_schema(fn["parameters"], any_whitespace=False)
-            except Exception as err:
-                raise _bad(f"tools[{i}].function.parameters", "schema cannot be compiled to a grammar: "
-                           f"{str(err).splitlines()[0][:300]}", "invalid_schema") from None
-            head = json.dumps('{"tool_call_id": "')
-            mid = json.dumps('", "tool_name": ' + json.dumps(fn["name"]) + ', "parameters": ')
-            alts.append(f"c{i}: {head} ID {mid} @p{i} \"}}\"")
-        start = 'start: "[" call ("," " " call)* "]"' if parallel else 'start: "[" call "]"'
-        lark = "\n".join([start, "call: " + " | ".join(f"c{i}" for i in range(len(tools))), *alts,
-                          "ID: /[0-9]{1,3}/"])
-        return self.compiler.compile_lark(lark, named_grammars=named)
+
+        def build():
+            named, alts = {}, []
+            for i, t in enumerate(tools):
+                fn = t["function"]
+                try:
+                    named[f"p{i}"] = xgr.Grammar.from_json_schema(fn["parameters"], any_whitespace=False)
+                except Exception as err:  # noqa: BLE001
+                    raise _bad(f"tools[{i}].function.parameters", "schema cannot be compiled to a grammar: "
+                               f"{_library_message(err)}", "invalid_schema") from None
+                head = json.dumps('{"tool_call_id": "')
+                mid = json.dumps('", "tool_name": ' + json.dumps(fn["name"]) + ', "parameters": ')
+                alts.append(f"c{i}: {head} ID {mid} @p{i} \"}}\"")
+            start = 'start: "[" call ("," " " call)* "]"' if parallel else 'start: "[" call "]"'
+            lark = "\n".join([start, "call: " + " | ".join(f"c{i}" for i in range(len(tools))), *alts,
+                              "ID: /[0-9]{1,3}/"])
+            return self.compiler.compile_lark(lark, named_grammars=named)
+        return self._compile(build, "tools")
 
     def matcher(self, compiled, stop_token: int):
         return self.xgr.GrammarMatcher(compiled, override_stop_tokens=[stop_token])
@@ -378,15 +667,18 @@ _CALL_HEAD = re.compile(r'\s*(?:\}\s*)?[\[,]\s*\{\s*"tool_call_id"\s*:\s*"(?:[^"
 
 class ActionStream:
     """Incremental parser of ``[{"tool_call_id": .., "tool_name": .., "parameters": {..}}, ...]``: a call's
-    header delta (index, id, type, name) as soon as its name is complete, then its arguments text as it
-    grows. Brace depth is tracked outside strings, so the call object's own closing brace is never sent."""
+    header delta (index, id, type, name) as soon as its name is complete, then its arguments in one delta
+    once they are complete and ``check(name, arguments)`` accepted them (a JSON-schema validation, so no
+    argument text reaches a client before it is known valid). Brace depth is tracked outside strings, so
+    the call object's own closing brace is never part of the arguments."""
 
-    def __init__(self):
+    def __init__(self, check: Callable[[str, str], None] | None = None):
         self.buf = ""
         self.pos = 0
         self.calls: list[dict] = []   # {"id", "name", "arguments"}
         self.depth = -1               # -1: between calls; >= 0: nesting inside the parameters
         self.in_string = self.escape = False
+        self.check = check
 
     def feed(self, text: str) -> list[dict]:
         self.buf += text
@@ -417,13 +709,20 @@ class ActionStream:
                 elif c in "}]":
                     self.depth -= 1
                     closed = self.depth == 0
-            if self.pos > start:
-                fragment = self.buf[start:self.pos]
-                self.calls[-1]["arguments"] += fragment
-                deltas.append({"index": len(self.calls) - 1, "function": {"arguments": fragment}})
+            call = self.calls[-1]
+            call["arguments"] += self.buf[start:self.pos]
             if not closed:
                 return deltas
+            if self.check is not None:
+                self.check(call["name"], call["arguments"])
+            deltas.append({"index": len(self.calls) - 1, "function": {"arguments": call["arguments"]}})
             self.depth = -1
+
+    def flush(self) -> list[dict]:
+        """The arguments of a call cut off by max_tokens (incomplete, so not validated; finish_reason 'length')."""
+        if self.depth < 0 or not self.calls or not self.calls[-1]["arguments"]:
+            return []
+        return [{"index": len(self.calls) - 1, "function": {"arguments": self.calls[-1]["arguments"]}}]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,7 +741,22 @@ class Spec:
     tool_grammar: object = None
     json_grammar: object = None
     logprobs: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: Tensor | None = None   # (V,) added to every step's logits
+    tool_schemas: dict[str, dict] = field(default_factory=dict)
+
+    def check_call(self, name: str, arguments: str) -> None:
+        """Validate a generated call against its tool's schema before anything of it is returned."""
+        import jsonschema
+
+        schema = self.tool_schemas.get(name)
+        try:
+            value = json.loads(arguments)
+            if schema is None or not isinstance(value, dict):
+                raise ValueError("not a JSON object of a known tool")
+            jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema).validate(value)
+        except (ValueError, RecursionError, jsonschema.ValidationError) as err:
+            raise ApiError(500, f"the model's call of {name!r} does not match the tool's schema "
+                           f"({_library_message(err)}); it was not returned", code="invalid_tool_call") from None
 
 
 @dataclass
@@ -487,7 +801,7 @@ class Sequence:
         self.params = spec.params
         self.phase = "open" if spec.chat else "text"
         self.text = TextState(tokenizer, list(spec.params.stop))
-        self.action = ActionStream()
+        self.action = ActionStream(spec.check_call)
         self.action_text = TextState(tokenizer, [])
         self.matcher = None
         self.stop_ids = ids.chat_stops if spec.chat else ids.completion_stops
@@ -499,9 +813,8 @@ class Sequence:
 
     def choose(self, raw: Tensor) -> int:
         """raw (1, V) -> next token, constrained by the current phase."""
-        logits = raw.clone()
-        for tok, bias in self.job.spec.logit_bias.items():
-            logits[0, tok] += bias
+        bias = self.job.spec.logit_bias
+        logits = raw + bias if bias is not None else raw.clone()
         if self.phase == "open":
             allowed = torch.full_like(logits, float("-inf"))
             allowed[0, self.job.spec.first_tokens] = logits[0, self.job.spec.first_tokens]
@@ -535,6 +848,7 @@ class Sequence:
                 self.action_text.push(token, False, last)
                 delta.tool_calls = self.action.feed(self.action_text.ready())
                 if last:
+                    delta.tool_calls += self.action.flush()
                     self.finish = "length"
         else:
             if self.phase == "json" and not self.matcher.accept_token(token):
@@ -585,7 +899,7 @@ class Engine:
     def __init__(self, model, tokenizer, limits: Limits, metrics: "Metrics"):
         self.model, self.tokenizer, self.limits, self.metrics = model, tokenizer, limits, metrics
         vocab = model.cfg.vocab_size
-        self.grammars = Grammars(tokenizer, vocab)
+        self.grammars = Grammars(tokenizer, vocab, limits, metrics)
         self.ids = TokenIds(tokenizer, vocab, [bytes(b) if isinstance(b, bytes) else str(b).encode()
                                                for b in self.grammars.info.decoded_vocab])
         self.pending: queue.Queue[Job] = queue.Queue(maxsize=limits.max_queue)
@@ -669,7 +983,7 @@ class Engine:
                 except Exception as err:  # noqa: BLE001 - reported to the clients, the worker keeps serving
                     self.metrics.errors.labels("prefill").inc()
                     for job in admitted:
-                        job.emit(("error", ApiError(500, f"prefill failed: {err}")))
+                        job.emit(("error", ApiError(500, f"prefill failed: {_library_message(err)}")))
                 else:
                     seqs += new
                     logits = new_logits if logits is None else torch.cat([logits, new_logits])
@@ -689,7 +1003,8 @@ class Engine:
                 except Exception as err:  # noqa: BLE001
                     self.metrics.errors.labels("decode").inc()
                     s.job.cancelled = True
-                    s.job.emit(("error", ApiError(500, f"decoding failed: {err}")))
+                    s.job.emit(("error", err if isinstance(err, ApiError) else
+                                ApiError(500, f"decoding failed: {_library_message(err)}")))
                     continue
                 job = s.job
                 job.completion_tokens += 1
@@ -751,6 +1066,8 @@ class Metrics:
         self.queue_depth = Gauge("aetheris_queue_depth", "requests waiting for the decode worker", registry=r)
         self.active = Gauge("aetheris_active_sequences", "sequences in the running decode batch", registry=r)
         self.errors = Counter("aetheris_errors", "errors by kind", ["kind"], registry=r)
+        self.compile_seconds = Histogram("aetheris_grammar_compile_seconds", "one request's grammar compilation",
+                                         buckets=(.001, .01, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -832,12 +1149,60 @@ class Server:
                            "Shorten the messages.", param=param, code="context_length_exceeded")
         return prompt_ids
 
+    def _prompt_bytes(self, size: int, param: str) -> None:
+        """Checked before tokenising, which costs seconds of CPU for megabytes of text."""
+        cap = self.limits.max_prompt_bytes
+        if size > cap:
+            raise ApiError(400, f"The prompt is {size} bytes; this server accepts at most {cap} bytes (and "
+                           f"{min(self.limits.max_prompt_tokens, self.model.cfg.max_seq_len)} tokens). "
+                           "Shorten the messages.", param=param, code="context_length_exceeded")
+
+    def _encode_chat(self, messages: list[dict], tools: list[dict]) -> list[int]:
+        """The prompt's token ids. Only the template's own markers become control tokens: request text
+        (contents, tool calls and results, tool definitions) is tokenised with special-token matching
+        off, so ``<|END_OF_TURN_TOKEN|>`` typed by a user stays those characters."""
+        tok = self.tokenizer
+        if chat.uses_this_template(tok):
+            parts = chat.render_parts(messages, tools=tools or None)
+            self._prompt_bytes(sum(len(text.encode("utf-8")) for text, _ in parts), "messages")
+            markers = [text for text, marker in parts if marker]
+            texts = [text for text, marker in parts if not marker]
+            marker_ids = iter(tok(markers, add_special_tokens=False)["input_ids"]) if markers else iter(())
+            text_ids = iter(tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]) if texts \
+                else iter(())
+            ids = [i for _, marker in parts for i in next(marker_ids if marker else text_ids)]
+            return self._tokens(ids, "messages")
+        # A checkpoint's own template renders one string, where request text cannot be told apart from
+        # markers: refuse request text that spells a special token instead.
+        request_text = json.dumps([messages, tools], ensure_ascii=False)
+        for marker in self.special_texts:
+            if marker in request_text:
+                raise _bad("messages", f"the text contains the control token {marker}, which this model's chat "
+                           "template cannot keep apart from its own markers; remove it")
+        try:
+            prompt = tok.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template that cannot render these messages
+            raise _bad("messages", f"the model's chat template cannot render them: {_library_message(err)}") from None
+        prompt = prompt.removesuffix(chat.START_RESPONSE)
+        self._prompt_bytes(len(prompt.encode("utf-8")), "messages")
+        return self._tokens(tok(prompt, add_special_tokens=False)["input_ids"], "messages")
+
+    @property
+    def special_texts(self) -> list[str]:
+        tok = self.tokenizer
+        return sorted({str(t) for t in tok.all_special_tokens} | {str(t) for t in tok.added_tokens_decoder.values()
+                                                                   if getattr(t, "special", False)})
+
     # --- /v1/chat/completions ----------------------------------------------------------------------
     def chat_spec(self, body: dict) -> tuple[Spec, bool, bool]:
+        # Order: cheap checks first, then rendering + the prompt's size, and grammar compilation (the
+        # expensive part) only for a request that is otherwise acceptable.
         _check_fields(body, CHAT_FIELDS)
+        _valid_unicode(body)
         self._model(body)
         messages = _messages(body.get("messages"))
-        tools = _tools(body["tools"]) if body.get("tools") is not None else []
+        budget = SchemaBudget(self.limits)
+        tools = _tools(body["tools"], budget) if body.get("tools") is not None else []
         if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
             max_tokens, key = body["max_completion_tokens"], "max_completion_tokens"
         else:
@@ -854,6 +1219,7 @@ class Server:
         top = _number(body, "top_logprobs", None, 0, 20, integer=True)
         if top is not None and not logprobs:
             raise _bad("top_logprobs", "requires 'logprobs' to be true")
+        logit_bias = _logit_bias(body.get("logit_bias"), self.model.cfg.vocab_size, self.limits.max_logit_bias)
         ids = self.engine.ids
         grammars = self.engine.grammars
         # Tool choice -> which openers the assistant turn may start with.
@@ -883,43 +1249,35 @@ class Server:
         if None in openers:
             raise ApiError(400, "this model's tokenizer lacks the chat markers (<|START_RESPONSE|>, <|START_ACTION|>)",
                            param="messages", code="unsupported_model")
+        schema = self._response_format(body.get("response_format"), budget)
+        prompt_ids = self._encode_chat(messages, tools)
         tool_grammar = grammars.tools(call_tools, parallel) if ids.start_action in openers else None
-        json_grammar = self._response_format(body.get("response_format"))
-        # Prompt: this project's template, or the checkpoint's own when it has a different one.
-        if chat.uses_this_template(self.tokenizer):
-            prompt = chat.render_messages(messages, tools=tools or None)
-        else:
-            try:
-                prompt = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                            tokenize=False)
-            except Exception as err:  # noqa: BLE001 - a template that cannot render these messages
-                raise _bad("messages", f"the model's chat template cannot render them: {err}") from None
-            prompt = prompt.removesuffix(chat.START_RESPONSE)
-        prompt_ids = self._tokens(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], "messages")
+        json_grammar = None if schema is False else grammars.json(schema, "response_format.json_schema.schema")
         spec = Spec(prompts=[prompt_ids], n=n, params=params, chat=True, first_tokens=openers,
                     tool_grammar=tool_grammar, json_grammar=json_grammar,
-                    logprobs=(top or 0) if logprobs else None,
-                    logit_bias=_logit_bias(body.get("logit_bias"), self.model.cfg.vocab_size))
+                    logprobs=(top or 0) if logprobs else None, logit_bias=logit_bias,
+                    tool_schemas={t["function"]["name"]: t["function"]["parameters"] for t in call_tools})
         return spec, stream, include_usage
 
-    def _response_format(self, fmt):
+    def _response_format(self, fmt, budget: SchemaBudget):
+        """False for free text; None for any JSON object; else the JSON schema (checked, not yet compiled)."""
         if fmt is None:
-            return None
+            return False
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
             raise _bad("response_format", "expected {type: 'text' | 'json_object' | 'json_schema'}")
         if fmt["type"] == "text":
-            return None
+            return False
         if fmt["type"] == "json_object":
-            return self.engine.grammars.json(None, "response_format")
+            return None
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise _bad("response_format.json_schema", "expected {name, schema, strict}", "invalid_type")
-        schema = _schema(spec.get("schema", {}), "response_format.json_schema.schema")
-        return self.engine.grammars.json(schema, "response_format.json_schema.schema")
+        return _schema(spec.get("schema", {}), "response_format.json_schema.schema", budget)
 
     # --- /v1/completions ---------------------------------------------------------------------------
     def completion_spec(self, body: dict) -> tuple[Spec, bool, bool, bool, list[str]]:
         _check_fields(body, COMPLETION_FIELDS)
+        _valid_unicode(body)
         self._model(body)
         if body.get("suffix") is not None:
             raise ApiError(400, "'suffix' is not supported", param="suffix", code="unsupported_parameter")
@@ -944,6 +1302,7 @@ class Server:
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(p, str):
                 _text(p, param, allow_empty=False)
+                self._prompt_bytes(len(p.encode("utf-8")), param)
                 ids.append(self._tokens(self.tokenizer(p)["input_ids"], param))
                 texts.append(p)
             else:
@@ -965,7 +1324,7 @@ class Server:
             raise ApiError(400, "'echo' with 'logprobs' (prompt log-probabilities) is not supported",
                            param="echo", code="unsupported_parameter")
         spec = Spec(prompts=ids, n=n, params=params, chat=False, logprobs=logprobs,
-                    logit_bias=_logit_bias(body.get("logit_bias"), vocab))
+                    logit_bias=_logit_bias(body.get("logit_bias"), vocab, self.limits.max_logit_bias))
         return spec, stream, include_usage, echo, texts
 
 
@@ -1005,7 +1364,10 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
         if server.engine is not None:
             server.engine.stop()
 
-    app = FastAPI(title="Aetheris", lifespan=lifespan)
+    # No slash redirects (a POST answered with 307 is lost on many clients: the trailing slash is
+    # dropped by the outer wrapper instead); the docs routes are defined below, behind the API key.
+    app = FastAPI(title="Aetheris", lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.server = server
 
     def error_response(err: ApiError) -> JSONResponse:
@@ -1031,8 +1393,9 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
     def authorize(request: Request) -> None:
         if server.api_key is None:
             return
-        header = request.headers.get("authorization", "")
-        if not secrets.compare_digest(header.encode(), f"Bearer {server.api_key}".encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 9110 §11.1); the key is compared in constant time.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), server.api_key.encode()):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
@@ -1042,10 +1405,17 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
         if length is not None and (not length.isdigit() or int(length) > cap):
             raise ApiError(413, f"Request body is larger than {cap} bytes.", code="request_too_large")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > cap:
-                raise ApiError(413, f"Request body is larger than {cap} bytes.", code="request_too_large")
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                raw.extend(chunk)
+                if len(raw) > cap:
+                    raise ApiError(413, f"Request body is larger than {cap} bytes.", code="request_too_large")
+        try:  # a client trickling its body byte by byte must not hold the connection for ever
+            await asyncio.wait_for(read(), server.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"The request body did not arrive within {server.limits.body_timeout_s:g} s.",
+                           code="request_timeout") from None
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as err:
@@ -1062,20 +1432,29 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
         return body
 
+    async def watch_disconnect(job: Job, request: Request) -> None:
+        """Poll the connection on a timer, whatever the request kind: a client that went away (a closed
+        stream, an abandoned non-streaming request, one still waiting in the queue) cancels its job."""
+        while True:
+            await asyncio.sleep(DISCONNECT_POLL_S)
+            if await request.is_disconnected():
+                job.cancelled = True
+                job.events.put_nowait(("gone", None))
+                return
+
     async def wait_events(job: Job, request: Request) -> AsyncIterator:
-        """The job's events; cancels the job when the client goes away."""
+        """The job's events until it is done, failed, or its client went away (then it is cancelled)."""
+        watcher = asyncio.create_task(watch_disconnect(job, request))
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(job.events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                event = await job.events.get()
+                if event[0] == "gone":
+                    return
                 yield event
                 if event[0] in ("done", "error"):
                     return
         finally:
+            watcher.cancel()
             job.cancelled = True
 
     async def submit(request: Request, build) -> tuple[Job, tuple]:
@@ -1094,6 +1473,18 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
             detail = f"failed to load: {server.load_error}" if server.load_error else "loading"
             return JSONResponse({"status": detail}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        authorize(request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        authorize(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Aetheris API")
 
     @app.get("/metrics")
     async def metrics(request: Request):
@@ -1161,7 +1552,7 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
                         if d.finish_reason is not None:
                             yield chunk([{"index": d.index, "delta": {}, "logprobs": lp,
                                           "finish_reason": d.finish_reason}])
-            return StreamingResponse(_cancel_on_exit(sse(), job), media_type="text/event-stream",
+            return StreamingResponse(_cancel_on_exit(sse(), job, server.metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts = [""] * n_choices
         calls: list[dict[int, dict]] = [{} for _ in range(n_choices)]
@@ -1246,7 +1637,7 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
                         offsets[d.index] += len(d.text)
                         yield chunk([{"index": d.index, "text": d.text, "logprobs": lp,
                                       "finish_reason": d.finish_reason}])
-            return StreamingResponse(_cancel_on_exit(sse(), job), media_type="text/event-stream",
+            return StreamingResponse(_cancel_on_exit(sse(), job, server.metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts = [prompt_texts[i // spec.n] if echo else "" for i in range(n_choices)]
         entries: list[list] = [[] for _ in range(n_choices)]
@@ -1274,24 +1665,35 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
     async def root():
         return PlainTextResponse(f"Aetheris OpenAI-compatible server for '{server.model_name}'. See /v1/models.\n")
 
-    return _CountRequests(app, server.metrics)
+    return _Gate(app, server)
 
 
-async def _cancel_on_exit(chunks: AsyncIterator[str], job: Job) -> AsyncIterator[str]:
-    """SSE body that cancels its job however the stream ends (done, error, or the client went away)."""
+DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
+
+
+async def _cancel_on_exit(chunks: AsyncIterator[str], job: Job, metrics: Metrics) -> AsyncIterator[str]:
+    """SSE body that cancels its job however the stream ends (done, error, or the client went away); a
+    fault after the 200 was sent becomes an error event, so the stream still ends cleanly."""
     try:
         async for chunk in chunks:
             yield chunk
+    except Exception as err:  # noqa: BLE001
+        metrics.errors.labels("internal").inc()
+        error = err if isinstance(err, ApiError) else ApiError(500, f"internal error: {err.__class__.__name__}")
+        yield "data: " + json.dumps(error.body()) + "\n\n"
     finally:
         job.cancelled = True
 
 
-class _CountRequests:
-    """ASGI wrapper counting responses by path and status (pure ASGI, so streaming is untouched)."""
+class _Gate:
+    """Pure ASGI wrapper around the app (so streaming is untouched): drops a trailing slash, caps the
+    requests in flight (503 in OpenAI's shape), turns any exception that escaped the app into a 500 in
+    OpenAI's shape instead of a reset connection, and counts responses by path and status."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
         self.state = app.state
+        self.in_flight = 0
 
     def __getattr__(self, name):  # routes, openapi(), etc. of the wrapped FastAPI app
         return getattr(self.app, name)
@@ -1299,26 +1701,95 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = 500
+        path = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": scope.get("raw_path", b"").rstrip(b"/")}
+        status, started = 500, False
 
         async def send_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
+
+        async def send_error(err: ApiError) -> None:
+            body = json.dumps(err.body()).encode()
+            await send_status({"type": "http.response.start", "status": err.status, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send_status({"type": "http.response.body", "body": body})
+
+        self.in_flight += 1
         try:
+            if self.in_flight > self.server.limits.max_connections:
+                self.server.metrics.errors.labels("too_many_requests").inc()
+                await send_error(ApiError(503, f"The server is handling {self.server.limits.max_connections} requests "
+                                          "already; retry shortly.", code="server_overloaded"))
+                return
             await self.app(scope, receive, send_status)
+        except Exception as err:  # noqa: BLE001 - the last line of defence: log it, answer in OpenAI's shape
+            import logging
+
+            logging.getLogger("aetheris.serve").error("unhandled error on %s", path, exc_info=err)
+            if not started:
+                await send_error(ApiError(500, f"internal error: {err.__class__.__name__}"))
         finally:
-            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-            self.metrics.requests.labels(path, str(status)).inc()
+            self.in_flight -= 1
+            label = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+            self.server.metrics.requests.labels(label, str(status)).inc()
 
 
 KNOWN_PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
 
 
+def _h11_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline on each request's head: a connection that has not sent
+    complete headers within ``header_timeout_s`` of opening (or of its previous response) is closed, so
+    slow-header (slowloris) connections cannot pile up. uvicorn's own timeout only covers idle keep-alive."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def connection_lost(self, exc):
+            if getattr(self, "head_timer", None) is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self):
+            if getattr(self, "head_timer", None) is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(header_timeout_s, self._head_timeout)
+
+        def _head_timeout(self):
+            waiting_for_head = self.cycle is None or self.cycle.response_complete
+            if waiting_for_head and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeadTimeoutH11
+
+
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+    """uvicorn settings from the app's Limits: header/body deadlines, keep-alive, header size."""
+    import uvicorn
+
+    limits = app.state.server.limits
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=_h11_protocol(limits.header_timeout_s),
+                          timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=limits.max_header_bytes,
+                          timeout_graceful_shutdown=5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI: aetheris serve
 # ---------------------------------------------------------------------------------------------------
+
+
+API_KEY_ENV = "AETHERIS_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1327,17 +1798,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; 0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the 'model' clients send (default: folder name)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /metrics")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1, /metrics and "
+                        f"/docs (visible in ps: prefer --api-key-file or ${API_KEY_ENV})")
+    parser.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     parser.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on max_tokens per request")
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    parser.add_argument("--max-prompt-bytes", type=int, default=d.max_prompt_bytes,
+                        help="rendered prompt size, checked before tokenising")
     parser.add_argument("--max-n", type=int, default=d.max_n)
     parser.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help="sequences decoded together")
+    parser.add_argument("--max-schema-properties", type=int, default=d.max_schema_properties,
+                        help="JSON-schema properties per request (tools + response_format)")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help="HTTP requests in flight before 503")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for decoding (0 = all cores but one)")
     parser.add_argument("--log-level", default="info")
+
+
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file, else $AETHERIS_API_KEY; None when none is given."""
+    from pathlib import Path
+
+    key = args.api_key
+    if key is None and args.api_key_file is not None:
+        path = Path(args.api_key_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--api-key-file {args.api_key_file}: no such file")
+        key = (path.read_text(encoding="utf-8").splitlines() or [""])[0]
+    if key is None:
+        key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ValueError("the API key is empty; give a non-empty key (or none to serve without one)")
+    return key.strip() if key is not None else None
 
 
 def load_checkpoint(path: str, device: str = "cpu", dtype: str | None = None):
@@ -1363,18 +1859,22 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pathlib import Path
 
-    for key in ("max_body_bytes", "max_tokens", "max_prompt_tokens", "max_n", "max_queue", "max_batch", "threads"):
+    for key in ("max_body_bytes", "max_tokens", "max_prompt_tokens", "max_prompt_bytes", "max_n", "max_queue",
+                "max_batch", "max_schema_properties", "max_connections", "threads"):
         if getattr(args, key) < (0 if key == "threads" else 1):
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
+    api_key = api_key_from(args)
     # Fail fast: load (strictly) before binding, so a bad checkpoint never becomes a running server.
     model, tokenizer = load_checkpoint(args.model, args.device, args.dtype)
     name = args.served_model_name or Path(args.model).expanduser().resolve().name
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                    max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, max_queue=args.max_queue,
-                    max_batch=args.max_batch, threads=args.threads)
+                    max_prompt_tokens=args.max_prompt_tokens, max_prompt_bytes=args.max_prompt_bytes, max_n=args.max_n,
+                    max_queue=args.max_queue, max_batch=args.max_batch,
+                    max_schema_properties=args.max_schema_properties, max_connections=args.max_connections,
+                    threads=args.threads)
     # Grammar tables (TokenizerInfo over the vocabulary) build in the background while /health says 503.
-    app = create_app(loader=lambda: (model, tokenizer), model_name=name, api_key=args.api_key, limits=limits)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(f"aetheris serve: warning: binding {args.host} without --api-key exposes the model to the network")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    app = create_app(loader=lambda: (model, tokenizer), model_name=name, api_key=api_key, limits=limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"aetheris serve: warning: binding {args.host} without an API key exposes the model to the network")
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
     return 0

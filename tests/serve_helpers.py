@@ -33,8 +33,11 @@ class LiveServer:
     def __init__(self, app, wait_ready: bool = True):
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        from aetheris.server import uvicorn_config
+
+        config = uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning")  # the settings `aetheris serve` uses
+        config.timeout_graceful_shutdown = 2
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
