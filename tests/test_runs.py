@@ -34,6 +34,7 @@ def tiny(out_dir, *overrides):
 
 def cli(capsys, *argv) -> tuple[int, list[str]]:
     """Run ``aetheris`` in-process; the exit code and the lines it printed on stderr."""
+    capsys.readouterr()  # only this command's output
     code = main([str(a) for a in argv])
     return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
@@ -447,3 +448,61 @@ def test_exit_codes_of_library_errors():
     assert exit_code(OSError("not a valid model identifier")) == 2  # transformers' message-only OSError
     assert exit_code(Interrupted(signal.SIGINT, None, 3)) == 130
     assert exit_code(RuntimeError("a bug")) is None  # unexpected: the traceback is shown
+
+
+# --- the same in a distillation stage -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def start_student(teacher_dir, tiny_cohere2_teacher, tiny_tokenizer, tmp_path_factory):
+    """A stage-2 starting point: the student right after weight transfer from the tiny Cohere2 teacher."""
+    from aetheris.checkpoint import save_model
+    from aetheris.distill import build_student, load_distill_config
+    from aetheris.model import Aetheris
+    from aetheris.transfer import transfer
+
+    cfg = load_distill_config(ROOT / "configs" / "nano-distill.yaml", [f"teacher.name={teacher_dir}", "student.n_pairs=2"])
+    scfg, pairs = build_student(cfg, tiny_cohere2_teacher.config)
+    torch.manual_seed(0)
+    student = Aetheris(scfg)
+    transfer(tiny_cohere2_teacher, student, pairs)
+    folder = tmp_path_factory.mktemp("start") / "student"
+    save_model(student, folder, tokenizer=tiny_tokenizer)
+    return folder
+
+
+def _kl_overrides(teacher_dir, out, init, *extra):
+    return [f"teacher.name={teacher_dir}", "run_dir=null", f"kl.train.out_dir={out}", f"kl.init={init}",
+            "data.languages=[en, sw]", "data.sources=[{type: corpus, max_lines_per_language: 40}]", "data.seq_len=32",
+            "student.n_pairs=2", "kl.train.max_steps=6", "kl.train.micro_batch_size=2", "kl.train.log_every=1",
+            "kl.train.eval_every=100", "kl.train.checkpoint_every=100", "kl.train.progress=false", "kl.train.tracker=none",
+            "kl.train.threads=1", "kl.report_rows_per_language=1", "kl.chunk=16", *extra]
+
+
+def test_a_distillation_stage_stops_on_sigterm_with_a_checkpoint(teacher_dir, start_student, tmp_path, capsys, monkeypatch):
+    from aetheris.distill import load_distill_config, run_kl
+
+    out = tmp_path / "kl"
+    overrides = _kl_overrides(teacher_dir, out, start_student)
+    cfg = load_distill_config(ROOT / "configs" / "nano-distill.yaml", overrides)
+
+    def sigterm_at_2(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        run_kl(cfg, hooks=[sigterm_at_2], log=lambda *_: None)
+    assert info.value.step == 2 and info.value.checkpoint == out / "checkpoints" / "step-0000002"
+    verify_checkpoint(info.value.checkpoint)
+    # The CLI refuses to start a new stage-2 run over it, before the teacher loads.
+    monkeypatch.setattr("aetheris.distill.load_teacher_model", lambda cfg: pytest.fail("the teacher was loaded"))
+    code, err = cli(capsys, "distill", "--config", ROOT / "configs" / "nano-distill.yaml", "--stages", "kl", *overrides)
+    assert code == 2 and len(err) == 1 and "already holds 1 checkpoint(s)" in err[0]
+
+
+def test_a_nan_in_distillation_is_one_line_exit_3(teacher_dir, start_student, tmp_path, capsys):
+    code, err = cli(capsys, "distill", "--config", ROOT / "configs" / "nano-distill.yaml", "--stages", "kl",
+                    *_kl_overrides(teacher_dir, tmp_path / "kl", start_student, "kl.train.lr=1e4", "kl.train.grad_clip=0",
+                                   "kl.train.warmup_steps=0"))
+    assert code == 3 and "Traceback" not in "\n".join(err), err  # (above it: the teacher's loading bar)
+    assert re.match(r"aetheris distill: stopped: the (loss|gradient norm) became (nan|inf) at step \d+", err[-1])
