@@ -185,6 +185,8 @@ class TrainConfig:
         _check(self, "out_dir", isinstance(self.out_dir, str) and self.out_dir.strip() != "", "a folder path")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"schedule={self.schedule!r}: choose cosine, wsd or constant")
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: choose auto, bf16 or no")
 
