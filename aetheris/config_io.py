@@ -106,11 +106,15 @@ def _nearest(key: str, valid: list[str]) -> str:
 def apply_overrides(raw: dict, overrides: list[str], cls) -> dict:
     """Set ``a.b.c=value`` entries on the raw dict; keys are checked against ``cls``'s schema."""
     valid = schema_keys(cls)
+    seen: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. train.max_steps=20)")
         key, text = item.split("=", 1)
         key = key.strip()
+        if key in seen:  # the last one winning silently hides a typo'd command line
+            raise ConfigError(f"{key} is set twice ({seen[key]!r} and {item!r}): keep one")
+        seen[key] = item
         parts = key.split(".")
         in_dict = _locate(cls, parts)
         free_form = in_dict is not None and _dict_keys(in_dict[1]) is None and in_dict[0] == len(parts) - 2
@@ -170,6 +174,10 @@ def build(cls, data: dict | None, where: str = "", base=None):
         return cls(**kwargs)
     except TypeError as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+    except ConfigError as err:  # a section's own check names its key; say which section it is in
+        if where and not str(err).startswith(where):
+            raise ConfigError(f"{where}{err}") from None
+        raise
 
 
 def _section_default(f: dataclasses.Field, sub, base):
@@ -208,8 +216,17 @@ def _coerce(value, tp, key: str):
             return int(value)
         except ValueError:
             raise ConfigError(f"{key}={value!r} must be an integer") from None
+    if int in allowed and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return int(value)
     if bool in allowed and not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r} must be true or false")
+    if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a folder or name that YAML read as a number (run_dir=2024)
+    scalars = {int, float, str, bool}
+    if allowed & scalars and allowed <= scalars | {type(None)} and isinstance(value, (dict, list)):
+        raise ConfigError(f"{key}={value!r} must be a single {' or '.join(sorted(t.__name__ for t in allowed & scalars))}")
     return value
 
 

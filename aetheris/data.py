@@ -16,6 +16,11 @@ Loading rules (bad input is never trained on silently):
 - Malformed *records* (no text, empty text, a non-UTF-8 line, invalid JSON, an unknown per-record
   language) are counted and skipped; ``MalformedLog.summary()`` lists them by reason with the first
   few locations (``file:line``), and the training loop reports it at the start and the end.
+- A file (or hub / Parquet source) whose records are *mostly* malformed is an error naming it: that is a
+  wrong file, not a few bad lines. A ``text`` / ``jsonl`` file holding NUL bytes is binary: an error too.
+- Inputs are bounded: a record longer than ``max_chars`` characters (``data.max_document_chars``) is
+  skipped and counted with its ``file:line``, and reading a long line never holds more than that in memory.
+  Validation text is tokenized only until the rows it needs are filled (``tokenize_until``).
 
 Local text and JSONL files are read line by line here rather than through ``datasets``: its JSON
 reader aborts the whole file at the first bad line and cannot say which line it was. Parquet files
@@ -45,6 +50,9 @@ from aetheris.paths import data_path
 
 IGNORE_INDEX = -100  # the one ignore index (labels), as in transformers / torch cross_entropy
 PCM_BLOCK_LINES = 16
+SOURCE_TYPES = ("corpus", "text", "jsonl", "parquet", "hub")
+DEFAULT_MAX_CHARS = 1_000_000
+OVERSIZED = "document longer than data.max_document_chars (raise it to keep such documents)"
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,9 @@ def _check_text(text, where: str, log: MalformedLog) -> str | None:
         return None
     if "\ufffd" in text:  # a decoder replaced invalid bytes: the record is not clean UTF-8
         log.add(where, "not valid UTF-8")
+        return None
+    if "\x00" in text:
+        log.add(where, "holds NUL characters (binary data)")
         return None
     return text
 
@@ -202,19 +213,52 @@ def _expand_files(pattern: str, source: str) -> list[Path]:
     return files
 
 
-def iter_source(spec: dict, languages: Sequence[str], log: MalformedLog) -> Iterator[Document]:
+def _read_lines_bounded(path: Path, max_chars: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw bytes) for each line of ``path``; a line over ``max_chars`` characters gives None and
+    is skipped in 1 MiB chunks, so one enormous line (or a file with none) never sits in memory whole."""
+    limit = 4 * max_chars + 2  # UTF-8 takes at most 4 bytes per character, plus the line ending
+    with open(path, "rb") as f:
+        if b"\0" in f.read(8192):
+            raise ValueError(f"{path} holds NUL bytes: it is a binary file, not text; remove it from data.sources")
+        f.seek(0)
+        number = 0
+        while raw := f.readline(limit):
+            number += 1
+            if len(raw) == limit and not raw.endswith(b"\n"):
+                while (more := f.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass
+                yield number, None
+            else:
+                yield number, raw
+
+
+class _SourceTally:
+    """Records and malformed records of one file or source: mostly malformed means the wrong file."""
+
+    def __init__(self, name, kind: str, log: MalformedLog):
+        self.name, self.kind, self.log, self.records, self.bad = name, kind, log, 0, 0
+        self.before = Counter(log.counts)
+
+    def check(self) -> None:
+        if self.records and 2 * self.bad > self.records:
+            reasons = ", ".join(r for r, _ in (self.log.counts - self.before).most_common(3))
+            raise ValueError(f"{self.name}: {self.bad} of its {self.records} records are malformed ({reasons}); "
+                             f"it does not look like a {self.kind} source of documents: fix it or remove it from data.sources")
+
+
+def iter_source(spec: dict, languages: Sequence[str], log: MalformedLog, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Document]:
     """Documents from one configured source. ``spec`` keys:
 
     ``type``: ``corpus`` (the offline 70-language corpus) | ``text`` | ``jsonl`` | ``parquet`` | ``hub``;
     ``path`` (text/jsonl/parquet: a file or glob; ``$DATA/...`` is under AETHERIS_DATA_DIR);
     ``name``/``config``/``split`` (hub); ``text_field`` (default ``text``); a fixed ``language`` or a
     per-record ``language_field``; ``id_field`` (else the record's location is its id).
+    Records over ``max_chars`` characters are skipped (counted in ``log``).
     """
     spec = dict(spec)
     kind = spec.pop("type", None)
-    kinds = ("corpus", "text", "jsonl", "parquet", "hub")
-    if kind not in kinds:
-        raise ValueError(f"data source {spec} needs a type, one of {', '.join(kinds)} (got {kind!r})")
+    if kind not in SOURCE_TYPES:
+        raise ValueError(f"data source {spec} needs a type, one of {', '.join(SOURCE_TYPES)} (got {kind!r})")
     wanted = set(languages)
     name = f"{kind} source {spec.get('path') or spec.get('name') or ''}".strip()
     if kind == "corpus":
@@ -232,12 +276,19 @@ def iter_source(spec: dict, languages: Sequence[str], log: MalformedLog) -> Iter
         if fixed_lang not in wanted:
             return
 
-    def record_doc(record, where: str):
+    def record_doc(record, where: str, tally: _SourceTally):
+        tally.records += 1
         if not isinstance(record, dict):
+            tally.bad += 1
             log.add(where, "record is not an object")
             return None
-        text = _check_text(record.get(text_field), where, log)
+        text = record.get(text_field)
+        if isinstance(text, str) and len(text) > max_chars:
+            log.add(where, OVERSIZED)  # a valid record, just too long: not counted as malformed
+            return None
+        text = _check_text(text, where, log)
         if text is None:
+            tally.bad += 1
             return None
         lang = fixed_lang
         if lang is None:
@@ -245,6 +296,7 @@ def iter_source(spec: dict, languages: Sequence[str], log: MalformedLog) -> Iter
             try:
                 lang = get_language(code).iso1
             except ValueError:
+                tally.bad += 1
                 log.add(where, f"language {code!r} not in the registry" if code is not None else f"record without '{lang_field}'")
                 return None
         if lang not in wanted:
@@ -258,28 +310,32 @@ def iter_source(spec: dict, languages: Sequence[str], log: MalformedLog) -> Iter
         files = _expand_files(spec.pop("path"), name)
         _no_extra(spec, name)
         for path in files:
-            with open(path, "rb") as f:
-                for i, raw in enumerate(f, start=1):
-                    where = f"{path}:{i}"
+            tally = _SourceTally(path, kind, log)
+            for i, raw in _read_lines_bounded(path, max_chars):
+                where = f"{path}:{i}"
+                if raw is None:
+                    log.add(where, OVERSIZED)
+                    continue
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError:
+                    tally.records, tally.bad = tally.records + 1, tally.bad + 1
+                    log.add(where, "not valid UTF-8")
+                    continue
+                if not line.strip():
+                    continue  # blank lines separate nothing in line-per-document files
+                if kind == "text":
+                    record = {text_field: line}
+                else:
                     try:
-                        line = raw.decode("utf-8").rstrip("\r\n")
-                    except UnicodeDecodeError:
-                        log.add(where, "not valid UTF-8")
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        tally.records, tally.bad = tally.records + 1, tally.bad + 1
+                        log.add(where, f"invalid JSON ({err.msg})")
                         continue
-                    if kind == "text":
-                        if not line.strip():
-                            continue  # blank lines separate nothing in line-per-document files
-                        record = {text_field: line}
-                    else:
-                        if not line.strip():
-                            continue
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as err:
-                            log.add(where, f"invalid JSON ({err.msg})")
-                            continue
-                    if (doc := record_doc(record, where)) is not None:
-                        yield doc
+                if (doc := record_doc(record, where, tally)) is not None:
+                    yield doc
+            tally.check()
         return
 
     import datasets
@@ -303,9 +359,11 @@ def iter_source(spec: dict, languages: Sequence[str], log: MalformedLog) -> Iter
                 f"could not open hub dataset {hub_name!r} (config {config!r}, split {split!r}): {err}. "
                 "Offline, point the config at local files instead (type: jsonl / parquet / text / corpus)."
             ) from err
+    tally = _SourceTally(name, kind, log)
     for i, record in enumerate(ds):
-        if (doc := record_doc(record, f"{name}#{i}")) is not None:
+        if (doc := record_doc(record, f"{name}#{i}", tally)) is not None:
             yield doc
+    tally.check()
 
 
 def _no_extra(spec: dict, name: str) -> None:
@@ -313,15 +371,16 @@ def _no_extra(spec: dict, name: str) -> None:
         raise ValueError(f"{name}: unknown key(s) {', '.join(sorted(spec))}")
 
 
-def load_documents(sources: Sequence[dict], languages=None, log: MalformedLog | None = None) -> list[Document]:
-    """All documents from ``sources`` (in memory), restricted to ``languages``."""
+def load_documents(sources: Sequence[dict], languages=None, log: MalformedLog | None = None,
+                   max_chars: int = DEFAULT_MAX_CHARS) -> list[Document]:
+    """All documents from ``sources`` (in memory), restricted to ``languages``; longer than ``max_chars``: skipped."""
     if not sources:
         raise ValueError("data.sources is empty: name at least one source (e.g. `- type: corpus`)")
     langs = resolve_languages(languages)
     log = log if log is not None else MalformedLog()
     docs = []
     for spec in sources:
-        got = list(iter_source(spec, langs, log))
+        got = list(iter_source(spec, langs, log, max_chars))
         if not got:
             raise ValueError(f"data source {spec} gave no usable documents for languages {langs[:8]}{'...' if len(langs) > 8 else ''} ({log.summary()})")
         docs += got
@@ -373,6 +432,22 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, batch_size: int = 10
     return out
 
 
+def tokenize_until(docs: Sequence[Document], tokenizer, tokens: int | None, batch_size: int = 16) -> list[list[int]]:
+    """``tokenize_documents`` of the first documents, in order, until they hold ``tokens`` tokens (None: all).
+
+    Validation needs ``rows x seq_len`` tokens per language; tokenizing every held-out document for that (one
+    stray 50 MB record took 9 GB and two minutes to keep two rows) is work thrown away. The rows packed from
+    the result equal those packed from every document: packing walks the documents in order and stops there."""
+    out, total = [], 0
+    for start in range(0, len(docs), batch_size):
+        if tokens is not None and total >= tokens:
+            break
+        for ids in tokenize_documents(docs[start:start + batch_size], tokenizer):
+            out.append(ids)
+            total += len(ids)
+    return out
+
+
 def language_weights(sizes: dict[str, int], temperature: float) -> dict[str, float]:
     """Sampling probability per language, p_l ∝ n_l^(1/temperature): 1 = proportional to data size,
     larger = flatter, ``inf`` = uniform (XLM-R / mT5-style temperature sampling)."""
@@ -394,8 +469,8 @@ class StreamingDocs:
     """
 
     def __init__(self, sources: Sequence[dict], lang: str, tokenizer, val_fraction: float, seed: int,
-                 log: MalformedLog, weight: float = 1.0):
-        self.sources, self.lang, self.tokenizer = list(sources), lang, tokenizer
+                 log: MalformedLog, weight: float = 1.0, max_chars: int = DEFAULT_MAX_CHARS):
+        self.sources, self.lang, self.tokenizer, self.max_chars = list(sources), lang, tokenizer, max_chars
         self.val_fraction, self.seed, self.log, self.weight = val_fraction, seed, log, weight
         self.taken, self._it = 0, None
 
@@ -406,7 +481,7 @@ class StreamingDocs:
         while True:
             got = False
             for spec in self.sources:
-                for doc in iter_source(spec, [self.lang], self.log):
+                for doc in iter_source(spec, [self.lang], self.log, self.max_chars):
                     if _unit_hash(doc.doc_id, self.seed) >= self.val_fraction:
                         got = True
                         yield doc
@@ -425,7 +500,7 @@ class StreamingDocs:
         """The first ``max_docs`` held-out documents (reads at most ``max_scanned`` records)."""
         out = []
         for spec in self.sources:
-            for i, doc in enumerate(iter_source(spec, [self.lang], self.log)):
+            for i, doc in enumerate(iter_source(spec, [self.lang], self.log, self.max_chars)):
                 if _unit_hash(doc.doc_id, self.seed) < self.val_fraction:
                     out.append(doc)
                 if len(out) >= max_docs or i >= max_scanned:

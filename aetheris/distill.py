@@ -52,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +244,27 @@ class DistillConfig:
 def load_distill_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DistillConfig:
     """A distillation config from YAML plus ``key.sub=value`` overrides (``student.options.top_k=2`` too)."""
     raw = load_yaml(path) if path is not None else {}
-    return build(DistillConfig, apply_overrides(raw, list(overrides), DistillConfig))
+    raw = apply_overrides(raw, list(overrides), DistillConfig)
+    check_out_dirs(raw)
+    return build(DistillConfig, raw)
+
+
+def check_out_dirs(raw: dict) -> None:
+    """``run_dir`` places every stage (``<run_dir>/align`` ...); a stage ``out_dir`` set beside it would be
+    silently ignored, so the two together are an error unless they agree."""
+    run_dir = raw.get("run_dir")
+    if not run_dir:
+        return
+    for keys, stage in ((("train",), "align"), (("kl", "train"), "kl"), (("sft", "train"), "sft")):
+        node = raw
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        out_dir = node.get("out_dir") if isinstance(node, dict) else None
+        if out_dir is not None and Path(str(out_dir)) != Path(str(run_dir)) / stage:
+            key = ".".join(keys) + ".out_dir"
+            raise ConfigError(f"{key}={out_dir} conflicts with run_dir={run_dir} (which puts this stage in "
+                              f"{Path(str(run_dir)) / stage}): drop {key}, or set run_dir=null to place each stage "
+                              "with its own *.out_dir")
 
 
 def parse_stages(text: str) -> list[str]:
@@ -467,7 +486,7 @@ def build_student(cfg: DistillConfig, teacher_config) -> tuple[AetherisConfig, l
     return scfg, pairs
 
 
-def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
+def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print, overwrite: bool = False) -> dict:
     """Stage 1 end to end; returns the report (also written to ``<out_dir>/align_report.json``)."""
     from aetheris.checkpoint import save_model
     from aetheris.model import Aetheris
@@ -526,7 +545,7 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> di
     # must look for unused parameters every step (see PairAligner).
     result = train(run_cfg, loss_fn=loss_fn, model=student, forward_module=PairAligner(student, pairs),
                    accelerator=make_accelerator(cfg.train, find_unused_parameters=True), tokenizer=tokenizer,
-                   data=data, frozen={"teacher": teacher}, resume=resume,
+                   data=data, frozen={"teacher": teacher}, resume=resume, overwrite=overwrite,
                    hooks=[lambda record: progress.__setitem__("step", record["step"])])
     student = result.model
 
@@ -828,7 +847,7 @@ def prepare_cache(cfg: DistillConfig, teacher, data, tokenizer, teacher_config, 
     return meta
 
 
-def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()) -> dict:
+def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=(), overwrite: bool = False) -> dict:
     """Stage 2 end to end; returns the report (also ``<kl out_dir>/kl_report.json``) and writes the student.
 
     With ``kl.cache`` the teacher is only loaded (here, if not passed) when the cache must be written first.
@@ -893,7 +912,7 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
     loss_fn = make_kd_loss(teacher, kind=kc.kind, temperature=kc.temperature, chunk=kc.chunk, w_kl=kc.w_kl,
                            w_ce=kc.w_ce, lang_family=lang_family, dro=dro)
     result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
-                   frozen={"teacher": teacher} if teacher is not None else None, resume=resume,
+                   frozen={"teacher": teacher} if teacher is not None else None, resume=resume, overwrite=overwrite,
                    hooks=[dro.update, *hooks] if dro is not None else hooks,
                    stateful={"dro": dro} if dro is not None else None)
     student = result.model.eval()
@@ -930,7 +949,7 @@ def _rank_spread(q: Tensor) -> float:
 # Stage 3
 
 
-def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict:
+def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print, overwrite: bool = False) -> dict:
     """Stage 3 end to end; returns the report (also ``<sft out_dir>/sft_report.json``) and writes the student."""
     from aetheris.chat import install_chat_template
     from aetheris.checkpoint import load_model, save_model
@@ -983,7 +1002,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print) -> dict
         report["kl_before"] = heldout_kl(teacher, student, kl_rows, chunk=sc.chunk)
     loss_fn = make_sft_loss(teacher, sc)
     result = train(run_cfg, loss_fn=loss_fn, model=student, tokenizer=tokenizer, data=data,
-                   frozen={"teacher": teacher} if teacher is not None else None, resume=resume)
+                   frozen={"teacher": teacher} if teacher is not None else None, resume=resume, overwrite=overwrite)
     student = result.model.eval()
     report["toolcall_after"] = toolcall_validity(student, tokenizer, held_out, sc.max_new_tokens)
     report["toolcall_loss_after"] = toolcall_loss(student, tokenizer, held_out)
@@ -1013,44 +1032,43 @@ def add_arguments(parser) -> None:
                         help=f"comma list over {', '.join(STAGES)}, run in pipeline order (default: all three)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue each stage from the newest good checkpoint in its out_dir, or (one stage) from CHECKPOINT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the stages over in out_dirs that hold another run's checkpoints (deletes them)")
 
 
 def run(args) -> int:
-    try:
-        stages = parse_stages(args.stages)
-    except ValueError as err:
-        print(f"aetheris distill: {err}", file=sys.stderr)
-        return 2
+    """Failures propagate to ``aetheris.cli`` (one line, documented exit code); all are checked before the teacher loads."""
+    from aetheris.runs import claim_run_folder
+
+    stages = parse_stages(args.stages)
     cfg = load_distill_config(args.config, args.overrides)
     if len(stages) > 1 and args.resume not in (None, "latest"):
-        print("aetheris distill: --resume CHECKPOINT names one stage's checkpoint; run that stage alone "
-              "(or use --resume without a path)", file=sys.stderr)
-        return 2
-    try:
-        if stages[0] != "align":
-            previous_student(cfg, stages[0])
-    except FileNotFoundError as err:
-        print(f"aetheris distill: {err}", file=sys.stderr)
-        return 2
+        raise ValueError("--resume CHECKPOINT names one stage's checkpoint; run that stage alone "
+                         "(or use --resume without a path)")
+    if stages[0] != "align":
+        previous_student(cfg, stages[0])
+    out_dirs = {"align": cfg.train.out_dir, "kl": cfg.kl.train.out_dir, "sft": cfg.sft.train.out_dir}
+    for stage in stages:  # a stage must not fail on another run's folder after the teacher has loaded
+        claim_run_folder(Path(out_dirs[stage]), resume=args.resume, overwrite=args.overwrite, dry_run=True)
     teacher = None
     for stage in stages:
         if stage == "align":
             teacher = load_teacher_model(cfg)  # loaded once, shared by the stages that follow
-            report = run_align(cfg, teacher=teacher, resume=args.resume)
+            report = run_align(cfg, teacher=teacher, resume=args.resume, overwrite=args.overwrite)
             print(f"stage 1 report: {Path(cfg.train.out_dir) / 'align_report.json'} "
                   f"(KL random {report['kl_random_init']['mean']:.4f} / transfer {report['kl_after_transfer']['mean']:.4f}"
                   f" / aligned {report['kl_after_align']['mean']:.4f}); student: {Path(cfg.train.out_dir) / 'student'}")
         elif stage == "kl":
             if not cfg.kl.cache:  # with a cache, run_kl loads the teacher only if the cache must be written
                 teacher = teacher or load_teacher_model(cfg)
-            report = run_kl(cfg, teacher=teacher, resume=args.resume)
+            report = run_kl(cfg, teacher=teacher, resume=args.resume, overwrite=args.overwrite)
             print(f"stage 2 report: {Path(cfg.kl.train.out_dir) / 'kl_report.json'} (held-out KL "
                   f"{report['kl_before']['mean']:.4f} -> {report['kl_after']['mean']:.4f}); "
                   f"student: {Path(cfg.kl.train.out_dir) / 'student'}")
         else:
             if cfg.sft.beta > 0:
                 teacher = teacher or load_teacher_model(cfg)
-            report = run_sft(cfg, teacher=teacher, resume=args.resume)
+            report = run_sft(cfg, teacher=teacher, resume=args.resume, overwrite=args.overwrite)
             b, a = report["toolcall_before"]["overall"], report["toolcall_after"]["overall"]
             print(f"stage 3 report: {Path(cfg.sft.train.out_dir) / 'sft_report.json'} (tool-call parse "
                   f"{b['parsed']:.3f} -> {a['parsed']:.3f}, name {b['name']:.3f} -> {a['name']:.3f}); "

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aetheris import runs
 from aetheris.config import AetherisConfig
 from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml, to_dict
 from aetheris.data import (
@@ -61,8 +62,10 @@ from aetheris.data import (
     load_documents,
     split_heldout,
     tokenize_documents,
+    tokenize_until,
     validation_rows,
 )
+from aetheris.runs import CKPT_PREFIX, Interrupted, list_checkpoints  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -75,6 +78,10 @@ class TokenizerConfig:
     byte-level BPE of ``model.vocab_size`` tokens on the training split."""
     bpe_docs_per_language: int = 200
     """Documents per language the BPE is trained on (from the training split only)."""
+
+    def __post_init__(self):
+        _check(self, "bpe_docs_per_language", _is_int(self.bpe_docs_per_language) and self.bpe_docs_per_language >= 1,
+               "a positive integer")
 
 
 @dataclass
@@ -96,6 +103,33 @@ class DataConfig:
     streaming: bool = False
     """Read sources lazily per language (hub datasets, corpora too big for memory); languages are then
     sampled uniformly (sizes are unknown) and validation uses the first held-out documents."""
+    max_document_chars: int = 1_000_000
+    """Longer documents (records, lines) are skipped and counted with their ``file:line``: one runaway
+    record (a minified blob, a file without newlines) must not take the run's memory and time."""
+
+    def __post_init__(self):
+        from aetheris.data import SOURCE_TYPES, resolve_languages
+
+        if not isinstance(self.sources, list) or not all(isinstance(s, dict) for s in self.sources):
+            raise ConfigError(f"sources={self.sources!r}: give a list of sources, e.g. [{{type: corpus}}]")
+        for spec in self.sources:
+            if spec.get("type") not in SOURCE_TYPES:
+                raise ConfigError(f"sources: {spec} needs a type, one of {', '.join(SOURCE_TYPES)}")
+        if not (self.languages == "all" or isinstance(self.languages, str)
+                or (isinstance(self.languages, list) and all(isinstance(c, str) for c in self.languages))):
+            raise ConfigError(f"languages={self.languages!r}: give 'all' or a list of language codes, e.g. [en, sw]")
+        try:
+            resolve_languages(self.languages)
+        except ValueError as err:
+            raise ConfigError(str(err).removeprefix("data.")) from None
+        _check(self, "seq_len", _is_int(self.seq_len) and self.seq_len >= 2, "an integer >= 2")
+        _check(self, "temperature", _is_num(self.temperature) and self.temperature > 0,
+               "> 0 (1 = proportional, .inf = uniform)")
+        _check(self, "val_fraction", _is_num(self.val_fraction) and 0 < self.val_fraction < 1, "in (0, 1)")
+        _check(self, "val_rows_per_language", _is_int(self.val_rows_per_language) and self.val_rows_per_language >= 0,
+               "an integer >= 0 (0 = all held-out text)")
+        _check(self, "max_document_chars", _is_int(self.max_document_chars) and self.max_document_chars >= 1,
+               "a positive integer")
 
 
 @dataclass
@@ -125,7 +159,7 @@ class TrainConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | no."""
     checkpoint_every: int = 500
     keep_last: int = 2
-    """Checkpoints kept on disk (older ones are deleted once a newer one is safely written)."""
+    """Checkpoints of this run kept on disk (older ones are deleted once a newer one is safely written)."""
     eval_every: int = 200
     log_every: int = 10
     tracker: str = "tensorboard"
@@ -133,6 +167,41 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0
     """torch CPU threads per process; 0 = torch's default."""
+
+    def __post_init__(self):
+        # Checked here, before any data or weights load, in the key's own words (not torch's, later).
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every", "keep_last"):
+            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "a positive integer")
+        for name in ("warmup_steps", "threads", "seed"):
+            _check(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
+        _check(self, "lr", _is_num(self.lr) and 0 < self.lr < math.inf, "a number > 0")
+        _check(self, "min_lr_ratio", _is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _check(self, "decay_fraction", _is_num(self.decay_fraction) and 0 < self.decay_fraction <= 1, "in (0, 1]")
+        _check(self, "weight_decay", _is_num(self.weight_decay) and 0 <= self.weight_decay < math.inf, "a number >= 0")
+        for name in ("beta1", "beta2"):
+            _check(self, name, _is_num(getattr(self, name)) and 0 <= getattr(self, name) < 1, "in [0, 1)")
+        _check(self, "eps", _is_num(self.eps) and 0 < self.eps < math.inf, "a number > 0")
+        _check(self, "grad_clip", _is_num(self.grad_clip) and 0 <= self.grad_clip < math.inf, "a number >= 0 (0 = no clipping)")
+        _check(self, "out_dir", isinstance(self.out_dir, str) and self.out_dir.strip() != "", "a folder path")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"schedule={self.schedule!r}: choose cosine, wsd or constant")
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: choose auto, bf16 or no")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _check(obj, name: str, ok: bool, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={getattr(obj, name)!r} must be {want}")
 
 
 @dataclass
@@ -143,16 +212,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        t = self.train
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every", "keep_last"):
-            if not isinstance(getattr(t, name), int) or getattr(t, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(t, name)!r} must be a positive integer")
-        if t.schedule not in ("cosine", "wsd", "constant"):
-            raise ConfigError(f"train.schedule={t.schedule!r}: choose cosine, wsd or constant")
-        if t.mixed_precision is False:  # YAML reads a bare `no` as false
-            t.mixed_precision = "no"
-        if t.mixed_precision not in ("auto", "bf16", "no"):
-            raise ConfigError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or no")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
@@ -217,6 +276,8 @@ def validation_loss(model, val: dict[str, dict], micro_batch_size: int, device) 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the run stopped before the optimizer step."""
 
+    exit_code = runs.EXIT_NONFINITE
+
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
@@ -224,9 +285,6 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is incomplete or corrupt."""
-
-
-CKPT_PREFIX = "step-"
 
 
 def _sha256(path: Path) -> str:
@@ -245,58 +303,60 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int) -> Path:
-    """Write ``root/step-XXXXXXX`` atomically (temp folder + rename); prune old ones afterwards."""
+    """Write ``root/step-XXXXXXX`` atomically (temp folder + rename); prune this run's older ones afterwards.
+
+    A failed write (disk full, read-only, ...) removes its temp folder and raises ``RunIOError`` naming the
+    cause; the checkpoints already on disk are untouched."""
     from aetheris.checkpoint import save_model
 
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CKPT_PREFIX}{step:07d}"
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    save_model(model, tmp / "model", tokenizer=tokenizer)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume): replace it only once the new one is complete
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    dir_fd = os.open(root, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        save_model(model, tmp / "model", tokenizer=tokenizer)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+        _fsync_tree(tmp)
+        if final.exists() or final.is_symlink():  # a step re-saved after resuming from an older checkpoint, or
+            runs.reject(final, f"replaced by step {step} of run {state.get('run_id')}")  # a file in the way
+        os.replace(tmp, final)
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException as err:  # an interrupt too: no partial folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, Exception) or isinstance(err, runs.RunIOError) or not runs.looks_like_io(err):
+            raise
+        raise runs.write_failure(err, root, f"checkpoint {final.name}") from err
+    runs.prune_checkpoints(root, state.get("run_id"), final, keep_last)
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-write
         shutil.rmtree(stale, ignore_errors=True)
     return final
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete-looking checkpoint folders, oldest first (temp folders never match)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX) and p.name[len(CKPT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
 
 def verify_checkpoint(folder: Path) -> dict:
     """The manifest of a checkpoint whose files are all present and intact; CheckpointError otherwise."""
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
-    if not folder.is_dir():
+    if not folder.exists():
         raise CheckpointError(f"checkpoint {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} is not a folder (something replaced it with a file)")
     if not manifest_path.exists():
         raise CheckpointError(f"checkpoint {folder} is incomplete: manifest.json is missing (the write never finished)")
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint {folder} has an unreadable manifest.json ({err})") from None
     for name, meta in files.items():
         path = folder / name
@@ -309,15 +369,40 @@ def verify_checkpoint(folder: Path) -> dict:
     return manifest
 
 
-def find_resume_checkpoint(root: Path, log: Callable[[str], None] = print) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies; rejected ones are reported and skipped."""
+def find_resume_checkpoint(root: Path, log: Callable[[str], None] = print, reject: bool = False) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies; newer ones that do not are reported and skipped
+    (``reject``: moved into ``root/rejected/``, never deleted). None when ``root`` holds no checkpoint at all;
+    a CheckpointError when it holds some and none verifies (starting over would bury them)."""
+    failed = []
     for folder in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(folder)
-            return folder
         except CheckpointError as err:
-            log(f"warning: {err}; falling back to an older checkpoint")
+            failed.append((folder, err))
+            continue
+        for bad, err in failed:
+            moved = f"; moved to {runs.reject(bad, str(err))}" if reject else ""
+            log(f"warning: {err}{moved}; falling back to an older checkpoint")
+        return folder
+    if failed:
+        raise CheckpointError(
+            f"--resume found {len(failed)} checkpoint(s) under {root} and none verifies ("
+            + "; ".join(str(err) for _, err in failed[:3]) + "). Nothing was changed: resume from a named good "
+            "checkpoint (--resume PATH), repair or move them, or start over with --overwrite")
     return None
+
+
+def check_resume_model(checkpoint: Path, model_cfg: AetherisConfig) -> None:
+    """Refuse to resume into a model whose config differs from the checkpoint's, naming the keys that differ
+    (instead of a tensor size mismatch later). Settings that change no weight (memory, kernels) may change."""
+    from aetheris.checkpoint import read_config
+
+    free = {"gradient_checkpointing", "scan_impl", "chunk_size", "max_seq_len", "bos_token_id", "eos_token_id", "pad_token_id"}
+    saved, now = read_config(Path(checkpoint) / "model").to_dict(), model_cfg.to_dict()
+    diff = [f"model.{k}: checkpoint {saved[k]!r}, this run {now[k]!r}" for k in saved if k not in free and saved[k] != now.get(k)]
+    if diff:
+        raise CheckpointError(f"cannot resume from {checkpoint}: its model differs from this run's ({'; '.join(diff)}). "
+                              "Resume with the checkpoint's model settings, or start a new run (--overwrite or another out_dir)")
 
 
 def _restore_rng(rng: dict, state: dict) -> None:
@@ -381,13 +466,14 @@ def build_data(cfg: RunConfig, tokenizer_for: Callable[[dict], Any], log: Callab
     malformed = MalformedLog()
     if cfg.data.streaming:
         return _build_streaming_data(cfg, tokenizer_for, malformed)
-    docs = load_documents(cfg.data.sources, cfg.data.languages, malformed)
+    docs = load_documents(cfg.data.sources, cfg.data.languages, malformed, max_chars=cfg.data.max_document_chars)
     if malformed.total:
         log(malformed.summary())
     train_docs, val_docs = split_heldout(docs, cfg.data.val_fraction, seed=cfg.train.seed)
     tokenizer = tokenizer_for(train_docs)
     train_ids = {lang: tokenize_documents(d, tokenizer) for lang, d in train_docs.items()}
-    val_ids = {lang: tokenize_documents(d, tokenizer) for lang, d in val_docs.items()}
+    val_tokens = cfg.data.val_rows_per_language * cfg.data.seq_len or None  # 0 rows = all held-out text
+    val_ids = {lang: tokenize_until(d, tokenizer, val_tokens) for lang, d in val_docs.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = PackedStream(train_ids, cfg.data.seq_len, temperature=cfg.data.temperature, seed=cfg.train.seed,
                           pack=cfg.data.pack, pad_id=pad)
@@ -401,7 +487,8 @@ def _build_streaming_data(cfg: RunConfig, tokenizer_for, malformed: MalformedLog
     from aetheris.data import StreamingDocs, resolve_languages
 
     d = cfg.data
-    streams = {lang: StreamingDocs(d.sources, lang, None, d.val_fraction, cfg.train.seed, malformed)
+    streams = {lang: StreamingDocs(d.sources, lang, None, d.val_fraction, cfg.train.seed, malformed,
+                                   max_chars=d.max_document_chars)
                for lang in resolve_languages(d.languages)}
     sample = {lang: list(islice(s._docs(), cfg.tokenizer.bpe_docs_per_language)) for lang, s in streams.items()}
     tokenizer = tokenizer_for(sample)
@@ -409,7 +496,7 @@ def _build_streaming_data(cfg: RunConfig, tokenizer_for, malformed: MalformedLog
         s.tokenizer = tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     val_docs = {lang: s.heldout(max_docs=max(8, 4 * (d.val_rows_per_language or 8))) for lang, s in streams.items()}
-    val_ids = {lang: tokenize_documents(v, tokenizer) for lang, v in val_docs.items() if v}
+    val_ids = {lang: tokenize_until(v, tokenizer, d.val_rows_per_language * d.seq_len or None) for lang, v in val_docs.items() if v}
     stream = PackedStream(streams, d.seq_len, temperature=d.temperature, seed=cfg.train.seed, pack=d.pack, pad_id=pad)
     val = validation_rows(val_ids, d.seq_len, d.val_rows_per_language or None, pad_id=pad)
     return TrainData(stream, val, malformed), tokenizer
@@ -424,6 +511,32 @@ def multi_process_cpu() -> bool:
 def rows_per_run(t: TrainConfig, processes: int) -> int:
     """Training rows a run of ``t`` consumes over all its steps and processes."""
     return t.max_steps * t.micro_batch_size * t.grad_accum * processes
+
+
+def open_run_folder(out_dir: Path, resume, overwrite: bool, accelerator, log: Callable[[str], None]) -> Path | None:
+    """Claim ``out_dir`` for this run (``runs.claim_run_folder``: a fresh run refuses another run's checkpoints)
+    and return the checkpoint to resume from. Decided on the main process, which alone moves rejected checkpoints
+    aside, and shared with the other ranks (an error too, so every rank stops with the same message)."""
+    decision: list = [None, None]  # (checkpoint, error)
+    if accelerator.is_main_process:
+        try:
+            runs.check_writable(out_dir / "checkpoints")
+            runs.claim_run_folder(out_dir, resume=resume, overwrite=overwrite, log=log)
+            if resume is True or resume == "latest":
+                decision[0] = find_resume_checkpoint(out_dir / "checkpoints", log=log, reject=True)
+                if decision[0] is None:
+                    log(f"no checkpoint under {out_dir / 'checkpoints'}: starting from scratch")
+            elif resume:
+                decision[0] = Path(resume)
+                verify_checkpoint(decision[0])
+        except (ValueError, OSError) as err:
+            decision[1] = err
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(decision)
+    if decision[1] is not None:
+        raise decision[1]
+    return decision[0]
 
 
 def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
@@ -460,12 +573,16 @@ def train(
     stateful: dict[str, Any] | None = None,
     accelerator=None,
     forward_module: torch.nn.Module | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``model`` (default: a fresh ``Aetheris(cfg.model)``) and return what happened.
 
-    ``resume``: True/"latest" = newest good checkpoint in ``out_dir`` (fresh start if none);
-    a path = that checkpoint (an error if it is corrupt). ``hooks`` run after every optimizer step
-    with a dict of the step's numbers (a stage may adjust weights there; a test may stop the run).
+    ``resume``: True/"latest" = newest good checkpoint in ``out_dir`` (fresh start if there is none at all; an
+    error if there are some and none verifies); a path = that checkpoint (an error if it is corrupt). Without
+    ``resume``, an ``out_dir`` holding checkpoints is refused unless ``overwrite`` (which deletes them).
+    SIGTERM / SIGINT stop the loop after the current step with a checkpoint (``runs.Interrupted``).
+    ``hooks`` run after every optimizer step with a dict of the step's numbers (a stage may adjust weights
+    there; a test may stop the run).
     ``forward_module``: a module holding ``model`` whose forward computes a stage's own loss (stage 1
     runs teacher-forced pairs); ``loss_fn`` then receives it instead of ``model``. Accelerate prepares
     (DDP-wraps) the module ``loss_fn`` calls, because DDP all-reduces gradients only through the forward
@@ -490,16 +607,10 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     set_seed(t.seed)
 
-    # Which checkpoint (if any) to resume from: decided before building anything.
-    start_ckpt = None
-    if resume:
-        if resume is True or resume == "latest":
-            start_ckpt = find_resume_checkpoint(ckpt_root, log=say)
-            if start_ckpt is None:
-                say(f"no usable checkpoint under {ckpt_root}: starting from scratch")
-        else:
-            start_ckpt = Path(resume)
-            verify_checkpoint(start_ckpt)
+    # The run folder is this run's, and which checkpoint (if any) to resume from: decided before building anything.
+    start_ckpt = open_run_folder(out_dir, resume, overwrite, accelerator, say)
+    if start_ckpt is not None and model is None:
+        check_resume_model(start_ckpt, cfg.model)  # a changed model.d_model is named here, before the data loads
 
     # 2. Tokenizer and data ----------------------------------------------------------------------
     if tokenizer is None and start_ckpt is not None and not cfg.tokenizer.name:
@@ -521,9 +632,11 @@ def train(
         model = Aetheris(mcfg)
     step, tokens_seen = 0, 0
     history, val_history = [], []
+    run_id = uuid.uuid4().hex[:12]  # marks this run's checkpoints: cleanup touches no other run's
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     if start_ckpt is not None:
         from aetheris.checkpoint import load_model
+        check_resume_model(start_ckpt, model.cfg)
         saved = load_model(start_ckpt / "model")
         model.load_state_dict(saved.state_dict())
         del saved
@@ -531,6 +644,7 @@ def train(
         optimizer.load_state_dict(blob["optimizer"])
         state = json.loads((start_ckpt / "state.json").read_text())
         step, tokens_seen = state["step"], state["tokens_seen"]
+        run_id = state.get("run_id") or run_id
         val_history = state.get("val_history", [])
         data.stream.load_state_dict(state["data"])
         for name, obj in (stateful or {}).items():
@@ -575,10 +689,23 @@ def train(
                 "python_rng": random.getstate(), "numpy_rng": _numpy_state(),
                 "config": to_dict(cfg), "world_size": world, "val_history": val_history,
                 "stateful": {name: obj.state_dict() for name, obj in (stateful or {}).items()},
+                "run_id": run_id,
             }
             last_ckpt = save_checkpoint(ckpt_root, step, raw_model, tokenizer, optimizer, state, t.keep_last)
         accelerator.wait_for_everyone()
+        last_ckpt = ckpt_root / f"{CKPT_PREFIX}{step:07d}"  # every rank names it (only the main process wrote it)
+        runs.SIGNALS.checkpoint = last_ckpt
         return last_ckpt
+
+    def stop_if_signalled() -> None:
+        """SIGTERM / SIGINT arrived (on any rank): checkpoint this step unless it is saved already, and stop."""
+        signum = runs.SIGNALS.requested(accelerator)
+        if signum is None:
+            return
+        saved = last_ckpt if last_ckpt is not None and runs.checkpoint_step(last_ckpt) == step else None
+        if saved is None and step > 0:
+            saved = checkpoint()
+        raise Interrupted(signum, saved or last_ckpt, step)
 
     def evaluate() -> None:
         losses = validation_loss(raw_model, data.val, t.micro_batch_size, accelerator.device)
@@ -596,8 +723,13 @@ def train(
                desc="train", dynamic_ncols=True, file=sys.stderr)
     model.train()
     window_tokens, window_start = 0, time.perf_counter()
+    installed = runs.SIGNALS.install()  # the CLI installs them for the whole command; a library call here
+    runs.SIGNALS.armed, runs.SIGNALS.step, runs.SIGNALS.checkpoint = True, step, last_ckpt
     try:
-        while step < t.max_steps:
+        while True:
+            stop_if_signalled()  # after the previous step (and its checkpoint); the same decision on every rank
+            if step >= t.max_steps:
+                break
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -630,6 +762,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            runs.SIGNALS.step = step
             step_tokens = int(np.prod(rows["input_ids"].shape))
             tokens_seen += step_tokens
             window_tokens += step_tokens
@@ -655,6 +788,9 @@ def train(
             if step % t.checkpoint_every == 0 or step == t.max_steps:
                 checkpoint()
     finally:
+        runs.SIGNALS.armed = False
+        if installed:
+            runs.SIGNALS.uninstall()
         bar.close()
         if data.malformed.total:
             say(data.malformed.summary())
@@ -695,18 +831,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.max_steps=20")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue from the newest good checkpoint in train.out_dir, or from CHECKPOINT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a train.out_dir that holds another run's checkpoints (deletes them)")
 
 
 def run(args) -> int:
+    """Failures propagate to ``aetheris.cli``, which prints one line and exits with the documented code."""
     cfg = load_config(args.config, args.overrides)
-    try:
-        result = train(cfg, resume=args.resume)
-    except NonFiniteLossError as err:
-        print(f"aetheris train: stopped: {err}", file=sys.stderr)
-        return 3
-    except CheckpointError as err:
-        print(f"aetheris train: error: {err}", file=sys.stderr)
-        return 2
+    runs.claim_run_folder(Path(cfg.train.out_dir), resume=args.resume, overwrite=args.overwrite, dry_run=True)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.val_history:
         first, last = result.val_history[0], result.val_history[-1]
         print(f"validation loss {first['mean']:.4f} (step {first['step']}) -> {last['mean']:.4f} (step {last['step']}); "

@@ -15,10 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overrides(teacher_dir, out_dir, *extra):
-    return [f"teacher.name={teacher_dir}", f"train.out_dir={out_dir}", "train.progress=false",
-            "data.languages=[en, sw, hi, zh, ar, yo, fr, ru]",
-            "data.sources=[{type: corpus, max_lines_per_language: 150}]",
-            "train.eval_every=1000", "train.checkpoint_every=1000", *extra]
+    return _merged([f"teacher.name={teacher_dir}", f"train.out_dir={out_dir}", "train.progress=false",
+                    "data.languages=[en, sw, hi, zh, ar, yo, fr, ru]",
+                    "data.sources=[{type: corpus, max_lines_per_language: 150}]",
+                    "train.eval_every=1000", "train.checkpoint_every=1000", *extra])
+
+
+def _merged(items):
+    """A later ``key=value`` replaces an earlier one (``aetheris`` refuses a key given twice)."""
+    out = {}
+    for item in items:
+        key = item.split("=", 1)[0]
+        out.pop(key, None)
+        out[key] = item
+    return list(out.values())
 
 
 def test_distill_align_cli_kl_random_vs_transfer_vs_aligned(teacher_dir, tmp_path):

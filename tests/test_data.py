@@ -1,4 +1,6 @@
-"""Data layer: the 70-language corpus, held-out split, temperature sampling, packing, bad input."""
+"""Data layer: the 70-language corpus, held-out split, temperature sampling, packing, bad input, bounded input
+(an over-long record is skipped in bounded memory; validation tokenizes only what its rows need; binary or mostly
+malformed files are errors naming the file)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from aetheris.data import (
     offline_corpus_documents,
     split_heldout,
     tokenize_documents,
+    tokenize_until,
     validation_rows,
 )
 from aetheris.languages import CODES
@@ -155,10 +158,11 @@ def test_jsonl_malformed_records_are_counted_and_skipped(tmp_path):
         b'{"text": "unknown language", "lang": "xx"}\n'
         b'{"text": "   ", "lang": "sw"}\n'
         b'{"text": "good two", "lang": "en"}\n'
+        + b"".join(b'{"text": "more %d", "lang": "en"}\n' % i for i in range(5))  # malformed: a minority
     )
     log = MalformedLog()
     docs = load_documents([{"type": "jsonl", "path": str(path)}], "all", log)
-    assert [(d.text, d.lang) for d in docs] == [("good one", "sw"), ("good two", "en")]
+    assert [(d.text, d.lang) for d in docs][:2] == [("good one", "sw"), ("good two", "en")] and len(docs) == 7
     assert log.total == 6
     summary = log.summary()
     for reason in ("record without text", "invalid JSON", "not valid UTF-8", "'xx' not in the registry", "empty text"):
@@ -207,6 +211,68 @@ def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("AETHERIS_DATA_DIR")
     with pytest.raises(FileNotFoundError, match="AETHERIS_DATA_DIR is not set"):
         load_documents([{"type": "corpus"}])
+
+
+# --- bounded input ------------------------------------------------------------------------------
+
+
+def test_an_over_long_record_is_skipped_with_file_line_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        f.write('{"text": "before", "lang": "sw"}\n')
+        f.write('{"text": "' + "x" * 20_000_000 + '", "lang": "sw"}\n')  # one 20 MB line
+        f.write('{"text": "after", "lang": "sw"}\n')
+    (tmp_path / "flat.txt").write_text("y" * 5_000_000)  # a text file with no newline at all
+    (tmp_path / "ok.txt").write_text("karibu\n")
+    log = MalformedLog()
+    tracemalloc.start()
+    docs = load_documents([{"type": "jsonl", "path": str(path)},
+                           {"type": "text", "path": str(tmp_path / "*.txt"), "language": "sw"}], ["sw"], log, max_chars=100_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [d.text for d in docs] == ["before", "after", "karibu"]
+    assert log.counts["document longer than data.max_document_chars (raise it to keep such documents)"] == 2
+    assert f"{path}:2" in log.summary() and f"{tmp_path / 'flat.txt'}:1" in log.summary()
+    assert peak < 4_000_000  # never the 20 MB line: reading is bounded by max_chars (x4 bytes) + 1 MiB chunks
+
+
+def test_validation_tokenizes_only_until_its_rows_are_filled(tiny_tokenizer, corpus):
+    lines = [line for d in corpus if d.lang == "sw" for line in d.text.split("\n")]
+    docs = [Document(line, "sw", str(i)) for i, line in enumerate(lines[:150])]
+    seen = []
+
+    class Counting:  # the real tokenizer, counting the documents it is asked to encode
+        bos_token_id, eos_token_id = tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id
+
+        def __call__(self, texts, **kw):
+            seen.extend(texts)
+            return tiny_tokenizer(texts, **kw)
+
+    seq_len, rows = 32, 3
+    lazy = validation_rows({"sw": tokenize_until(docs, Counting(), rows * seq_len)}, seq_len, rows)
+    eager = validation_rows({"sw": tokenize_documents(docs, tiny_tokenizer)}, seq_len, rows)
+    for key in eager["sw"]:
+        np.testing.assert_array_equal(lazy["sw"][key], eager["sw"][key])
+    assert len(seen) <= 16 < len(docs)  # one batch of 16 documents filled 3 rows of 32 tokens
+    assert len(tokenize_until(docs, tiny_tokenizer, None)) == len(docs)
+
+
+def test_a_binary_or_mostly_malformed_file_is_an_error_naming_it(tmp_path):
+    rng = np.random.default_rng(0)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(rng.integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match=f"{binary} holds NUL bytes: it is a binary file"):
+        load_documents([{"type": "text", "path": str(binary), "language": "en"}], ["en"])
+    latin1 = tmp_path / "latin1.txt"  # no NUL, but not UTF-8: most lines fail to decode
+    latin1.write_bytes("\n".join(f"caf\xe9 cr\xe8me {i}" for i in range(20)).encode("latin-1") + b"\nplain ascii\n")
+    with pytest.raises(ValueError, match=f"{latin1}: 20 of its 21 records are malformed \\(not valid UTF-8\\)"):
+        load_documents([{"type": "text", "path": str(latin1), "language": "fr"}], ["fr"])
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text('{"text": "fine", "lang": "en"}\n' + "not json\n" * 3)
+    with pytest.raises(ValueError, match=f"{garbage}: 3 of its 4 records are malformed"):
+        load_documents([{"type": "jsonl", "path": str(garbage)}], ["en"])
 
 
 def test_hub_source_offline_says_what_to_do(monkeypatch):

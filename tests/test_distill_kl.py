@@ -41,11 +41,22 @@ def start_student(teacher_dir, tiny_cohere2_teacher, tiny_tokenizer, tmp_path_fa
 
 def _overrides(teacher_dir, out, init, *extra):
     langs = "[" + ", ".join(LANGS) + "]"
-    return [f"teacher.name={teacher_dir}", "run_dir=null", f"kl.train.out_dir={out}", f"kl.init={init}", f"data.languages={langs}",
-            "data.sources=[{type: corpus, max_lines_per_language: 60}]", "data.seq_len=32", "student.n_pairs=2",
-            "kl.train.max_steps=6", "kl.train.micro_batch_size=4", "kl.train.lr=3e-4", "kl.train.warmup_steps=2",
-            "kl.train.log_every=1", "kl.train.eval_every=100", "kl.train.checkpoint_every=3", "kl.train.progress=false",
-            "kl.train.tracker=none", "kl.report_rows_per_language=1", "kl.chunk=16", *extra]
+    return _merged([
+        f"teacher.name={teacher_dir}", "run_dir=null", f"kl.train.out_dir={out}", f"kl.init={init}", f"data.languages={langs}",
+        "data.sources=[{type: corpus, max_lines_per_language: 60}]", "data.seq_len=32", "student.n_pairs=2",
+        "kl.train.max_steps=6", "kl.train.micro_batch_size=4", "kl.train.lr=3e-4", "kl.train.warmup_steps=2",
+        "kl.train.log_every=1", "kl.train.eval_every=100", "kl.train.checkpoint_every=3", "kl.train.progress=false",
+        "kl.train.tracker=none", "kl.report_rows_per_language=1", "kl.chunk=16", *extra])
+
+
+def _merged(items):
+    """A later ``key=value`` replaces an earlier one (``aetheris`` refuses a key given twice)."""
+    out = {}
+    for item in items:
+        key = item.split("=", 1)[0]
+        out.pop(key, None)
+        out[key] = item
+    return list(out.values())
 
 
 def _cfg(teacher_dir, out, init, *extra):
