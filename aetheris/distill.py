@@ -1007,6 +1007,14 @@ def add_arguments(parser) -> None:
                         help=f"comma list over {', '.join(STAGES)}, run in pipeline order (default: all three)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue each stage from the newest good checkpoint in its out_dir, or (one stage) from CHECKPOINT")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory each stage needs per process (no weights are loaded) and exit")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes the plan assumes (default: WORLD_SIZE, else 1)")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="memory per device, e.g. 80GB: a run (or --plan) whose plan exceeds it is refused")
+    parser.add_argument("--plan-device", choices=("gpu", "cpu"), default="gpu",
+                        help="device the plan assumes (teacher.dtype auto: bf16 on gpu, fp32 on cpu)")
 
 
 def run(args) -> int:
@@ -1026,6 +1034,21 @@ def run(args) -> int:
     except FileNotFoundError as err:
         print(f"aetheris distill: {err}", file=sys.stderr)
         return 2
+    if args.plan or args.gpu_memory:
+        from aetheris.plan import PlanError, check_fits, format_plan, parse_memory, plan_distill
+        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+            plan = plan_distill(cfg, processes=processes, device=args.plan_device)
+            if args.plan and int(os.environ.get("RANK", "0")) == 0:
+                print(format_plan(plan, stages))
+            if memory is not None:
+                check_fits(plan, memory, stages)
+        except (PlanError, ValueError) as err:
+            print(f"aetheris distill: {err}", file=sys.stderr)
+            return 2
+        if args.plan:
+            return 0
     teacher = None
     for stage in stages:
         if stage == "align":
