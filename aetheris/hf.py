@@ -59,6 +59,12 @@ class AetherisForCausalLM(PreTrainedModel):
         self.model = Aetheris(config.to_aetheris())
         self.post_init()
 
+    def _backward_compatibility_gradient_checkpointing(self) -> None:
+        # ``gradient_checkpointing`` is an AetherisConfig field the model itself honours; transformers would
+        # read it as its legacy flag and fail to find HF-style checkpointing modules (a student trained with
+        # checkpointing on could not be loaded).
+        pass
+
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Aetheris initialises itself; never re-initialise tensors that were loaded from a checkpoint.
         if isinstance(module, Aetheris) and not any(getattr(p, "_is_hf_initialized", False)

@@ -10,9 +10,9 @@ arithmetic over the run settings, one line per thing that holds memory:
   processes: 1/N of them, plus the units FSDP gathers whole — the root (embeddings, final norm) during the
   whole forward, and two layers at a time: the one computing and the one prefetched).
 * **gradients** (fp32, of the parameters that train; 1/N under FSDP; DDP adds its all-reduce buckets, one
-  more copy) and **AdamW** state (two fp32 moments per trained parameter; 1/N under FSDP) plus the scratch
-  of its step (on GPU the multi-tensor step holds one temporary per parameter; on CPU the per-tensor step
-  two temporaries of the largest tensor).
+  more copy) and **AdamW** state (two fp32 moments per trained parameter; 1/N under FSDP). The loop's
+  fused AdamW step holds no temporaries; under FSDP the default step does (on GPU the multi-tensor step one
+  per parameter shard; on CPU the per-tensor step two of the largest shard).
 * **logits**: stage 2/3 hold the student's (B, T, V) fp32 logits, the log-softmax its cross-entropy keeps,
   the teacher's logits, two fp32 gradient buffers in backward, and ``kl.chunk`` positions of fp32 softmaxes;
   a tied embedding's gradient arrives twice (head and lookup), so one (V, D) fp32 sum is added.
@@ -52,6 +52,7 @@ class Counts:
     layers: list[int]   # per layer
     root: int           # parameters outside the layers (embeddings, final norm, untied head)
     largest_tensor: int
+    largest_layer_tensor: int
 
 
 def _counts(model: torch.nn.Module, layers) -> Counts:
@@ -59,7 +60,8 @@ def _counts(model: torch.nn.Module, layers) -> Counts:
     per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     total = sum(p.numel() for p in params)
     embed = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
-    return Counts(total, embed, per_layer, total - sum(per_layer), max(p.numel() for p in params))
+    in_layers = [p.numel() for layer in layers for p in layer.parameters()]
+    return Counts(total, embed, per_layer, total - sum(per_layer), max(p.numel() for p in params), max(in_layers, default=0))
 
 
 def teacher_counts(teacher_config) -> Counts:
@@ -139,7 +141,9 @@ def plan_distill(cfg, processes: int = 1, device: str = "gpu", teacher_config=No
     layers_of = (lambda k: [k]) if scfg.parallel_pairs else (lambda k: [2 * k, 2 * k + 1])
 
     def optimizer_scratch(trained: int, largest: int, shards: int) -> int:
-        return 4 * trained // shards if device == "gpu" else 2 * 4 * largest
+        if shards == 1:
+            return 0  # the loop's fused AdamW step keeps no temporaries
+        return 4 * trained // shards if device == "gpu" else 2 * 4 * largest // shards
 
     out = {}
     # Stage 1: pairs (all, or k at a time), teacher-forced. Never sharded; DDP under several processes.
@@ -150,7 +154,7 @@ def plan_distill(cfg, processes: int = 1, device: str = "gpu", teacher_config=No
     largest = max(s_count.layers) if s_count.layers else 0
     train = {"runtime": runtime, "teacher weights": teacher_w, "student weights (fp32)": student_w,
              "gradients": 4 * trained * (2 if processes > 1 else 1), "AdamW moments": 8 * trained,
-             "optimizer step scratch": optimizer_scratch(trained, largest, 1),
+             "optimizer step scratch": optimizer_scratch(trained, s_count.largest_layer_tensor, 1),
              "teacher hidden states": (tc.num_hidden_layers + 1) * B1 * T1 * D * tb
              + _teacher_layer_transient(tc, B1, T1, tb),
              "activations": _activations(scfg, B1, T1, [kinds[i] for pm in groups[0] for i in layers_of(pm.pair)])}

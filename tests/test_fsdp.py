@@ -4,7 +4,7 @@
 1e-5); a sharded run killed mid-way and resumed == uninterrupted, bitwise; its checkpoint resumed by a single
 unsharded process (the supported reshard: checkpoints hold whole tensors) == uninterrupted within 1e-6; the
 checkpoint's model/ folder loads with ``AutoModelForCausalLM``; an unsharded checkpoint is refused by a sharded
-resume with a one-line error, the checkpoint left untouched.
+resume with a one-line error, the checkpoint left untouched; stage 2 sharded == stage 2 in one process.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_distill_kl import _torchrun_kl, start_student  # noqa: E402,F401  (start_student: a fixture)
+from test_distill_kl import _weights as _kl_weights  # noqa: E402
+
 COMMON = ["train.max_steps=6", "train.micro_batch_size=4", "train.checkpoint_every=2", "train.eval_every=100",
           "train.threads=1"]
 pytestmark = pytest.mark.slow  # five launches of torchrun / python: about a minute and a half on 2 cores
@@ -93,3 +97,20 @@ def test_two_sharded_processes_match_one_and_resume_anywhere(tmp_path):
     assert proc.returncode != 0
     assert "was written without train.fsdp" in proc.stderr and "train.fsdp=false" in proc.stderr
     assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "one" / "checkpoints").rglob("*")) == before
+
+
+def test_two_sharded_processes_run_stage2_as_one(teacher_dir, start_student, tmp_path):
+    """Stage 2 (online KD with group-DRO) under kl.train.fsdp with 2 processes == 1 process with grad_accum 2,
+    and the student it writes (gathered from the shards) holds the same weights."""
+    one, _ = _torchrun_kl(tmp_path / "one", 1, teacher_dir, start_student, "kl.train.micro_batch_size=2",
+                          "kl.train.grad_accum=2")
+    two, report = _torchrun_kl(tmp_path / "two", 2, teacher_dir, start_student, "kl.train.micro_batch_size=2",
+                               "kl.train.grad_accum=1", "kl.train.fsdp=true")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["dro_weights"] == pytest.approx(a["dro_weights"], rel=1e-5)
+    assert report["dro_weights_rank_spread"] == 0.0
+    wa, wb = _kl_weights(tmp_path / "one"), _kl_weights(tmp_path / "two")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
