@@ -503,9 +503,9 @@ def unshard_model(model):
     """A plain (unsharded) copy of a sharded ``Aetheris`` with the full weights, on every process (collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     from aetheris.model import Aetheris
 
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
         plain = Aetheris(model.cfg)
     plain.load_state_dict({k: v.detach().clone() for k, v in full.items()}, assign=True)
