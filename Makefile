@@ -9,7 +9,7 @@ export AETHERIS_DATA_DIR
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help install demo demo-quick results test test-slow bench clean
+.PHONY: help install demo demo-quick results test test-slow bench bench-fullwidth clean
 
 help:
 	@echo "make demo       # set up, then run the embedded CPU demo (FORCE=1 redoes finished steps)"
@@ -18,6 +18,7 @@ help:
 	@echo "make test       # set up, then run the test suite (fast tier)"
 	@echo "make test-slow  # the slow tier as well"
 	@echo "make bench      # quick benchmarks -> bench-results/*.json"
+	@echo "make bench-fullwidth # Tiny Aya's real widths end to end on CPU (~20 GB RAM, ~30 min) -> bench-results/fullwidth.json"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,10 @@ bench: install
 	$(PY) benchmarks/scan.py --quick --json bench-results/scan.json
 	$(PY) benchmarks/moe.py --quick --json bench-results/moe.json
 	$(PY) benchmarks/decode.py --quick --json bench-results/decode.json
+
+bench-fullwidth: install
+	mkdir -p bench-results
+	$(PY) benchmarks/fullwidth.py --json bench-results/fullwidth.json
 
 clean:
 	rm -rf $(VENV) bench-results

@@ -22,8 +22,10 @@ WEIGHTS_NAME = "model.safetensors"
 PREFIX = "model."  # AetherisForCausalLM keeps the plain model as .model
 
 
-def save_model(model: Aetheris, folder: str | Path, tokenizer=None) -> Path:
-    """Write config.json, model.safetensors and (if given) the tokenizer into ``folder``."""
+def save_model(model: Aetheris, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
+    """Write config.json, model.safetensors and (if given) the tokenizer into ``folder``.
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded model's, gathered whole)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model_type": "aetheris", "architectures": ["AetherisForCausalLM"], **model.cfg.to_dict(),
@@ -33,7 +35,8 @@ def save_model(model: Aetheris, folder: str | Path, tokenizer=None) -> Path:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if config.get(key) is None:
                 config[key] = getattr(tokenizer, key, None)
-    tensors = {PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {PREFIX + k: v.detach().contiguous() for k, v in state.items()}
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:

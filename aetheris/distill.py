@@ -112,6 +112,12 @@ class AlignConfig:
     """Fraction of train.max_steps that trains the SSM mixers only, before whole pairs train."""
     report_rows_per_language: int = 2
     """Held-out rows per language for the KL and per-layer report (0 = all validation rows)."""
+    pairs_at_once: int = 0
+    """0: every pair trains in one pass. k >= 1: the pairs train k at a time, one group after another, each
+    group for the whole ``train.max_steps`` on the same batches (as if trained alone), the teacher's hidden
+    states computed once per batch for the group. Only the group's pairs have gradients and AdamW moments,
+    which is what lets stage 1 fit one GPU at Tiny Aya scale (``aetheris distill --plan``). Each group
+    checkpoints to ``<out_dir>/pairs-FIRST-LAST``; ``--resume`` skips finished groups."""
 
 
 @dataclass
@@ -212,6 +218,9 @@ class DistillConfig:
             raise ConfigError(f"kl.cache_dtype={self.kl.cache_dtype!r}: choose float16, bfloat16 or float32")
         if self.kl.temperature <= 0 or self.sft.temperature <= 0:
             raise ConfigError("kl.temperature and sft.temperature must be > 0")
+        if not isinstance(self.align.pairs_at_once, int) or self.align.pairs_at_once < 0:
+            raise ConfigError(f"align.pairs_at_once={self.align.pairs_at_once!r}: 0 trains every pair at once, "
+                              "k >= 1 trains k pairs at a time")
         if not 0.0 <= self.align.mixer_only_fraction <= 1.0:
             raise ConfigError(f"align.mixer_only_fraction={self.align.mixer_only_fraction} must be in [0, 1]")
         if self.student.init_layer not in ("last", "first"):
@@ -312,6 +321,12 @@ def pair_forward(student, k: int, h: Tensor, mixer_only: bool = False, pad_mask:
     h, _, _ = call(student.layers[2 * k], h)
     h, aux, _ = call(student.layers[2 * k + 1], h)
     return h, aux
+
+
+def pair_parameters(student, k: int) -> list[torch.nn.Parameter]:
+    """The parameters of student pair k (its two layers, or its parallel pair)."""
+    layers = [student.layers[k]] if student.cfg.parallel_pairs else [student.layers[2 * k], student.layers[2 * k + 1]]
+    return [p for layer in layers for p in layer.parameters()]
 
 
 def mixer_parameters(module) -> list[torch.nn.Parameter]:
@@ -532,22 +547,37 @@ def run_align(cfg: DistillConfig, *, teacher=None, resume=None, log=print, overw
     log(f"KL(teacher||student) on held-out text: random init {report['kl_random_init']['mean']:.4f}, "
         f"after transfer {report['kl_after_transfer']['mean']:.4f} nats/token")
 
-    # 3. Layer-local alignment through the shared loop.
-    start_step = 0
-    if resume:
-        ckpt = find_resume_checkpoint(out_dir / "checkpoints", log) if resume in (True, "latest") else Path(resume)
-        if ckpt is not None:
-            start_step = json.loads((Path(ckpt) / "state.json").read_text())["step"]
-    progress = {"step": start_step}
+    # 3. Layer-local alignment through the shared loop: all pairs at once, or k at a time.
+    k = cfg.align.pairs_at_once or len(pairs)
+    groups = [pairs[i:i + k] for i in range(0, len(pairs), k)]
+    stream_start = json.loads(json.dumps(data.stream.state_dict()))  # every group starts from the same batches
     mixer_only_steps = round(cfg.align.mixer_only_fraction * cfg.train.max_steps)
-    loss_fn = make_align_loss(teacher, mixer_only_steps, progress)
-    # The parameters a step trains change with the phase, and the embeddings never train here, so DDP
-    # must look for unused parameters every step (see PairAligner).
-    result = train(run_cfg, loss_fn=loss_fn, model=student, forward_module=PairAligner(student, pairs),
-                   accelerator=make_accelerator(cfg.train, find_unused_parameters=True), tokenizer=tokenizer,
-                   data=data, frozen={"teacher": teacher}, resume=resume, overwrite=overwrite,
-                   hooks=[lambda record: progress.__setitem__("step", record["step"])])
-    student = result.model
+    for group in groups:
+        if len(groups) > 1:
+            tcfg = dataclasses.replace(cfg.train, out_dir=str(out_dir / f"pairs-{group[0].pair:02d}-{group[-1].pair:02d}"))
+            run_cfg = dataclasses.replace(run_cfg, train=tcfg)
+            data.stream.load_state_dict(json.loads(json.dumps(stream_start)))
+            # Parameters outside the group take no gradient, so AdamW keeps no state for them.
+            live = {id(p) for pm in group for p in pair_parameters(student, pm.pair)}
+            for p in student.parameters():
+                p.requires_grad_(id(p) in live)
+            log(f"stage 1: pairs {group[0].pair}-{group[-1].pair} of {len(pairs)} ({len(live)} tensors train)")
+        group_dir = Path(run_cfg.train.out_dir)
+        start_step = 0
+        if resume:
+            ckpt = find_resume_checkpoint(group_dir / "checkpoints", log) if resume in (True, "latest") else Path(resume)
+            if ckpt is not None:
+                start_step = json.loads((Path(ckpt) / "state.json").read_text())["step"]
+        progress = {"step": start_step}
+        loss_fn = make_align_loss(teacher, mixer_only_steps, progress)
+        # The parameters a step trains change with the phase, and the embeddings never train here, so DDP
+        # must look for unused parameters every step (see PairAligner).
+        result = train(run_cfg, loss_fn=loss_fn, model=student, forward_module=PairAligner(student, group),
+                       accelerator=make_accelerator(run_cfg.train, find_unused_parameters=True), tokenizer=tokenizer,
+                       data=data, frozen={"teacher": teacher}, resume=resume, overwrite=overwrite,
+                       hooks=[lambda record, progress=progress: progress.__setitem__("step", record["step"])])
+        student = result.model
+    student.requires_grad_(True)
 
     # 4. After alignment.
     student.eval()
@@ -812,7 +842,7 @@ def heldout_kl_cached(student, heldout: dict[str, dict[str, Tensor]], rows: dict
 
 
 def prepare_cache(cfg: DistillConfig, teacher, data, tokenizer, teacher_config, rows: dict[str, Tensor], log) -> dict:
-    """Write ``kl.cache`` if it does not exist (process 0; the others wait), then check it against the run:
+    """Write ``kl.cache`` if it does not exist (every process its own shards), then check it against the run:
     recorded settings first, then the held-out rows themselves. Returns the cache's metadata."""
     from accelerate import PartialState
 
@@ -823,18 +853,18 @@ def prepare_cache(cfg: DistillConfig, teacher, data, tokenizer, teacher_config, 
     folder = Path(kc.cache)
     source = cache_source(cfg, teacher_config, tokenizer)
     state = PartialState(cpu=multi_process_cpu())  # the process group train() will reuse
-    with state.main_process_first():
-        if state.is_main_process and not (folder / "cache.json").is_file():
-            if teacher is None:
-                teacher = load_teacher_model(cfg)
-            n = kc.cache_rows or rows_per_run(kc.train, state.num_processes)
-            log(f"stage 2: writing the teacher cache {folder} ({n} rows of {cfg.data.seq_len} tokens, top-{kc.cache_k}, "
-                f"{kc.cache_dtype}); later runs with this config reuse it without the teacher")
-            device = _device()[0]
-            teacher.to(device)
-            write_cache(teacher, data.stream, folder, rows=n, k=kc.cache_k, temperature=kc.temperature,
-                        dtype=kc.cache_dtype, batch_size=kc.train.micro_batch_size, source=source, heldout=rows,
-                        tokenizer_hash=source["tokenizer_vocab"], log=log)
+    if not (folder / "cache.json").is_file():  # every process writes its share (write_cache waits for all)
+        if teacher is None:
+            teacher = load_teacher_model(cfg)
+        n = kc.cache_rows or rows_per_run(kc.train, state.num_processes)
+        log(f"stage 2: writing the teacher cache {folder} ({n} rows of {cfg.data.seq_len} tokens, top-{kc.cache_k}, "
+            f"{kc.cache_dtype}, {state.num_processes} process(es)); later runs with this config reuse it without the teacher")
+        device = _device()[0]
+        teacher.to(device)
+        write_cache(teacher, data.stream, folder, rows=n, k=kc.cache_k, temperature=kc.temperature,
+                    dtype=kc.cache_dtype, batch_size=kc.train.micro_batch_size, source=source, heldout=rows,
+                    tokenizer_hash=source["tokenizer_vocab"], log=log, rank=state.process_index,
+                    world=state.num_processes, barrier=state.wait_for_everyone)
     k = min(kc.cache_k, teacher_config.vocab_size)
     meta = check_cache(folder, {"k": k, "temperature": kc.temperature, "dtype": kc.cache_dtype, **source})
     heldout = load_heldout(folder) or {}
@@ -1034,6 +1064,14 @@ def add_arguments(parser) -> None:
                         help="continue each stage from the newest good checkpoint in its out_dir, or (one stage) from CHECKPOINT")
     parser.add_argument("--overwrite", action="store_true",
                         help="start the stages over in out_dirs that hold another run's checkpoints (deletes them)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the memory each stage needs per process (no weights are loaded) and exit")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes the plan assumes (default: WORLD_SIZE, else 1)")
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="memory per device, e.g. 80GB: a run (or --plan) whose plan exceeds it is refused")
+    parser.add_argument("--plan-device", choices=("gpu", "cpu"), default="gpu",
+                        help="device the plan assumes (teacher.dtype auto: bf16 on gpu, fp32 on cpu)")
 
 
 def run(args) -> int:
@@ -1045,6 +1083,17 @@ def run(args) -> int:
     if len(stages) > 1 and args.resume not in (None, "latest"):
         raise ValueError("--resume CHECKPOINT names one stage's checkpoint; run that stage alone "
                          "(or use --resume without a path)")
+    if args.plan or args.gpu_memory:  # a plan that does not fit is a ValueError: one line, exit 2
+        from aetheris.plan import check_fits, format_plan, parse_memory, plan_distill
+        processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+        plan = plan_distill(cfg, processes=processes, device=args.plan_device)
+        if args.plan and int(os.environ.get("RANK", "0")) == 0:
+            print(format_plan(plan, stages))
+        if memory is not None:
+            check_fits(plan, memory, stages)
+        if args.plan:
+            return 0
     if stages[0] != "align":
         previous_student(cfg, stages[0])
     out_dirs = {"align": cfg.train.out_dir, "kl": cfg.kl.train.out_dir, "sft": cfg.sft.train.out_dir}

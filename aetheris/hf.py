@@ -111,6 +111,12 @@ class AetherisForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(self.generation_config, "_from_model_config", False):
             self.generation_config = self._own_generation_config()
 
+    def _backward_compatibility_gradient_checkpointing(self) -> None:
+        # ``gradient_checkpointing`` is an AetherisConfig field the model itself honours; transformers would
+        # read it as its legacy flag and fail to find HF-style checkpointing modules (a student trained with
+        # checkpointing on could not be loaded).
+        pass
+
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Aetheris initialises itself; never re-initialise tensors that were loaded from a checkpoint.
         if isinstance(module, Aetheris) and not any(getattr(p, "_is_hf_initialized", False)

@@ -19,6 +19,8 @@ teacher. At Tiny Aya scale with k = 64 one position costs 64·(2 + 4) + 4 = 388 
 fp32 logits. The KL against a cache is the documented top-k approximation (``losses.topk_kl``): a lower
 bound of the full forward KL, equal to it at k = V (up to the storage dtype; float32 makes it exact).
 The folder is written under a temporary name and renamed into place, so a killed write leaves no cache.
+Under several processes each writes its own shards (a fixed partition of the rows) and process 0 publishes the
+merged manifest; the files are the same bytes whatever the process count, and any process count reads them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -60,63 +61,81 @@ def _teacher_fields(teacher, ids: torch.Tensor, k: int, temperature: float, dtyp
 @torch.no_grad()
 def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, temperature: float = 1.0,
                 batch_size: int = 8, shard_rows: int = 1024, dtype: str = "float16", source: dict | None = None,
-                heldout: dict[str, torch.Tensor] | None = None, tokenizer_hash: str | None = None, log=None) -> Path:
+                heldout: dict[str, torch.Tensor] | None = None, tokenizer_hash: str | None = None, log=None,
+                rank: int = 0, world: int = 1, barrier=None) -> Path:
     """Draw ``rows`` rows from ``stream`` (``next_batch``, in order) and store them with the teacher's top-k;
     ``heldout`` ({lang: (n, T) ids}, or {lang: {input_ids, doc_ids, ...}} for packed rows) is stored beside them;
-    ``source`` records what the cache was built from. Packed documents are kept apart (``teacher.teacher_logits``)."""
+    ``source`` records what the cache was built from. Packed documents are kept apart (``teacher.teacher_logits``).
+
+    Several processes write one cache together: every one is called (``rank`` of ``world``, ``barrier`` a
+    function that waits for all of them), each draws every row from its own copy of the stream but runs the
+    teacher only on a fixed partition — shard ``i`` (rows ``i·shard_rows`` …) belongs to process ``i % world``
+    — and writes those shard files. Batches never cross a shard boundary, so each file holds the same bytes
+    whatever the process count; process 0 then merges the shard list into ``cache.json`` and renames the
+    folder into place (the only step that publishes the cache), after a last barrier."""
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"cache dtype {dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
     if rows < 1:
         raise ValueError(f"a teacher cache needs rows >= 1 (got {rows})")
+    barrier = barrier or (lambda: None)
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    # One temporary folder for all processes: its name must not depend on anything process-local.
+    tmp = folder.parent / f".tmp-{folder.name}"
+    if rank == 0:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed write
+        tmp.mkdir()
+    barrier()
     store = STORAGE_DTYPES[dtype]
     vocab = teacher.config.vocab_size if hasattr(teacher, "config") else None
-    shards, pending, done = [], [], 0
-
-    def flush():
-        if not pending:
-            return
-        blob = {key: torch.cat([p[key] for p in pending]) for key in pending[0]}
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_file(blob, str(tmp / name))
-        shards.append({"file": name, "rows": int(blob["input_ids"].shape[0])})
-        pending.clear()
-
+    done, shard = 0, 0
     while done < rows:
-        n = min(batch_size, rows - done, shard_rows - sum(int(p["input_ids"].shape[0]) for p in pending))
-        batch = {key: torch.as_tensor(v) for key, v in stream.next_batch(n).items()}
-        fields = _teacher_fields(teacher, batch["input_ids"], k, temperature, store, batch.get("doc_ids"))
-        vocab = vocab or fields["t_values"].shape[-1]
-        pending.append({**{key: v.contiguous() for key, v in batch.items()}, **fields})
-        done += n
-        if log is not None and (done == rows or done % max(1, rows // 10) < n):
-            log(f"teacher cache: {done}/{rows} rows")
-        if sum(int(p["input_ids"].shape[0]) for p in pending) >= shard_rows:
-            flush()
-    flush()
-    meta = {"k": int(min(k, vocab)), "temperature": temperature, "dtype": dtype, "vocab_size": int(vocab),
-            "rows": rows, "shards": shards, "tokenizer_hash": tokenizer_hash, "source": source or {}}
-    if heldout:
-        langs = sorted(heldout)
-        heldout = {lang: v if isinstance(v, dict) else {"input_ids": v} for lang, v in heldout.items()}
-        ids = torch.cat([heldout[lang]["input_ids"] for lang in langs])
-        docs = torch.cat([heldout[lang].get("doc_ids", torch.zeros_like(heldout[lang]["input_ids"])) for lang in langs])
-        index = torch.cat([torch.full((len(heldout[lang]["input_ids"]),), i, dtype=torch.long) for i, lang in enumerate(langs)])
-        parts = [_teacher_fields(teacher, ids[i:i + batch_size], k, temperature, store, docs[i:i + batch_size])
-                 for i in range(0, len(ids), batch_size)]
-        blob = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        for key in ("labels", "doc_ids", "attention_mask"):  # what the held-out KL masks and separates by
-            if all(key in heldout[lang] for lang in langs):
-                blob[key] = torch.cat([heldout[lang][key] for lang in langs]).long().contiguous()
-        save_file({"input_ids": ids.contiguous(), "lang_index": index, **blob}, str(tmp / "heldout.safetensors"))
-        meta["heldout_languages"] = langs
-    (tmp / "cache.json").write_text(json.dumps(meta, indent=1, default=str))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+        n_shard = min(shard_rows, rows - done)
+        mine = shard % world == rank
+        parts = []
+        for start in range(0, n_shard, batch_size):
+            n = min(batch_size, n_shard - start)
+            batch = {key: torch.as_tensor(v) for key, v in stream.next_batch(n).items()}  # every process draws
+            if mine:
+                fields = _teacher_fields(teacher, batch["input_ids"], k, temperature, store, batch.get("doc_ids"))
+                parts.append({**{key: v.contiguous() for key, v in batch.items()}, **fields})
+        if mine:
+            blob = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+            save_file(blob, str(tmp / f"shard-{shard:05d}.safetensors"))
+            if log is not None:
+                log(f"teacher cache: shard {shard} ({done + n_shard}/{rows} rows) written by process {rank}")
+        done, shard = done + n_shard, shard + 1
+    shards = [{"file": f"shard-{i:05d}.safetensors", "rows": min(shard_rows, rows - i * shard_rows)} for i in range(shard)]
+    if rank == 0:
+        vocab = vocab or int(load_file(str(tmp / shards[0]["file"]))["t_values"].shape[-1])
+        meta = {"k": int(min(k, vocab)), "temperature": temperature, "dtype": dtype, "vocab_size": int(vocab),
+                "rows": rows, "shards": shards, "tokenizer_hash": tokenizer_hash, "source": source or {}}
+        if heldout:
+            langs = sorted(heldout)
+            heldout = {lang: v if isinstance(v, dict) else {"input_ids": v} for lang, v in heldout.items()}
+            ids = torch.cat([heldout[lang]["input_ids"] for lang in langs])
+            docs = torch.cat([heldout[lang].get("doc_ids", torch.zeros_like(heldout[lang]["input_ids"])) for lang in langs])
+            index = torch.cat([torch.full((len(heldout[lang]["input_ids"]),), i, dtype=torch.long)
+                               for i, lang in enumerate(langs)])
+            parts = [_teacher_fields(teacher, ids[i:i + batch_size], k, temperature, store, docs[i:i + batch_size])
+                     for i in range(0, len(ids), batch_size)]
+            blob = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+            for key in ("labels", "doc_ids", "attention_mask"):  # what the held-out KL masks and separates by
+                if all(key in heldout[lang] for lang in langs):
+                    blob[key] = torch.cat([heldout[lang][key] for lang in langs]).long().contiguous()
+            save_file({"input_ids": ids.contiguous(), "lang_index": index, **blob}, str(tmp / "heldout.safetensors"))
+            meta["heldout_languages"] = langs
+    barrier()  # every shard is on disk
+    if rank == 0:
+        missing = [s["file"] for s in shards if not (tmp / s["file"]).is_file()]
+        if missing:
+            raise RuntimeError(f"teacher cache {folder}: shard files {missing} were not written; is {folder.parent} "
+                               "on a filesystem every process shares?")
+        (tmp / "cache.json").write_text(json.dumps(meta, indent=1, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    barrier()  # the cache is published before anyone reads it
     return folder
 
 

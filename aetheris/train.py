@@ -167,6 +167,10 @@ class TrainConfig:
     progress: bool = True
     threads: int = 0
     """torch CPU threads per process; 0 = torch's default."""
+    fsdp: bool = False
+    """Shard weights, gradients and AdamW state over the processes (torch FSDP2 ``fully_shard``, one unit per
+    layer) instead of replicating them (DDP). Checkpoints are gathered collectively into the usual full
+    format, so they resume under any process count. Ignored in a single process."""
 
     def __post_init__(self):
         # Checked here, before any data or weights load, in the key's own words (not torch's, later).
@@ -302,9 +306,12 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int) -> Path:
+def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, state: dict, keep_last: int,
+                    gathered: tuple[dict, dict] | None = None) -> Path:
     """Write ``root/step-XXXXXXX`` atomically (temp folder + rename); prune this run's older ones afterwards.
 
+    ``gathered``: (model state, optimizer state by parameter name) already collected from every process of
+    a sharded run (``gather_full_state``); written instead of ``model``'s and ``optimizer``'s own.
     A failed write (disk full, read-only, ...) removes its temp folder and raises ``RunIOError`` naming the
     cause; the checkpoints already on disk are untouched."""
     from aetheris.checkpoint import save_model
@@ -314,11 +321,12 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, state: d
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        save_model(model, tmp / "model", tokenizer=tokenizer)
+        save_model(model, tmp / "model", tokenizer=tokenizer, state_dict=gathered[0] if gathered else None)
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
+        optim = {"optimizer": gathered[1], "keys": "names"} if gathered else {"optimizer": optimizer.state_dict()}
+        torch.save({**optim, "rng": rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -560,6 +568,71 @@ def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
                        kwargs_handlers=handlers)
 
 
+# ----------------------------------------------------------------------------------------------
+# Sharding (FSDP2)
+#
+# Accelerate turns FSDP on only for accelerators (on CPU it silently falls back to DDP), so the loop shards
+# with torch's own ``fully_shard``: the same code on CPU (gloo) and GPU (nccl). Each layer is one unit
+# (its weights are gathered for its forward and backward, then freed); the embeddings and final norm form
+# the root unit. Checkpoints gather the full weights and optimizer state collectively (every process takes
+# part, process 0 writes), so a checkpoint is the ordinary folder whatever the process count.
+
+
+def shard_model(model, device) -> None:
+    """Shard an ``Aetheris`` in place over the default process group: one FSDP unit per layer + the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.tag_no_weight_decay()  # sharding replaced the parameters (DTensors): tags must be set again
+
+
+def gather_full_state(model, optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts of a sharded model, on process 0's CPU (empty elsewhere).
+    Collective: every process must call it. Optimizer state is keyed by parameter name, not index."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, blob: dict, where: Path) -> None:
+    """Restore optimizer state saved by index (``optimizer.state_dict()``) or by parameter name (a sharded run's
+    gathered state: loads into a sharded or a plain model alike, so such a checkpoint resumes at any process count)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if blob.get("keys") == "names":
+        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
+    elif is_sharded(model):
+        raise CheckpointError(f"checkpoint {where} was written without train.fsdp (optimizer state by index): resume "
+                              "it with train.fsdp=false, or start the sharded run afresh")
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def unshard_model(model):
+    """A plain (unsharded) copy of a sharded ``Aetheris`` with the full weights, on every process (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from aetheris.model import Aetheris
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        plain = Aetheris(model.cfg)
+    plain.load_state_dict({k: v.detach().clone() for k, v in full.items()}, assign=True)
+    plain.tag_no_weight_decay()
+    return plain
+
+
 def train(
     cfg: RunConfig,
     *,
@@ -633,15 +706,25 @@ def train(
     step, tokens_seen = 0, 0
     history, val_history = [], []
     run_id = uuid.uuid4().hex[:12]  # marks this run's checkpoints: cleanup touches no other run's
-    optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    if start_ckpt is not None:
+    sharded = t.fsdp and world > 1
+    if sharded and forward_module is not None:
+        raise ConfigError("train.fsdp=true: this stage trains through its own forward module (stage 1's pairs), which "
+                          "is not sharded; set train.fsdp=false (stage 1 fits one GPU with align.pairs_at_once=1)")
+    if start_ckpt is not None:  # weights before sharding: the checkpoint holds them whole
         from aetheris.checkpoint import load_model
         check_resume_model(start_ckpt, model.cfg)
         saved = load_model(start_ckpt / "model")
         model.load_state_dict(saved.state_dict())
         del saved
+    if sharded:
+        shard_model(model, accelerator.device)
+    # The fused AdamW step updates each tensor in one kernel: no temporaries (the per-tensor step holds two of
+    # the largest tensor, 4 GiB for a 262k-vocabulary embedding). Sharded (DTensor) parameters keep the default.
+    optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  fused=None if sharded else True)
+    if start_ckpt is not None:
         blob = torch.load(start_ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
+        load_optimizer_state(model, optimizer, blob, start_ckpt)
         state = json.loads((start_ckpt / "state.json").read_text())
         step, tokens_seen = state["step"], state["tokens_seen"]
         run_id = state.get("run_id") or run_id
@@ -657,7 +740,10 @@ def train(
     for module in (frozen or {}).values():
         module.eval().requires_grad_(False)
         module.to(accelerator.device)
-    if forward_module is None:
+    if sharded:  # already distributed: Accelerate only wraps the optimizer; autocast comes from the loop
+        optimizer = accelerator.prepare(optimizer)
+        raw_model = model
+    elif forward_module is None:
         model, optimizer = accelerator.prepare(model, optimizer)
         raw_model = accelerator.unwrap_model(model)
     else:  # the wrapper shares model's parameters: preparing it moves and DDP-wraps them
@@ -683,6 +769,7 @@ def train(
     def checkpoint() -> Path | None:
         nonlocal last_ckpt
         accelerator.wait_for_everyone()
+        gathered = gather_full_state(raw_model, optimizer) if sharded else None  # collective
         if accelerator.is_main_process:
             state = {
                 "step": step, "tokens_seen": tokens_seen, "data": data.stream.state_dict(),
@@ -691,7 +778,7 @@ def train(
                 "stateful": {name: obj.state_dict() for name, obj in (stateful or {}).items()},
                 "run_id": run_id,
             }
-            last_ckpt = save_checkpoint(ckpt_root, step, raw_model, tokenizer, optimizer, state, t.keep_last)
+            last_ckpt = save_checkpoint(ckpt_root, step, raw_model, tokenizer, optimizer, state, t.keep_last, gathered)
         accelerator.wait_for_everyone()
         last_ckpt = ckpt_root / f"{CKPT_PREFIX}{step:07d}"  # every rank names it (only the main process wrote it)
         runs.SIGNALS.checkpoint = last_ckpt
@@ -741,8 +828,11 @@ def train(
                 sl = slice(block * t.micro_batch_size, (block + 1) * t.micro_batch_size)
                 batch = {k: torch.as_tensor(v[sl], device=accelerator.device) for k, v in rows.items()}
                 sync = micro == t.grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    loss, metrics = loss_fn(model, batch)
+                if sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                with nullcontext() if sync or sharded else accelerator.no_sync(model):
+                    with accelerator.autocast() if sharded else nullcontext():
+                        loss, metrics = loss_fn(model, batch)
                     accelerator.backward(loss / t.grad_accum)
                 loss_sum += loss.detach().float()
                 for k, v in metrics.items():
@@ -750,6 +840,8 @@ def train(
             # Mean over micro-batches and ranks; every rank sees the same number, so all stop together.
             loss_mean = accelerator.reduce(loss_sum / t.grad_accum, reduction="mean")
             grad_norm = accelerator.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor when the gradients are sharded
+                grad_norm = grad_norm.full_tensor()
             grad_norm = torch.as_tensor(grad_norm).float()
             if not torch.isfinite(loss_mean) or not torch.isfinite(grad_norm):
                 what = "loss" if not torch.isfinite(loss_mean) else "gradient norm"
@@ -796,6 +888,8 @@ def train(
             say(data.malformed.summary())
         if accelerator.is_main_process and accelerator.log_with:
             accelerator.end_training()
+    if sharded:  # callers measure, generate and save the result: give them the whole model (collective)
+        raw_model = unshard_model(raw_model)
     return TrainResult(step, out_dir, last_ckpt, history, val_history, raw_model, tokenizer)
 
 

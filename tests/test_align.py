@@ -267,3 +267,64 @@ def test_student_options_from_yaml_merge_with_the_exact_transfer_defaults(tmp_pa
     assert load_distill_config(path, ["student.options.ssm_norm=true"]).student.options["ssm_norm"] is True
     with pytest.raises(ConfigError, match="student.options.gate='silu'.*student.options.gate=sigmoid"):
         load_distill_config(path, ["student.options.gate=silu"])
+
+
+def test_pairs_one_at_a_time_equal_each_pair_trained_alone(teacher_dir, tiny_cohere2_teacher, tmp_path):
+    """align.pairs_at_once=1 == a plain loop that trains each pair by itself (its own AdamW, the same batches,
+    lr schedule, clipping and mixer-only phase), and only the group's pairs ever get optimizer state."""
+    from aetheris.checkpoint import load_model
+    from aetheris.distill import normalised_mse, pair_forward, pair_parameters, run_align
+    from aetheris.model import Aetheris
+    from aetheris.teacher import hidden_states
+    from aetheris.tokenizer import load_tokenizer
+    from aetheris.train import RunConfig, build_data, lr_at
+    from aetheris.transfer import transfer
+
+    out = tmp_path / "run"
+    cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml", _overrides(
+        teacher_dir, out, "train.max_steps=6", "train.warmup_steps=2", "student.n_pairs=2", "align.pairs_at_once=1",
+        "train.micro_batch_size=4"))
+    report = run_align(cfg, teacher=tiny_cohere2_teacher, log=lambda *_: None)
+    assert report["steps"] == 6
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("pairs-")) == ["pairs-00-00", "pairs-01-01"]
+    got = load_model(out / "student").state_dict()
+
+    # The reference: the same transferred student, each pair trained alone.
+    scfg, pairs = build_student(cfg, tiny_cohere2_teacher.config)
+    torch.manual_seed(cfg.transfer.seed)
+    Aetheris(scfg)  # run_align draws a random-init student first (its KL reference): same RNG sequence
+    student = Aetheris(scfg)
+    tc = cfg.transfer
+    transfer(tiny_cohere2_teacher, student, pairs, dt_init=tc.dt_init, attention_scale=tc.attention_scale,
+             expert_noise=tc.expert_noise, router_std=tc.router_std, seed=tc.seed)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    tokenizer = load_tokenizer(teacher_dir)
+    t = cfg.train
+    mixer_only_steps = round(cfg.align.mixer_only_fraction * t.max_steps)
+    for pm in pairs:
+        data, _ = build_data(RunConfig(model=scfg, tokenizer=cfg.tokenizer, data=cfg.data, train=t), lambda _d: tokenizer,
+                             lambda *_: None)
+        params = pair_parameters(student, pm.pair)
+        for p in student.parameters():
+            p.requires_grad_(any(p is q for q in params))
+        opt = torch.optim.AdamW(student.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        for step in range(t.max_steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, t)
+            ids = torch.as_tensor(data.stream.next_batch(t.micro_batch_size)["input_ids"])
+            with torch.no_grad():
+                states = hidden_states(tiny_cohere2_teacher, ids)
+            mixer_only = step < mixer_only_steps
+            h_out, aux = pair_forward(student, pm.pair, states[pm.first], mixer_only=mixer_only)
+            loss = normalised_mse(h_out, states[pm.last + 1], states[pm.first]) + (0 if mixer_only else aux)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert opt.state and all(any(p is q for q in params) for p in opt.state)  # AdamW state: this pair's only
+    want = student.state_dict()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    moved = [name for name in want if not torch.equal(want[name], start[name])]
+    assert any(name.startswith("layers.0.") for name in moved) and any(name.startswith("layers.3.") for name in moved)
+    assert not any(name.startswith(("embed", "norm_f")) for name in moved)

@@ -185,9 +185,10 @@ def test_two_process_torchrun_stage2_with_dro_matches_one_process(teacher_dir, s
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_process_run_writes_the_cache_on_rank_0_and_matches_online(teacher_dir, start_student, tmp_path):
-    # a 2-process run from a teacher cache that does not exist yet: rank 0 writes it (k = V, float32) while
-    # rank 1 waits, then both train from it without the teacher == the 1-process online run
+def test_two_process_run_writes_the_cache_and_matches_online(teacher_dir, start_student, tmp_path):
+    # a 2-process run from a teacher cache that does not exist yet: each process writes its shards (k = V,
+    # float32), process 0 publishes the manifest, then both train from it without the teacher == the 1-process
+    # online run
     one, _ = _torchrun_kl(tmp_path / "one", 1, teacher_dir, start_student, "kl.train.micro_batch_size=2",
                           "kl.train.grad_accum=2")
     V = json.loads((Path(teacher_dir) / "config.json").read_text())["vocab_size"]
