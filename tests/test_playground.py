@@ -54,7 +54,7 @@ def live(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     model = copy.copy(model)  # a shallow copy with its own paced step; the weights are shared
     model.step = paced(model.step)
-    server = LiveServer(create_app(model, tokenizer, model_name=MODEL, limits=Limits(max_tokens=512)))
+    server = LiveServer(create_app(model, tokenizer, model_name=MODEL, limits=Limits(max_tokens=1024)))
     yield server
     server.stop()
 
@@ -171,9 +171,12 @@ def test_a_tool_call_renders_with_its_arguments_as_text(browser, live):
               "minimum": 1, "maximum": 9}}, "required": ["snippet", "n"], "additionalProperties": False}
     browser.execute_script("document.getElementById('tool-schema').value = arguments[0];", json.dumps(schema))
     browser.find_element("css selector", "#tool-choice option[value='required']").click()
-    max_tokens = browser.find_element("id", "max-tokens")
-    max_tokens.clear()
-    max_tokens.send_keys("500")  # the call's JSON is about one token per character at this vocabulary
+    # One call's JSON is about 150 tokens at this vocabulary, and the model may make several; greedy,
+    # so the number of calls is the same on every run.
+    for field, value in (("temperature", "0"), ("max-tokens", "1000")):
+        box = browser.find_element("id", field)
+        box.clear()
+        box.send_keys(value)
     # Record the arguments' length at every DOM update: streamed arguments show partial text on the way.
     # (Free text from a random model is mostly invalid UTF-8, which the server holds back until it
     # decodes; grammar-forced arguments are clean text, so they show the streaming.)
@@ -187,13 +190,23 @@ def test_a_tool_call_renders_with_its_arguments_as_text(browser, live):
     args = json.loads(browser.find_element("css selector", "li.msg.assistant .tool-args").text)
     assert args["snippet"] == INJECTION and 1 <= args["n"] <= 9
     raw = json.dumps(args, ensure_ascii=False)
-    assert len([n for n in browser.execute_script("return window.__lengths") if 0 < n < len(raw) - 10]) >= 3
+    lengths = browser.execute_script("return window.__lengths")
+    assert len([n for n in lengths if 0 < n < len(raw) - 10]) >= 3, lengths
     assert "finish: tool_calls" in browser.find_element("id", "stats").text
     assert browser.find_elements("css selector", "li.msg.assistant form.tool-result")  # send a result back
     assert not browser.find_elements("css selector", "#messages img, #messages script, #messages b")
     assert browser.execute_script("return window.__pwned") is None
     assert not console_errors(browser)
     save_screenshot(browser, "playground")
+    # Results go back as tool messages; the model is asked again once every call has one.
+    forms = browser.find_elements("css selector", "form.tool-result")
+    for form in forms:
+        form.find_element("tag name", "input").send_keys("done")
+        form.find_element("tag name", "button").click()
+    wait_for(browser, "document.querySelectorAll('li.msg.assistant').length === 2")
+    last_assistant_done(browser)
+    assert len(browser.find_elements("css selector", "li.msg.tool")) == len(forms)
+    assert browser.find_element("id", "error").get_attribute("hidden"), browser.find_element("id", "error").text
 
 
 def test_markup_in_streamed_text_and_errors_stays_text(browser, live):

@@ -98,8 +98,9 @@ function prettyArguments(text) {
   try { return JSON.stringify(JSON.parse(text), null, 2); } catch (_) { return text; }
 }
 
-function offerToolResult(view, call) {
-  // The playground does not run tools: the user types the result, which goes back as a tool message.
+function offerToolResult(view, call, pending) {
+  // The playground does not run tools: the user types each result, which goes back as a tool message;
+  // the model is asked again once every call of the turn has its result.
   const form = el("form", "tool-result");
   const input = el("input");
   input.placeholder = `result of ${call.name} (sent as a tool message)`;
@@ -112,7 +113,8 @@ function offerToolResult(view, call) {
     form.remove();
     state.messages.push({role: "tool", tool_call_id: call.id, content: input.value});
     addMessage("tool", input.value);
-    complete();
+    pending.left -= 1;
+    if (pending.left === 0) complete();
   });
   view.item.append(form);
 }
@@ -239,7 +241,10 @@ async function complete() {
                                               function: {name: c.name, arguments: c.arguments}}));
     }
     state.messages.push(message);
-    if (finish === "tool_calls") calls.forEach((c) => offerToolResult(view, c));
+    if (finish === "tool_calls") {
+      const pending = {left: calls.length};
+      calls.forEach((c) => offerToolResult(view, c, pending));
+    }
   }
   showStats(usage, started, firstAt, ended, finish);
 }
