@@ -9,7 +9,7 @@ export AETHERIS_DATA_DIR
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help install demo demo-quick results test test-slow bench bench-fullwidth clean
+.PHONY: help install demo demo-quick results test test-slow bench bench-fullwidth image image-cuda clean
 
 help:
 	@echo "make demo       # set up, then run the embedded CPU demo (FORCE=1 redoes finished steps)"
@@ -19,6 +19,8 @@ help:
 	@echo "make test-slow  # the slow tier as well"
 	@echo "make bench      # quick benchmarks -> bench-results/*.json"
 	@echo "make bench-fullwidth # Tiny Aya's real widths end to end on CPU (~20 GB RAM, ~30 min) -> bench-results/fullwidth.json"
+	@echo "make image      # CPU container image aetheris:cpu (docker or podman; IMAGE_FLAGS=... for build options)"
+	@echo "make image-cuda # CUDA container image aetheris:cuda (CUDA torch + fused kernels)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +56,18 @@ bench: install
 bench-fullwidth: install
 	mkdir -p bench-results
 	$(PY) benchmarks/fullwidth.py --json bench-results/fullwidth.json
+# Container images. ENGINE: docker when its daemon answers, else podman. IMAGE_FLAGS: extra build
+# options, e.g. --build-arg BASE=..., --secret id=pip.conf,src=..., --build-context wheels=DIR
+# (docs/SERVING.md shows a build without registry access).
+ENGINE      ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE       ?= aetheris
+IMAGE_FLAGS ?=
+
+image:
+	$(ENGINE) build $(IMAGE_FLAGS) -f Dockerfile -t $(IMAGE):cpu .
+
+image-cuda:
+	$(ENGINE) build $(IMAGE_FLAGS) -f Dockerfile.cuda -t $(IMAGE):cuda .
 
 clean:
 	rm -rf $(VENV) bench-results

@@ -305,10 +305,9 @@ def next_commands(run: Run) -> str:
     return "\n".join([
         "", "The student is an ordinary checkpoint folder:",
         f"  aetheris generate --model {s} --chat --prompt 'Habari ya leo?'",
-        f"  aetheris serve --model {s}          # OpenAI-compatible, http://127.0.0.1:8000/v1",
+        f"  aetheris serve --model {s}          # OpenAI API at http://127.0.0.1:8000/v1, chat page at /",
         f"  python -c \"import aetheris, transformers; transformers.AutoModelForCausalLM.from_pretrained('{s}')\"",
-        f"Report: {run.report / 'report.md'} (and {run.report / 'drops_by_language.png'}, "
-        f"{run.report / 'family_task_heatmap.png'})",
+        f"Report: {run.report / 'report.html'} (everything on one page; also report.md, report.json, PNG plots)",
     ])
 
 

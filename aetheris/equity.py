@@ -471,6 +471,8 @@ def run(args) -> int:
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
     plot_drops(report, out / "drops_by_language.png")
     plot_heatmap(report, out / "family_task_heatmap.png")
+    from aetheris.report_html import write_report  # report.html: the above in one self-contained file
+    print(f"wrote {write_report(report, out)}")
     print(f"wrote {out / 'report.json'}, {out / 'report.md'}, drops_by_language.png, family_task_heatmap.png")
     for name, t in report["tasks"].items():
         if not t.get("signal", True):

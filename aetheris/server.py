@@ -1661,9 +1661,9 @@ def create_app(model=None, tokenizer=None, *, loader: Callable[[], tuple] | None
                    for i in range(n_choices)]
         return {**head, "choices": choices, "usage": usage}
 
-    @app.get("/", include_in_schema=False)
-    async def root():
-        return PlainTextResponse(f"Aetheris OpenAI-compatible server for '{server.model_name}'. See /v1/models.\n")
+    from . import playground
+
+    playground.add_routes(app)  # GET /: the chat playground page, GET /static/{name}: its script and styles
 
     return _Gate(app, server)
 
