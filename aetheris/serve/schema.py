@@ -25,9 +25,6 @@ from .errors import ApiError, bad, printable
 from .grammar import SchemaBudget, is_int, is_num, tool_parameters
 from .limits import Limits
 
-# OpenAI request fields that only hint (storage, billing, tracing, caching, latency); accepted and ignored.
-HINTS = ("user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "prediction",
-         "prompt_cache_retention")
 # Fields OpenAI defines that change behaviour we do not implement: a 400 that says so, never silence.
 UNSUPPORTED = {"audio": "audio output is not supported", "functions": "deprecated; use 'tools'",
                "function_call": "deprecated; use 'tool_choice'", "web_search_options": "web search is not supported",
@@ -196,6 +193,14 @@ def _stop(v) -> list[str]:
     return [_text(s, "stop", allow_empty=False) for s in stops]
 
 
+def _served_model(name: str, info: ValidationInfo) -> str:
+    served = info.context["model_name"]
+    if name != served:
+        raise ApiError(404, f"The model '{name[:100]}' does not exist; this server serves '{served}'.",
+                       param="model", code="model_not_found")
+    return name
+
+
 def _tools_field(v, info: ValidationInfo) -> list[dict]:
     return [] if v is None else _tools(v, info.context["budget"])
 
@@ -256,7 +261,7 @@ class _Request(BaseModel):
     infinity, unknown fields rejected; hint-only OpenAI fields accepted and ignored."""
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    model: str = Field(description="the served model's name (GET /v1/models)")
+    model: Annotated[str, AfterValidator(_served_model)] = Field(description="the served model's name (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate (capped by the server's --max-tokens)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0, description="nucleus mass; 0 means greedy")
@@ -269,6 +274,7 @@ class _Request(BaseModel):
     logit_bias: dict[str, Any] | None = Field(None, description="token id -> bias in [-100, 100]")
     frequency_penalty: Penalty = 0.0
     presence_penalty: Penalty = 0.0
+    # OpenAI fields that only hint (storage, billing, tracing, caching, latency): accepted and ignored.
     user: Any = None
     metadata: Any = None
     store: Any = None
@@ -343,12 +349,14 @@ CHAT_FIELDS = set(ChatRequest.model_fields)
 COMPLETION_FIELDS = set(CompletionRequest.model_fields)
 
 
-def parse(model: type[_Request], body: dict, limits: Limits) -> tuple[_Request, SchemaBudget]:
-    """Validate a body; returns the request and the schema budget its tools have used (response_format's
-    schema is counted against the same budget later). Type and range errors raise RequestValidationError."""
+def parse(model: type[_Request], body: dict, limits: Limits, model_name: str) -> tuple[_Request, SchemaBudget]:
+    """Validate a body for the server of ``model_name``; returns the request and the schema budget its tools
+    have used (response_format's schema is counted against the same budget later). Type and range errors
+    raise RequestValidationError; errors a validator names precisely (404 for another model, a bad tool
+    schema, ...) raise ApiError."""
     budget = SchemaBudget(limits)
     try:
-        return model.model_validate(body, context={"budget": budget}), budget
+        return model.model_validate(body, context={"budget": budget, "model_name": model_name}), budget
     except ValidationError as err:
         raise RequestValidationError(err.errors(include_url=False, include_context=False, include_input=False)) \
             from None

@@ -46,11 +46,6 @@ class Server:
         return self.engine
 
     # --- shared fields -----------------------------------------------------------------------------
-    def _model(self, name: str) -> None:
-        if name != self.model_name:
-            raise ApiError(404, f"The model '{name[:100]}' does not exist; this server serves '{self.model_name}'.",
-                           param="model", code="model_not_found")
-
     def _sampling(self, req, max_tokens: int | None, key: str = "max_tokens") -> SamplingParams:
         max_tokens = check_at_most(key, max_tokens, self.limits.max_tokens) if max_tokens is not None \
             else self.limits.max_tokens
@@ -117,8 +112,7 @@ class Server:
     def chat_spec(self, body: dict) -> tuple[Spec, ChatRequest]:
         # Order: cheap checks first, then rendering + the prompt's size, and grammar compilation (the
         # expensive part) only for a request that is otherwise acceptable.
-        req, budget = parse(ChatRequest, body, self.limits)
-        self._model(req.model)
+        req, budget = parse(ChatRequest, body, self.limits, self.model_name)
         tools = req.tools or []
         if req.max_completion_tokens is not None:
             params = self._sampling(req, req.max_completion_tokens, "max_completion_tokens")
@@ -183,8 +177,7 @@ class Server:
     # --- /v1/completions ---------------------------------------------------------------------------
     def completion_spec(self, body: dict) -> tuple[Spec, CompletionRequest, list[str]]:
         """The spec, the request, and each prompt as text (for echo)."""
-        req, _ = parse(CompletionRequest, body, self.limits)
-        self._model(req.model)
+        req, _ = parse(CompletionRequest, body, self.limits, self.model_name)
         prompts = req.prompt
         vocab = self.model.cfg.vocab_size
         if len(prompts) > self.limits.max_batch:
