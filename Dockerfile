@@ -59,7 +59,7 @@ COPY README.md /src/
 COPY aetheris /src/aetheris
 RUN pip install --no-deps --no-build-isolation /src \
     && rm -rf /src \
-    && python3 -c "import xgrammar, aetheris.server, aetheris.playground; aetheris.playground.page()"
+    && python3 -c "import xgrammar, aetheris.serve, aetheris.serve.playground; aetheris.serve.playground.page()"
 
 USER aetheris
 WORKDIR /home/aetheris

@@ -29,7 +29,7 @@ COMMANDS = {
     "generate": ("aetheris.generation", "generate text from a checkpoint"),
     "eval": ("aetheris.evaluate", "evaluate a model on XCOPA / mGSM / tool calling / perplexity"),
     "compare": ("aetheris.equity", "teacher vs student report with the Degradation Equity Score"),
-    "serve": ("aetheris.server", "OpenAI-compatible HTTP server"),
+    "serve": ("aetheris.serve.cli", "OpenAI-compatible HTTP server"),
     "demo": ("aetheris.demo", "the embedded CPU demo: nano teacher -> distilled student -> equity report"),
 }
 

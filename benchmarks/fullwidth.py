@@ -132,7 +132,7 @@ def serve_one_request(student: Path) -> dict:
     from fastapi.testclient import TestClient
 
     from aetheris.checkpoint import load_model
-    from aetheris.server import create_app
+    from aetheris.serve import create_app
     from aetheris.tokenizer import load_tokenizer
 
     model, tokenizer = load_model(student).eval(), load_tokenizer(student)

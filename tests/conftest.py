@@ -1,13 +1,47 @@
-"""Shared test fixtures. Tests run offline on CPU: the HF hub is never contacted."""
+"""Shared test fixtures. Tests run offline on CPU: the HF hub is never contacted.
+
+Also shared by the test files: ``ROOT`` (the checkout), ``tiny_config`` (the tiny Aetheris shape the
+equivalence tests use), and the ``needs_data`` marker: a test marked ``@pytest.mark.needs_data`` (or a
+module with ``pytestmark = pytest.mark.needs_data``) is skipped, with the reason, when AETHERIS_DATA_DIR
+is not set. Slow tests (> ~30 s on a 2-core CPU) are marked ``@pytest.mark.slow``: ``make test`` leaves
+them out, ``make test-slow`` runs them.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny student most equivalence tests use: every mechanism (SSM heads and groups, chunked scan, MoE)
+# present, small enough for float64 and milliseconds per forward.
+TINY = dict(vocab_size=101, d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8, n_groups=2, d_ff=48, chunk_size=8)
+
+
+def tiny_config(tokenizer=None, **overrides):
+    """An ``AetherisConfig`` of the TINY shape; ``tokenizer`` sets the vocabulary and the bos/eos/pad ids,
+    ``overrides`` any field."""
+    from aetheris.config import AetherisConfig
+
+    ids = {} if tokenizer is None else dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return AetherisConfig(**{**TINY, **ids, **overrides})
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one data-skip hook: ``needs_data`` tests skip when the offline data copies are not configured."""
+    if os.environ.get("AETHERIS_DATA_DIR"):
+        return
+    skip = pytest.mark.skip(reason="AETHERIS_DATA_DIR not set (the offline data copies; see README)")
+    for item in items:
+        if item.get_closest_marker("needs_data") is not None:
+            item.add_marker(skip)
 
 
 def corpus_slice(lines_per_language: int = 40) -> list[str]:

@@ -33,7 +33,7 @@ class LiveServer:
     def __init__(self, app, wait_ready: bool = True):
         import uvicorn
 
-        from aetheris.server import uvicorn_config
+        from aetheris.serve import uvicorn_config
 
         config = uvicorn_config(app, host="127.0.0.1", port=0, log_level="warning")  # the settings `aetheris serve` uses
         config.timeout_graceful_shutdown = 2

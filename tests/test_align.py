@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT
 from aetheris.distill import build_student, load_distill_config, make_align_loss, parse_stages
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overrides(teacher_dir, out_dir, *extra):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from aetheris.config_io import ConfigError
 from aetheris.data import resolve_languages
 from aetheris.train import RunConfig, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -11,18 +11,18 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
+from conftest import ROOT
 from aetheris.demo import Run, load_demo_config, main as demo_main
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "configs" / "demo-quick.yaml"
-pytestmark = [pytest.mark.skipif(not os.environ.get("AETHERIS_DATA_DIR"), reason="AETHERIS_DATA_DIR not set"),
+pytestmark = [pytest.mark.needs_data,
               pytest.mark.xdist_group("demo")]  # one worker builds the run once (make test: --dist loadgroup)
+# The tests that read the demo run are slow (make test-slow): building it takes ~2 min on 2 cores.
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def demo_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_the_run_folder_holds_every_step(demo_run):
     teacher = demo_run / "teacher"
     assert (teacher / "config.json").is_file() and (teacher / "model.safetensors").is_file()
@@ -52,6 +53,7 @@ def test_the_run_folder_holds_every_step(demo_run):
     assert len(kl["languages"]) == 70 and all(v["score"] >= 0 for v in kl["languages"].values())
 
 
+@pytest.mark.slow
 def test_report_has_a_finite_des_for_every_task_and_the_plots(demo_run):
     report = json.loads((demo_run / "report" / "report.json").read_text())
     assert {"ppl", "toolcall_gen", "xcopa", "mgsm"} <= set(report["tasks"])
@@ -67,6 +69,7 @@ def test_report_has_a_finite_des_for_every_task_and_the_plots(demo_run):
     assert "Degradation Equity" in (demo_run / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_student_loads_with_auto_model_and_generates(demo_run):
     import transformers
 
@@ -90,6 +93,7 @@ def test_the_student_loads_with_auto_model_and_generates(demo_run):
     assert out.token_ids[0] == first or (not out.token_ids and out.finish_reason == "stop")
 
 
+@pytest.mark.slow
 def test_generate_chat_cli_answers(demo_run, capsys):
     from aetheris.cli import main
 
@@ -106,6 +110,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_aetheris_serve_serves_the_student(demo_run):
     import openai
 
@@ -147,6 +152,7 @@ def test_aetheris_serve_serves_the_student(demo_run):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_finished_steps_and_redoes_what_changed(demo_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in [demo_run / "teacher" / "model.safetensors",
                                                  demo_run / "distill" / "sft" / "student" / "model.safetensors"]}
@@ -191,6 +197,7 @@ def test_bad_demo_settings_say_what_to_change():
         load_demo_config(QUICK, ["eval.mgsm_mode=cot"])
 
 
+@pytest.mark.slow
 def test_write_docs_builds_the_results_page_from_the_run(demo_run, tmp_path):
     from aetheris.demo import write_docs
 

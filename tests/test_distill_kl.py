@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT
 from aetheris.distill import load_distill_config, run_kl
 
-ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "fr", "sw", "hi"]
 
 

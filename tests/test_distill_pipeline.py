@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from aetheris.distill import (
     FamilyDRO,
     check_same_vocabulary,
@@ -21,7 +22,6 @@ from aetheris.distill import (
     make_kd_loss,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "fr", "sw", "hi", "zh", "ar"]
 
 
@@ -37,6 +37,7 @@ def _overrides(teacher_dir, run_dir, *extra):
             "sft.max_new_tokens=64", *extra]
 
 
+@pytest.mark.slow  # all three stages end to end (83-129 s measured on 2 cores)
 def test_full_pipeline_one_command(teacher_dir, tmp_path):
     from aetheris.checkpoint import load_model
     from aetheris.cli import main

@@ -2,14 +2,13 @@
 resuming from the cache, refusing a cache from another model, and the bad-input errors."""
 
 import json
-import os
 
 import pytest
 
 from aetheris.cli import main
 from eval_helpers import save_tiny_cohere2
 
-pytestmark = pytest.mark.skipif(not os.environ.get("AETHERIS_DATA_DIR"), reason="AETHERIS_DATA_DIR not set")
+pytestmark = pytest.mark.needs_data
 LANGS = "zh,th,sw"  # three families; XCOPA, mGSM and ppl cover all three, xSID only zh
 ARGS = ["--tasks", "xcopa,mgsm,toolcall,ppl", "--languages", LANGS, "--limit", "2", "--mgsm-shots", "0",
         "--batch-size", "4"]

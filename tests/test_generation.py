@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
+from conftest import tiny_config
 import aetheris  # noqa: F401  (registers the Auto classes)
 from aetheris.checkpoint import load_model, save_model
-from aetheris.config import AetherisConfig
 from aetheris.generation import Detokenizer, SamplingParams, decode_ids, generate, sample, stream
 from aetheris.model import Aetheris
 
@@ -17,8 +17,7 @@ from aetheris.model import Aetheris
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer):
     torch.manual_seed(0)
-    cfg = AetherisConfig(vocab_size=len(tiny_tokenizer), d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8,
-                         n_groups=2, d_ff=48, chunk_size=8, max_seq_len=64)
+    cfg = tiny_config(vocab_size=len(tiny_tokenizer), max_seq_len=64)
     return Aetheris(cfg).eval()
 
 

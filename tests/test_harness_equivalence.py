@@ -12,16 +12,15 @@ Needs the ``harness`` extra (``pip install -e '.[harness]'``); skipped without i
 
 import functools
 import json
-import os
 
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
 from aetheris.tasks import mgsm, xcopa  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not os.environ.get("AETHERIS_DATA_DIR"), reason="AETHERIS_DATA_DIR not set")]
+pytestmark = [pytest.mark.slow, pytest.mark.needs_data]
 
 MGSM_TASKS = {"direct": "mgsm_direct_{}", "native_cot": "mgsm_native_cot_{}", "en_cot": "mgsm_en_cot_{}"}
 # the harness's filter names -> our result names
@@ -134,14 +133,11 @@ def student_folder(tiny_tokenizer, tmp_path_factory):
     import torch
 
     from aetheris.checkpoint import save_model
-    from aetheris.config import AetherisConfig
     from aetheris.model import Aetheris
 
     torch.manual_seed(3)
     tok = tiny_tokenizer
-    cfg = AetherisConfig(vocab_size=len(tok), d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8, n_groups=2,
-                         d_ff=48, chunk_size=8, max_seq_len=2048, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = tiny_config(tok, max_seq_len=2048)
     model = Aetheris(cfg).eval()
     with torch.no_grad():
         model.embed.weight.normal_(0, 0.5)

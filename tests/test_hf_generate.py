@@ -6,9 +6,9 @@ import torch
 import transformers
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from conftest import tiny_config
 import aetheris  # noqa: F401  (registers the Auto classes)
 from aetheris.checkpoint import save_model
-from aetheris.config import AetherisConfig
 from aetheris.generation import decode_ids
 from aetheris.hf import AetherisHFCache
 from aetheris.model import Aetheris
@@ -19,8 +19,7 @@ VOCAB = 96
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = AetherisConfig(vocab_size=VOCAB, d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8, n_groups=2,
-                         d_ff=48, chunk_size=8, max_seq_len=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = tiny_config(vocab_size=VOCAB, max_seq_len=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = Aetheris(cfg).eval()
     with torch.no_grad():  # spread the logits so greedy choices are far from ties
         model.embed.weight.normal_(0, 1.0)

@@ -19,4 +19,4 @@ def test_model_and_generation_do_not_import_the_server_or_training_stack():
 
 def test_cli_imports_subcommands_lazily():
     loaded = modules_after("import aetheris.cli")
-    assert not {"aetheris.server", "aetheris.train", "aetheris.evaluate", "aetheris.distill"} & loaded
+    assert not {"aetheris.serve", "aetheris.train", "aetheris.evaluate", "aetheris.distill"} & loaded

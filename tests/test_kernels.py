@@ -3,12 +3,12 @@
 import pytest
 import torch
 
+from conftest import tiny_config
 from aetheris import kernels
-from aetheris.config import AetherisConfig
 from aetheris.model import Aetheris
 from aetheris.ssd import ssd_reference
 
-TINY = dict(vocab_size=50, d_model=32, n_layer=2, n_heads=4, head_dim=8, d_state=8, n_groups=2, d_ff=32, chunk_size=8)
+SMALL = dict(vocab_size=50, n_layer=2, d_ff=32)  # the shared tiny shape, smaller still
 
 
 def test_reference_scan_model_equals_chunked_model():
@@ -16,13 +16,13 @@ def test_reference_scan_model_equals_chunked_model():
     outs = []
     for impl in ("chunked", "reference"):
         torch.manual_seed(0)
-        outs.append(Aetheris(AetherisConfig(**TINY, scan_impl=impl)).double()(x).logits)
+        outs.append(Aetheris(tiny_config(**SMALL, scan_impl=impl)).double()(x).logits)
     torch.testing.assert_close(outs[0], outs[1])
 
 
 def test_fused_kernel_on_cpu_is_a_clear_error():
     torch.manual_seed(0)
-    model = Aetheris(AetherisConfig(**TINY, scan_impl="mamba_ssm"))
+    model = Aetheris(tiny_config(**SMALL, scan_impl="mamba_ssm"))
     with pytest.raises(RuntimeError, match="chunked"):
         model(torch.randint(0, 50, (1, 5)))
 

@@ -5,16 +5,13 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import tiny_config
 from aetheris.config import AetherisConfig
 from aetheris.model import Aetheris, MoE
 
-TINY = dict(vocab_size=101, d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8, n_groups=2, d_ff=48,
-            chunk_size=8)
-
-
 def tiny(seed=0, dtype=torch.float64, **overrides) -> Aetheris:
     torch.manual_seed(seed)
-    return Aetheris(AetherisConfig(**{**TINY, **overrides})).to(dtype).eval()
+    return Aetheris(tiny_config(**overrides)).to(dtype).eval()
 
 
 def ids(b=2, T=29, seed=1, vocab=101):
@@ -75,7 +72,7 @@ def test_left_padding_equals_unpadded():
 
 
 def test_moe_with_identical_experts_equals_one_dense_mlp():
-    cfg = AetherisConfig(**{**TINY, "top_k": 1})
+    cfg = tiny_config(top_k=1)
     torch.manual_seed(0)
     moe = MoE(cfg).double()
     with torch.no_grad():
@@ -91,7 +88,7 @@ def test_moe_with_identical_experts_equals_one_dense_mlp():
 
 
 def test_moe_top2_combines_two_experts_with_renormalised_weights():
-    cfg = AetherisConfig(**{**TINY, "top_k": 2})
+    cfg = tiny_config(top_k=2)
     torch.manual_seed(0)
     moe = MoE(cfg).double()
     with torch.no_grad():
@@ -120,14 +117,14 @@ def test_router_gets_gradient_from_the_lm_loss_at_top1(weighting):
 
 
 def test_renormalized_top1_weight_is_exactly_one():
-    cfg = AetherisConfig(**TINY)
+    cfg = tiny_config()
     moe = MoE(cfg)
     _, weights, _ = moe.route(torch.randn(5, cfg.d_model))
     assert torch.equal(weights, torch.ones_like(weights))
 
 
 def test_load_balance_loss_is_minimal_for_uniform_routing():
-    cfg = AetherisConfig(**{**TINY, "aux_loss_coef": 1.0, "z_loss_coef": 0.0})
+    cfg = tiny_config(aux_loss_coef=1.0, z_loss_coef=0.0)
     moe = MoE(cfg)
     E = cfg.n_experts
     # Uniform: each expert gets 1/E of the tokens and mean prob 1/E -> alpha * E * E * (1/E)^2 = alpha.
@@ -218,7 +215,7 @@ def test_tiny_aya_student_size_on_meta_device():
 ])
 def test_invalid_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"AetherisConfig.{field}"):
-        AetherisConfig(**{**TINY, **kwargs})
+        tiny_config(**kwargs)
 
 
 def test_unknown_config_key_suggests_the_nearest():

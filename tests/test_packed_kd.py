@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_config
 from aetheris.distill import heldout_kl, make_kd_loss, normalised_mse, pair_forward
 from aetheris.losses import chunked_divergence, valid_positions
 from aetheris.model import Aetheris
@@ -184,12 +185,8 @@ def _padded(x, pad):
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_padding_counts_in_neither_moe_balance_loss_nor_expert_load(parallel):
-    from test_model import TINY
-
-    from aetheris.config import AetherisConfig
-
     torch.manual_seed(0)
-    model = Aetheris(AetherisConfig(**{**TINY, "parallel_pairs": parallel})).double().eval()
+    model = Aetheris(tiny_config(parallel_pairs=parallel)).double().eval()
     x = torch.randint(1, 101, (1, 23), generator=torch.Generator().manual_seed(3))
     ids, mask, docs = _padded(x, 17)
     ref = model(x)

@@ -8,13 +8,12 @@ import argparse
 import importlib
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from aetheris.cli import COMMANDS
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 # Which test runs each README command for real (on tiny/quick settings).
@@ -49,6 +48,18 @@ def _aetheris_argv(words: list[str]) -> list[str] | None:
 
 
 CLI = [argv for w in _commands() if (argv := _aetheris_argv(w))]
+
+
+def test_every_covering_test_exists():
+    """Each COVERED_BY entry names test files (and test functions) that exist, so the claim cannot rot."""
+    for command, entry in COVERED_BY.items():
+        named = re.findall(r"(tests/test_\w+\.py)(?:::(test_\w+))?", entry)
+        assert named, f"COVERED_BY[{command!r}] names no test file"
+        for path, test in named:
+            assert (ROOT / path).is_file(), f"COVERED_BY[{command!r}]: {path} does not exist"
+            if test:
+                source = (ROOT / path).read_text(encoding="utf-8")
+                assert re.search(rf"^def {test}\(", source, flags=re.M), f"COVERED_BY[{command!r}]: no {path}::{test}"
 
 
 def test_the_readme_shows_the_two_setup_commands_first():

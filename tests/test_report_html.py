@@ -140,7 +140,7 @@ def test_report_renders_in_chromium_with_report_json_numbers(report_dir):
             assert set(rows) == set(t["languages"])
             for code, v in t["languages"].items():
                 assert rows[code]["values"][2:] == [shown(v[k]) for k in ("n", "teacher", "student", "drop", "relative_drop")]
-                assert rows[code]["ci"] == [c for c in (v["teacher_ci95"], v["student_ci95"]) if c]
+                assert rows[code]["ci"] == [c for c in (v["teacher_ci95"], v["student_ci95"], v.get("drop_ci95")) if c]
         kl = {r["row"]["lang"]: r["values"][1] for r in _cells(driver, "#kl tbody tr")}
         assert kl == report["kl"]
         driver.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")

@@ -20,7 +20,7 @@ import pytest
 from serve_helpers import LiveServer, tiny_checkpoint
 
 from aetheris import chat
-from aetheris.server import Limits, create_app, load_checkpoint
+from aetheris.serve import Limits, create_app, load_checkpoint
 
 MODEL = "tiny"
 WEATHER = {"type": "function", "function": {

@@ -11,6 +11,7 @@ answers in OpenAI's shape. Auth: lowercase scheme, key from a file or the enviro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import socket
@@ -25,8 +26,11 @@ from serve_helpers import LiveServer, tiny_checkpoint
 
 from aetheris import chat
 from aetheris.generation import SamplingParams, TextState, sample
-from aetheris.server import (SCHEMA_ANNOTATIONS, SCHEMA_FORMATS, SCHEMA_KEYWORDS, Limits, Server, api_key_from,
-                             create_app, load_checkpoint)
+from aetheris.serve import ApiError, Limits, add_arguments, api_key_from, create_app, load_checkpoint
+from aetheris.serve.engine import ActionStream, Spec
+from aetheris.serve.grammar import SCHEMA_ANNOTATIONS, SCHEMA_FORMATS, SCHEMA_KEYWORDS
+from aetheris.serve.limits import limits_from_args
+from aetheris.serve.specs import Server
 
 MODEL = "tiny"
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -137,8 +141,6 @@ def test_recursive_schema_gives_valid_calls(live):
 
 
 def test_arguments_are_validated_before_they_are_returned():
-    from aetheris.server import ActionStream, ApiError, Spec
-
     spec = Spec(prompts=[[1]], n=1, params=SamplingParams(), chat=True, tool_schemas={"f": {
         "type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}})
     good = '[{"tool_call_id": "0", "tool_name": "f", "parameters": {"a": 1}}, {"tool_call_id": "1", ' \
@@ -382,3 +384,17 @@ def test_auth_scheme_key_sources_and_docs(loaded, tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         api_key_from(argparse.Namespace(api_key=None, api_key_file=str(tmp_path / "empty")))
+
+
+def test_every_limit_is_a_flag_with_its_help_and_is_checked():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    for f in dataclasses.fields(Limits):
+        assert f"--{f.name.replace('_', '-')}" in help_text and " ".join(f.metadata["help"].split()) in help_text
+    assert limits_from_args(parser.parse_args(["--model", "m"])) == Limits()
+    args = parser.parse_args(["--model", "m", "--max-n", "3", "--compile-wait-s", "2.5", "--threads", "0"])
+    assert limits_from_args(args) == Limits(max_n=3, compile_wait_s=2.5)
+    for flag in ("--max-batch", "--body-timeout-s", "--threads"):
+        with pytest.raises(ValueError, match=flag):
+            limits_from_args(parser.parse_args(["--model", "m", flag, "-1"]))

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_helpers import LiveServer, tiny_checkpoint
 
-from aetheris.server import CHAT_FIELDS, COMPLETION_FIELDS, Limits, create_app, load_checkpoint
+from aetheris.serve import Limits, create_app, load_checkpoint
+from aetheris.serve.schema import CHAT_FIELDS, COMPLETION_FIELDS
 
 MODEL = "tiny"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
@@ -321,6 +322,61 @@ def test_unenforceable_keywords_are_named(http):
     for fields in (dict(temperature=1e-40), dict(temperature=1.0, top_p=1e-300)):
         r = http.post("/v1/chat/completions", content=chat(max_tokens=8, **fields))
         assert r.json()["choices"][0]["message"]["content"] == greedy
+
+
+# Validation by the pydantic request models: each case -> (param, code) of the error, for both endpoints
+# where the field exists. Locations inside a field are named the way OpenAI's errors name them.
+SCHEMA_CASES = {
+    "chat": [
+        (dict(temperature=True), "temperature", "invalid_type"),
+        (dict(temperature=2.5), "temperature", "invalid_value"),
+        (dict(top_k=-1), "top_k", "invalid_value"),
+        (dict(top_k=1.5), "top_k", "invalid_type"),
+        (dict(max_tokens=0), "max_tokens", "invalid_value"),
+        (dict(max_tokens=10 ** 6), "max_tokens", "invalid_value"),  # above the server's cap
+        (dict(max_completion_tokens=10 ** 6), "max_completion_tokens", "invalid_value"),
+        (dict(n=99), "n", "invalid_value"),
+        (dict(seed="1"), "seed", "invalid_type"),
+        (dict(parallel_tool_calls="yes"), "parallel_tool_calls", "invalid_type"),
+        (dict(logit_bias=[1]), "logit_bias", "invalid_type"),
+        (dict(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage", "invalid_type"),
+        (dict(frequency_penalty=3), "frequency_penalty", "invalid_value"),
+        (dict(presence_penalty=0.5), "presence_penalty", "unsupported_parameter"),
+        (dict(functions=[]), "functions", "unsupported_parameter"),
+        (dict(model=5), "model", "invalid_type"),
+        (dict(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), "messages[0].content[0].text",
+         "invalid_type"),
+    ],
+    "completions": [
+        (dict(echo=1), "echo", "invalid_type"),
+        (dict(logprobs=True), "logprobs", "invalid_type"),
+        (dict(best_of=0), "best_of", "invalid_value"),
+        (dict(messages=[]), "messages", "unknown_parameter"),
+        (dict(top_p=-0.1), "top_p", "invalid_value"),
+    ],
+}
+
+
+@pytest.mark.parametrize("endpoint", SCHEMA_CASES)
+def test_schema_errors_name_the_field_and_kind(http, endpoint):
+    base = GOOD if endpoint == "chat" else {"model": MODEL, "prompt": "hi", "max_tokens": 3}
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    for fields, param, code in SCHEMA_CASES[endpoint]:
+        error = assert_openai_error(http.post(path, json={**base, **fields}), 400)
+        assert (error["param"], error["code"]) == (param, code), (fields, error)
+    body = {k: v for k, v in base.items() if k != "model"}
+    error = assert_openai_error(http.post(path, json=body), 400)
+    assert (error["param"], error["code"]) == ("model", "missing_required_parameter")
+    assert_still_serving(http)
+
+
+def test_openapi_documents_the_request_bodies(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    chat_schema = paths["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    completion_schema = paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(chat_schema["properties"]) == CHAT_FIELDS and set(completion_schema["properties"]) == COMPLETION_FIELDS
+    assert {"model", "messages"} <= set(chat_schema["required"]) and chat_schema["additionalProperties"] is False
+    assert chat_schema["properties"]["temperature"]["maximum"] == 2.0
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(http):

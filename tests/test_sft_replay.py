@@ -5,14 +5,13 @@ replay ends closer to the teacher on held-out text than the same SFT without it.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from aetheris.distill import ReplayMix, load_distill_config, run_align, run_sft
 
-ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "sw", "hi", "zh"]
 
 

@@ -1,6 +1,5 @@
 """mGSM: prompts, stops, the harness's answer extraction and exact match, and run() == harness formula."""
 
-import os
 import random
 import re
 import string
@@ -9,9 +8,6 @@ import pytest
 
 from aetheris.tasks import mgsm
 from eval_helpers import save_tiny_cohere2
-
-DATA = os.environ.get("AETHERIS_DATA_DIR")
-needs_data = pytest.mark.skipif(not DATA, reason="AETHERIS_DATA_DIR not set")
 
 
 # Strings below are copied from lm-evaluation-harness 0.4.13's generated YAMLs (lm_eval/tasks/mgsm/
@@ -68,7 +64,7 @@ def test_exemplars_are_sampled_like_the_harness():
         mgsm.sample_exemplars(pool, 9, 1)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_exemplars_and_data_load():
     ex = mgsm.load_exemplars("bn")
     assert len(ex) == 8 and ex[0]["number"] == 11 and ex[0]["q"].startswith("প্রশ্ন:")
@@ -146,7 +142,7 @@ def tiny_lm(tiny_tokenizer, tmp_path_factory):
     return LM.load(str(folder), batch_size=3)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_run_equals_harness_formula(tiny_lm):
     """Batched, left-padded, stop-early generation == unbatched HF greedy generate cut at the stops;
     scores == the harness's regex filters + exact_match applied to those texts."""

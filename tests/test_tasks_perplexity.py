@@ -1,7 +1,6 @@
 """Parallel-text perplexity: data for all 70 languages, bits per byte and KL against independent formulas."""
 
 import math
-import os
 
 import pytest
 
@@ -9,11 +8,8 @@ from aetheris.languages import CODES
 from aetheris.tasks import perplexity
 from eval_helpers import save_tiny_cohere2
 
-DATA = os.environ.get("AETHERIS_DATA_DIR")
-needs_data = pytest.mark.skipif(not DATA, reason="AETHERIS_DATA_DIR not set")
 
-
-@needs_data
+@pytest.mark.needs_data
 def test_every_language_has_text():
     assert perplexity.languages({}) == list(CODES)
     for lang in CODES:
@@ -33,7 +29,7 @@ def models(tiny_tokenizer, tmp_path_factory):
     return LM.load(str(t), batch_size=3), LM.load(str(s), batch_size=3)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_bits_per_byte_and_kl_equal_independent_formulas(models):
     import torch
     import torch.nn.functional as F
@@ -58,7 +54,7 @@ def test_bits_per_byte_and_kl_equal_independent_formulas(models):
     assert res["kl"].score > 0.01
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_kl_of_a_model_with_itself_is_zero(models):
     teacher, _ = models
     res = perplexity.run(teacher, "pcm", {"teacher": teacher}, limit=3)
@@ -77,7 +73,7 @@ def test_kl_refuses_different_tokenizers(models, tiny_tokenizer):
     perplexity.check_same_tokenizer(teacher, student)  # same tokenizer: fine
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_ppl_start_scores_later_sentences_and_keeps_their_indices(models):
     _, student = models
     later = perplexity.run(student, "sw", {"ppl_start": 5, "ppl_split": "all"}, limit=2)["ppl"]
@@ -90,7 +86,7 @@ def test_ppl_start_scores_later_sentences_and_keeps_their_indices(models):
         perplexity.run(student, "jv", {"ppl_start": 400}, limit=2)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_scored_sentences_never_overlap_training_rows():
     """Training's own split (load_documents + split_heldout, as train.py builds it) vs the sentences the
     ppl task scores by default: no scored sentence is in any training document, in any of the 70
@@ -111,7 +107,7 @@ def test_scored_sentences_never_overlap_training_rows():
         assert seen.intersection(perplexity.select(lang, {"ppl_split": "all"})[1])
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_a_checkpoint_whose_training_overlaps_is_refused(models, tmp_path):
     import json
 
@@ -132,7 +128,7 @@ def test_a_checkpoint_whose_training_overlaps_is_refused(models, tmp_path):
         assert ok["ppl"].n == 3
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_eval_cli_uses_the_recorded_split_and_keeps_the_cache_on_a_leak(tiny_tokenizer, tmp_path, capsys):
     import json
 

@@ -1,15 +1,11 @@
 """Tool calling: xSID -> calls, action parsing, BFCL-style argument matching, and a run on a tiny model."""
 
 import json
-import os
 
 import pytest
 
 from aetheris.tasks import toolcall as tc
 from eval_helpers import save_tiny_cohere2
-
-DATA = os.environ.get("AETHERIS_DATA_DIR")
-needs_data = pytest.mark.skipif(not DATA, reason="AETHERIS_DATA_DIR not set")
 
 TOOLS = [{
     "name": "book_flight",
@@ -75,7 +71,7 @@ def test_score_output_metrics():
     assert tc.score_output("I cannot help", ex) == {"parsed": 0.0, "schema_valid": 0.0, "name": 0.0, "exact": 0.0, "ast": 0.0}
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_xsid_examples_by_hand():
     assert set(tc.XSID_FILES) == set(tc.languages({})) and len(tc.XSID_FILES) == 13
     da = tc.xsid_examples("da")
@@ -98,7 +94,7 @@ def test_prompt_has_tools_and_cohere_turns():
     assert '"book_flight"' in p and "<|USER_TOKEN|>Fly me to Oslo<|END_OF_TURN_TOKEN|>" in p
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_run_on_tiny_model_with_a_generated_file(tiny_tokenizer, tmp_path):
     from aetheris.evaluate import LM
 

@@ -1,15 +1,11 @@
 """XCOPA: the harness's prompt strings per language, and accuracy == the harness formula on a tiny model."""
 
 import json
-import os
 
 import pytest
 
 from aetheris.tasks import xcopa
 from eval_helpers import harness_continuation_logprob, save_tiny_cohere2
-
-DATA = os.environ.get("AETHERIS_DATA_DIR")
-needs_data = pytest.mark.skipif(not DATA, reason="AETHERIS_DATA_DIR not set")
 
 
 def test_connectors_match_the_harness_table():
@@ -38,7 +34,7 @@ def test_prompt_strings_by_hand():
     assert xcopa.lowercase_first("İstanbul") == "i̇stanbul"  # Python's lower(), as the harness
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_fixed_question_copy_is_opt_in():
     (published,) = xcopa.data_files("th", {})
     (fixed,) = xcopa.data_files("th", {"xcopa_fixed_question": True})
@@ -56,7 +52,7 @@ def tiny_lm(tiny_tokenizer, tmp_path_factory):
     return LM.load(str(folder), batch_size=5)
 
 
-@needs_data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("lang", ["th", "zh", "nl"])
 def test_accuracy_equals_harness_formula(tiny_lm, lang):
     limit = 8
@@ -79,7 +75,7 @@ def test_accuracy_equals_harness_formula(tiny_lm, lang):
     assert ours == pytest.approx(ref, abs=1e-4)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_logsoftmax_dtype_scores_bf16_models_the_harness_way(tiny_tokenizer, tmp_path):
     """A bf16 model: ``model`` = log-softmax and sum in the logits' own dtype (lm-eval's HFLM default),
     ``float32`` = both in float32; each equals its formula written out, and the two differ."""

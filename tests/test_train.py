@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
 from aetheris.config_io import ConfigError
 from aetheris.train import (
     CheckpointError,
@@ -26,7 +27,6 @@ from aetheris.train import (
     verify_checkpoint,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny-test.yaml"
 
 
@@ -194,6 +194,7 @@ def _run_cli(out_dir, nproc, *overrides):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # two torchrun launches (~33 s measured on 2 cores)
 def test_two_process_torchrun_matches_one_process(tmp_path):
     one = _run_cli(tmp_path / "one", 1, "train.micro_batch_size=4", "train.grad_accum=2")
     two = _run_cli(tmp_path / "two", 2, "train.micro_batch_size=4", "train.grad_accum=1")

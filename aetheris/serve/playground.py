@@ -14,6 +14,9 @@ from functools import lru_cache
 from html import escape
 from importlib.resources import files
 
+from fastapi import HTTPException
+from fastapi.responses import HTMLResponse, Response
+
 from aetheris.languages import LANGUAGES
 
 STATIC_TYPES = {"playground.js": "text/javascript", "playground.css": "text/css"}
@@ -41,8 +44,6 @@ def page() -> str:
 def add_routes(app) -> None:
     """``GET /`` (the page) and ``GET /static/{name}`` (its script and style sheet) on a FastAPI app.
     Neither needs the API key: the page holds no secrets and asks for the key itself."""
-    from fastapi import HTTPException
-    from fastapi.responses import HTMLResponse, Response
 
     @app.get("/", include_in_schema=False)
     async def playground():
