@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from aetheris.teacher_cache import CacheStream, read_meta
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 from dist_driver import CACHE_ARGS, write_test_cache  # noqa: E402
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 from test_distill_kl import _torchrun_kl, start_student  # noqa: E402,F401  (start_student: a fixture)
 from test_distill_kl import _weights as _kl_weights  # noqa: E402

@@ -30,7 +30,7 @@ from serve_helpers import tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 TAG = "localhost/aetheris-test:cpu"
 KEY = "sk-image-test"
 TOOL = {"type": "function", "function": {"name": "pick", "parameters": {

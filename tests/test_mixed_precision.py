@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from aetheris.ssd import ssd_chunked, ssd_reference
 from test_model import ids, tiny

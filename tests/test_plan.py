@@ -6,7 +6,6 @@ run whose plan exceeds --gpu-memory with one line."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 from aetheris.distill import PairAligner, build_student, load_distill_config, pair_parameters
 from aetheris.plan import PlanError, check_fits, parse_memory, plan_distill, student_counts, teacher_counts
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def _cfg(teacher_dir, *extra):

@@ -24,7 +24,7 @@ from aetheris.cli import main
 from aetheris.runs import Interrupted, RunFolderError, RunIOError, SignalGuard
 from aetheris.train import CheckpointError, list_checkpoints, load_config, train, verify_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 TINY = ROOT / "configs" / "tiny-test.yaml"
 
 

@@ -1,6 +1,5 @@
 """XCOPA: the harness's prompt strings per language, and accuracy == the harness formula on a tiny model."""
 
-import json
 
 import pytest
 
