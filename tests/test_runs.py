@@ -386,6 +386,20 @@ def test_eval_compare_serve_fail_in_one_line(tmp_path, capsys):
         assert code == 2 and len(err) == 1 and err[0].startswith(f"aetheris {argv[0]}: error: ") and str(missing) in err[0], err
 
 
+def test_serve_on_a_port_in_use_fails_in_one_line(tiny_tokenizer, tmp_path, capsys):
+    import socket
+
+    from serve_helpers import tiny_checkpoint
+
+    model = tiny_checkpoint(tiny_tokenizer, tmp_path / "model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = cli(capsys, "serve", "--model", model, "--port", port)
+    assert code == 2 and len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0] and "--port" in err[0], err
+
+
 # --- 4. configs checked before anything loads -------------------------------------------------------
 
 

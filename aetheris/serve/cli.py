@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -105,15 +106,31 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, log_level: st
 # ---------------------------------------------------------------------------------------------------
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound by us: a port in use is one line naming --port (exit 2) instead of
+    uvicorn's log message and exit 1. uvicorn is handed this socket, so nothing can take the port in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port (or --host), "
+                         "or stop the process that holds it") from err
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     api_key = api_key_from(args)
     # Fail fast: load (strictly) before binding, so a bad checkpoint never becomes a running server.
     model, tokenizer = load_checkpoint(args.model, args.device, args.dtype)
+    sock = bind(args.host, args.port)
     name = args.served_model_name or Path(args.model).expanduser().resolve().name
     # Grammar tables (TokenizerInfo over the vocabulary) build in the background while /health says 503.
     app = create_app(loader=lambda: (model, tokenizer), model_name=name, api_key=api_key, limits=limits)
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"aetheris serve: warning: binding {args.host} without an API key exposes the model to the network")
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run()
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, args.log_level)).run(sockets=[sock])
     return 0
