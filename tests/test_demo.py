@@ -201,3 +201,23 @@ def test_write_docs_builds_the_results_page_from_the_run(demo_run, tmp_path):
     assert f"| ppl | bits_per_byte | {report['tasks']['ppl']['mean_drop']:.3f} |" in page  # the report's own table
     for png in ("drops_by_language.png", "family_task_heatmap.png"):
         assert f"results/{png}" in page and (tmp_path / "results" / png).is_file()
+
+
+def test_a_teacher_that_cannot_fit_its_budget_warns_with_the_expected_time_before_training(tmp_path):
+    from aetheris.nano_teacher import train_nano_teacher
+
+    # demo-quick's teacher with a budget no setting can fit: the warning comes before the first training step.
+    cfg = load_demo_config(QUICK, ["teacher.steps=2", "teacher.chat_steps=1", "teacher.eval_every=0",
+                                   "teacher.budget_seconds=0.001"]).teacher
+    lines = []
+    train_nano_teacher(tmp_path / "teacher", cfg, log=lines.append)
+    warning = next(i for i, line in enumerate(lines) if "WARNING" in line)
+    first_step = next(i for i, line in enumerate(lines) if "teacher step" in line)
+    assert warning < first_step
+    assert "expected training time ~" in lines[warning] and "teacher.budget_seconds" in lines[warning]
+    # Within budget: the estimate is still printed, without a warning.
+    cfg = load_demo_config(QUICK, ["teacher.steps=2", "teacher.chat_steps=1", "teacher.eval_every=0",
+                                   "teacher.budget_seconds=1e9"]).teacher
+    lines = []
+    train_nano_teacher(tmp_path / "teacher2", cfg, log=lines.append)
+    assert any("expected training time ~" in line for line in lines) and not any("WARNING" in line for line in lines)
