@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from aetheris.demo import Run, load_demo_config, main as demo_main
+from aetheris.demo import MARKER, Run, load_demo_config, main as demo_main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ROOT / "configs" / "demo-quick.yaml"
@@ -221,3 +222,27 @@ def test_a_teacher_that_cannot_fit_its_budget_warns_with_the_expected_time_befor
     lines = []
     train_nano_teacher(tmp_path / "teacher2", cfg, log=lines.append)
     assert any("expected training time ~" in line for line in lines) and not any("WARNING" in line for line in lines)
+
+
+def test_an_interrupted_demo_resumes_at_the_stage_and_step_it_was_in(demo_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    sft = run / "distill" / "sft"
+    last = sorted((sft / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    # Killed in stage 3 after its last checkpoint: no stage report, no student, no later step finished.
+    for path in (run / "distill" / MARKER, sft / "sft_report.json", run / "eval" / MARKER, run / "report" / MARKER):
+        path.unlink()
+    shutil.rmtree(sft / "student")
+    kept = [run / "teacher" / "model.safetensors", run / "distill" / "align" / "student" / "model.safetensors",
+            run / "distill" / "kl" / "student" / "model.safetensors"]
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    capsys.readouterr()
+    assert demo_main(["--config", str(QUICK), f"run_dir={run}"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "[teacher] done before" in out and "[distill] distill it into" in out and "(resuming the interrupted run)" in out
+    assert "stage align finished before the interruption" in out and "stage kl finished before the interruption" in out
+    assert f"resumed from {last} at step {int(last.name.split('-')[1])}" in out  # stage 3 continued, not restarted
+    assert (sft / "student" / "model.safetensors").is_file() and (sft / "sft_report.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert (run / "report" / "report.json").is_file() and (run / "report" / MARKER).is_file()
