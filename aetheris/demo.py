@@ -16,7 +16,10 @@ Four steps, each the same code a real run uses (only the config is small), all i
    ``RUN/report``; then a per-family summary table and the commands to chat with and serve the student.
 
 Each finished step records the settings it ran with (``RUN/<step>/.demo-step.json``); a rerun skips steps
-whose settings (and those of every step before them) are unchanged, and redoes the rest. ``--force``
+whose settings (and those of every step before them) are unchanged, and redoes the rest. An interrupted step
+(``RUN/<step>/.demo-started.json`` without the finished marker) resumes where it stopped when its settings are
+unchanged: distillation keeps its finished stages and continues the interrupted one from its last checkpoint
+(``aetheris distill --resume``), evaluation keeps the languages already in its cache. ``--force``
 (``make demo FORCE=1``) redoes everything.
 
 ``--write-docs DIR`` copies a finished run's report into ``DIR/RESULTS.md`` and its plots (``docs/RESULTS.md``).
@@ -39,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 STEPS = ("teacher", "distill", "eval", "compare")
 MARKER = ".demo-step.json"
+STARTED = ".demo-started.json"
 
 
 @dataclass
@@ -112,6 +116,7 @@ class Run:
         self.seconds: dict[str, float] = {}
         self._upstream = ""
         self.redo = force
+        self.resuming = False
 
     def settings(self, step: str) -> dict:
         c = self.cfg
@@ -132,10 +137,18 @@ class Run:
             self.seconds[step] = done.get("seconds", 0.0)
             self.log(f"\n[{step}] done before with the same settings: reusing {folder} (FORCE=1 redoes it)")
             return
+        # A step interrupted with these very settings, every step before it reused, picks up where it stopped
+        # (distill stages from their last checkpoint, eval from its per-language cache); anything else (--force,
+        # other settings, a step before it redone now) starts over in an empty folder.
+        started = folder / STARTED
+        self.resuming = (not self.redo and started.exists()
+                         and json.loads(started.read_text()).get("key") == key)
         self.redo = True  # every later step depends on this one
-        if folder.exists():
+        if folder.exists() and not self.resuming:
             shutil.rmtree(folder)
-        self.log(f"\n[{step}] {STEP_TITLES[step]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"key": key}))
+        self.log(f"\n[{step}] {STEP_TITLES[step]}" + (" (resuming the interrupted run)" if self.resuming else ""))
         start = time.perf_counter()
         work()
         self.seconds[step] = round(time.perf_counter() - start, 1)
@@ -184,6 +197,8 @@ def _quote(arg: str) -> str:
 def step_teacher(run: Run) -> None:
     from aetheris.nano_teacher import train_nano_teacher
 
+    if run.resuming:
+        run.log("(the nano teacher saves no mid-training checkpoints -- it trains in minutes -- so it starts over)")
     run.log(f"$ python -m aetheris.nano_teacher {run.teacher}")
     train_nano_teacher(run.teacher, run.cfg.teacher, log=run.log)
 
@@ -195,7 +210,11 @@ def distill_overrides(run: Run) -> list[str]:
 def step_distill(run: Run) -> None:
     config = str(_resolve(run.cfg.distill_config))
     for stage in ("align", "kl", "sft"):  # one stage per command, as a user would resume them
-        _cli("distill", "--config", config, "--stages", stage, *distill_overrides(run), log=run.log)
+        if run.resuming and (run.distill / stage / f"{stage}_report.json").is_file():
+            run.log(f"[distill] stage {stage} finished before the interruption: kept")
+            continue
+        _cli("distill", "--config", config, "--stages", stage, *distill_overrides(run),
+             *(["--resume"] if run.resuming else []), log=run.log)
 
 
 def toolcall_file(run: Run) -> Path:

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from aetheris.progress import progress_bar
+
 LOGSOFTMAX_DTYPES = ("float32", "model", "bfloat16", "float16")
 CACHE_VERSION = 2  # 2: mGSM prompts/stops/filters equal to lm-eval 0.4.13 (1 differed)
 RESULTS_FORMAT = "aetheris-eval/1"
@@ -272,10 +274,8 @@ class _StopOnStrings:
 
 
 def _progress(iterable, desc: str, total_items: int, step: int):
-    """Batches with a progress bar counted in examples."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_items, desc=desc, unit="ex", leave=False, disable=None, file=sys.stderr)
+    """Batches with a progress bar counted in examples (whole lines, ~10 % apart, when stderr is a log file)."""
+    bar = progress_bar(total=total_items, desc=desc, unit="ex", leave=False)
     for item in iterable:
         yield item
         bar.update(min(step, total_items - bar.n))

@@ -69,9 +69,14 @@ class NanoTeacherConfig:
     toolcall_tools_offered: int = 3
     """Tool schemas in each system turn (the expected one among them); each adds ~200 nano-BPE tokens."""
     toolcall_seq_len: int = 1024
+    eval_every: int = 50
+    """Held-out LM loss every this many steps (in the report's ``history``; 0 = only before and after)."""
     seed: int = 0
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
+    budget_seconds: float = 0.0
+    """Expected training time this setting should fit (the demo's share); above it, a warning with the estimate
+    is printed before training starts. 0 = no check."""
 
     def __post_init__(self):
         if self.hidden_size != self.num_attention_heads * self.head_dim:
@@ -114,6 +119,30 @@ def _lm_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # transformers shifts labels inside the loss (labels are aligned with input_ids, -100 = not trained),
     # the same convention as aetheris.data and aetheris.sft.
     return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+
+def estimate_seconds(model, cfg: NanoTeacherConfig, seq_len: int, chat=None) -> float:
+    """Expected wall time of the training loop: one language-modelling step and one chat step timed on throwaway
+    random tokens of the real shapes (forward + backward; the gradients are discarded, no weight changes), times
+    the step counts. Chat rows are as wide as the 90th-percentile conversation (batches are trimmed to their
+    longest row)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def step_seconds(rows: int, width: int) -> float:
+        ids = torch.randint(0, model.config.vocab_size, (rows, width), generator=gen)
+        _lm_batch(model, {"input_ids": ids, "labels": ids}).backward()  # the first call pays one-off setup
+        start = time.perf_counter()
+        _lm_batch(model, {"input_ids": ids, "labels": ids}).backward()
+        seconds = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        return seconds
+
+    lm = step_seconds(cfg.batch_size, seq_len)
+    total = (cfg.steps + cfg.chat_steps) * lm
+    if chat is not None and cfg.chat_steps:
+        width = int(np.percentile([len(ids) for rows in chat.rows.values() for ids, _ in rows], 90))
+        total += cfg.chat_steps * step_seconds(cfg.toolcall_batch_size, width)
+    return total
 
 
 @torch.no_grad()
@@ -170,6 +199,13 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
         progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    expected = estimate_seconds(model, cfg, stream.seq_len, chat)
+    over = cfg.budget_seconds and expected > cfg.budget_seconds
+    log(("nano teacher: WARNING: " if over else "nano teacher: ") + f"expected training time ~{expected / 60:.1f} min "
+        f"on this machine now ({cfg.steps} + {cfg.chat_steps} steps, timed on one step of each kind)"
+        + (f", over the budget of {cfg.budget_seconds / 60:.1f} min (teacher.budget_seconds): lower teacher.steps, "
+           "teacher.chat_steps or teacher.toolcall_batch_size, or raise the budget if this machine is busy" if over else ""))
+
     # 3. The loop: language modelling, then LM rows + tool-calling conversations, one loss each, averaged.
     before = heldout_loss(model, val)
     model.train()
@@ -193,11 +229,15 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        history.append(record)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
+            record["heldout_loss"] = float(np.mean(list(heldout_loss(model, val).values())))
         if (step + 1) % 50 == 0 or step + 1 in (cfg.steps, total):
-            history.append(record)
             log("  teacher step {step}: lm loss {lm_loss:.3f}".format(**record)
-                + (f", chat loss {record['chat_loss']:.3f}" if "chat_loss" in record else ""))
+                + (f", chat loss {record['chat_loss']:.3f}" if "chat_loss" in record else "")
+                + (f", held-out loss {record['heldout_loss']:.3f}" if "heldout_loss" in record else ""))
     after = heldout_loss(model, val)
+    history[-1]["heldout_loss"] = float(np.mean(list(after.values())))
     model.eval()
 
     # 4. Save: an ordinary HF folder, so `teacher.name` (and AutoModelForCausalLM) can point at it.

@@ -41,7 +41,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -65,6 +64,7 @@ from aetheris.data import (
     tokenize_until,
     validation_rows,
 )
+from aetheris.progress import progress_bar
 from aetheris.runs import CKPT_PREFIX, Interrupted, list_checkpoints  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------
@@ -665,8 +665,6 @@ def train(
     state, e.g. stage 2's group-DRO weights), saved in every checkpoint's state.json and restored on resume.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
     t = cfg.train
     out_dir = Path(t.out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -806,8 +804,9 @@ def train(
     # 4. The loop ------------------------------------------------------------------------------------
     if step == 0 and data.val:
         evaluate()
-    bar = tqdm(total=t.max_steps, initial=step, disable=not (t.progress and accelerator.is_local_main_process),
-               desc="train", dynamic_ncols=True, file=sys.stderr)
+    # A live bar on a terminal; one line per ~10 % of the steps when stderr is a log file (make demo > log).
+    bar = progress_bar(total=t.max_steps, initial=step, disable=not (t.progress and accelerator.is_local_main_process),
+                       desc="train")
     model.train()
     window_tokens, window_start = 0, time.perf_counter()
     installed = runs.SIGNALS.install()  # the CLI installs them for the whole command; a library call here

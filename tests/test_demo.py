@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from aetheris.demo import Run, load_demo_config, main as demo_main
+from aetheris.demo import MARKER, Run, load_demo_config, main as demo_main
 
 QUICK = ROOT / "configs" / "demo-quick.yaml"
 pytestmark = [pytest.mark.needs_data,
@@ -208,3 +209,47 @@ def test_write_docs_builds_the_results_page_from_the_run(demo_run, tmp_path):
     assert f"| ppl | bits_per_byte | {report['tasks']['ppl']['mean_drop']:.3f} |" in page  # the report's own table
     for png in ("drops_by_language.png", "family_task_heatmap.png"):
         assert f"results/{png}" in page and (tmp_path / "results" / png).is_file()
+
+
+def test_a_teacher_that_cannot_fit_its_budget_warns_with_the_expected_time_before_training(tmp_path):
+    from aetheris.nano_teacher import train_nano_teacher
+
+    # demo-quick's teacher with a budget no setting can fit: the warning comes before the first training step.
+    cfg = load_demo_config(QUICK, ["teacher.steps=2", "teacher.chat_steps=1", "teacher.eval_every=0",
+                                   "teacher.budget_seconds=0.001"]).teacher
+    lines = []
+    train_nano_teacher(tmp_path / "teacher", cfg, log=lines.append)
+    warning = next(i for i, line in enumerate(lines) if "WARNING" in line)
+    first_step = next(i for i, line in enumerate(lines) if "teacher step" in line)
+    assert warning < first_step
+    assert "expected training time ~" in lines[warning] and "teacher.budget_seconds" in lines[warning]
+    # Within budget: the estimate is still printed, without a warning.
+    cfg = load_demo_config(QUICK, ["teacher.steps=2", "teacher.chat_steps=1", "teacher.eval_every=0",
+                                   "teacher.budget_seconds=1e9"]).teacher
+    lines = []
+    train_nano_teacher(tmp_path / "teacher2", cfg, log=lines.append)
+    assert any("expected training time ~" in line for line in lines) and not any("WARNING" in line for line in lines)
+
+
+def test_an_interrupted_demo_resumes_at_the_stage_and_step_it_was_in(demo_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    sft = run / "distill" / "sft"
+    last = sorted((sft / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    # Killed in stage 3 after its last checkpoint: no stage report, no student, no later step finished.
+    for path in (run / "distill" / MARKER, sft / "sft_report.json", run / "eval" / MARKER, run / "report" / MARKER):
+        path.unlink()
+    shutil.rmtree(sft / "student")
+    kept = [run / "teacher" / "model.safetensors", run / "distill" / "align" / "student" / "model.safetensors",
+            run / "distill" / "kl" / "student" / "model.safetensors"]
+    before = {p: p.stat().st_mtime_ns for p in kept}
+    capsys.readouterr()
+    assert demo_main(["--config", str(QUICK), f"run_dir={run}"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "[teacher] done before" in out and "[distill] distill it into" in out and "(resuming the interrupted run)" in out
+    assert "stage align finished before the interruption" in out and "stage kl finished before the interruption" in out
+    assert f"resumed from {last} at step {int(last.name.split('-')[1])}" in out  # stage 3 continued, not restarted
+    assert (sft / "student" / "model.safetensors").is_file() and (sft / "sft_report.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert (run / "report" / "report.json").is_file() and (run / "report" / MARKER).is_file()
