@@ -14,6 +14,12 @@ from its weight matmuls timed alone (what is left is per-token Python/dispatch w
 bandwidth-bound speedup (bytes the teacher must read per step / bytes the student must read).
 
     python benchmarks/decode.py --json bench-results/decode.json [--quick] [--threads N] [--clock cpu]
+
+``--real-shapes`` times Tiny Aya itself instead (see ``real_shapes``): its exact config through transformers'
+``Cohere2ForCausalLM`` against the 12-pair student derived from it, both bf16 with random weights:
+
+    python benchmarks/decode.py --real-shapes --json bench-results/decode-real.json   # ~16 GB of memory
+    python benchmarks/decode.py --real-shapes --quick                                  # toy widths, seconds
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import inspect
 import statistics
 
 import torch
-from common import clock, emit, median_seconds, parser, setup
+import realshapes as rs
+from common import clock, emit, interleaved_seconds, median_ratio, median_seconds, parser, setup
 
 from aetheris.config import AetherisConfig
 from aetheris.model import Aetheris, MoE
@@ -53,7 +60,7 @@ def matvec_ms(model: Aetheris, n: int) -> float:
         elif isinstance(m, MoE):
             weights += [m.router.weight] + [w[e] for e in range(m.cfg.top_k) for w in (m.w_gate, m.w_up, m.w_down)]
     weights.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)
-    inputs = [torch.randn(1, w.shape[1]) for w in weights]
+    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
     return time_steps(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], n)
 
 
@@ -127,9 +134,122 @@ def teacher_ms(model, context: int, n: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# --real-shapes: Tiny Aya vs its 12-pair student
+# ---------------------------------------------------------------------------------------------------
+
+REAL_POINTS = [(1, 2048), (1, 8192), (1, 32768), (16, 2048), (16, 8192)]  # (batch, context)
+TINY_POINTS = [(1, 8), (1, 32), (1, 64), (4, 8), (4, 32)]                # toy window 16: same regimes
+
+
+@torch.no_grad()
+def real_shapes(quick: bool, rounds: int) -> dict:
+    """Decode steps of Tiny Aya (bf16, transformers, DynamicCache) and its student (bf16, ``Aetheris.step``),
+    timed in turns at each (batch, context) point.
+
+    Contexts are filled by size, not by a prefill: the teacher's cache gets random K/V tensors of the length
+    each layer holds after ``context`` tokens (``realshapes.fill_teacher_cache``), the student's fixed-size
+    state random values. Decode cost depends on the cache's size, not its contents. Bytes per step: the
+    teacher reads all its weights plus its KV cache; the student its non-expert weights, the experts its
+    rows were routed to in the timed steps, and its state. The bound is bytes / the copy bandwidth measured
+    in this run. A point whose caches do not fit the available memory is skipped with the reason.
+    """
+    tcfg = rs.teacher_config(tiny=quick)
+    scfg = rs.student_cfg(tcfg)
+    dtype = torch.bfloat16
+    out = {"dtype": "bfloat16", "rounds": rounds, "teacher_config": {k: getattr(tcfg, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "sliding_window")},
+           "student_config": {k: getattr(scfg, k) for k in ("n_layer", "d_model", "n_heads", "head_dim", "d_state",
+                                                          "n_groups", "d_ff", "n_experts", "top_k")},
+           "context_fill": "teacher: DynamicCache built from random K/V tensors of each layer's length; "
+                           "student: its fixed-size state with random values (no prefill run)"}
+    counts = scfg.param_counts()
+    teacher_bytes = 2 * 3_349_227_520 if not quick else None  # checked against the built model below
+    need = 2 * counts["total"] + (teacher_bytes or 0)
+    reason = rs.fits(need)
+    if reason:
+        out["skipped"] = f"models: {reason}"
+        return out
+    student = rs.build_student(scfg, dtype)
+    teacher = rs.build_teacher(tcfg, dtype)
+    out["teacher_weight_bytes"] = rs.param_bytes(teacher)
+    out["student_weight_bytes"] = rs.param_bytes(student)
+    out["student_active_weight_bytes"] = 2 * counts["active"]
+    kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+    bandwidth = memory_bandwidth_gbs()
+    out["memory_bandwidth_gbs"] = bandwidth
+    out["student_matvec_ms"] = matvec_ms(student, 8)
+    points, skipped = {}, {}
+    for batch, context in (TINY_POINTS if quick else REAL_POINTS):
+        name = f"b{batch}_ctx{context}"
+        kv = rs.teacher_kv_bytes(tcfg, context, batch)
+        # The cache, plus the copy DynamicCache's torch.cat makes each step, plus the student's state.
+        reason = rs.fits(2 * kv + rs.student_state_bytes(scfg, batch))
+        if reason:
+            skipped[name] = f"batch {batch}, context {context}: {reason}"
+            print(f"skipping {skipped[name]}", flush=True)
+            continue
+        t_cache = rs.fill_teacher_cache(teacher, batch, context, dtype)
+        s_cache = rs.fill_student_cache(student, batch)
+        t_cache_bytes, s_state_bytes = rs.cache_tensor_bytes(t_cache), s_cache.nbytes()
+        t_token = torch.arange(1, batch + 1)[:, None]
+        # A different token per row: at batch > 1 the rows route to different experts as in a real batch.
+        s_token = torch.arange(1, batch + 1)
+        pos = [context]
+        used: list[list[int]] = []
+
+        def teacher_step():
+            teacher(t_token, **{kw: t_cache}, use_cache=True, logits_to_keep=1,
+                    position_ids=torch.full((batch, 1), pos[0]))
+            pos[0] += 1
+
+        def student_step():
+            student.step(s_token, s_cache)
+            moes = [m for m in student.modules() if isinstance(m, MoE)]
+            # Batch 1 runs its top-k experts directly (no load recorded); larger batches record the load.
+            used.append([scfg.top_k] * len(moes) if batch == 1 else [int((m.last_load > 0).sum()) for m in moes])
+
+        times = interleaved_seconds({"teacher": teacher_step, "student": student_step}, rounds)
+        experts_used = max(used[1:], key=sum)  # the most any timed step read (warm-up left out)
+        t_bytes = out["teacher_weight_bytes"] + t_cache_bytes
+        s_bytes = rs.student_step_bytes(student, experts_used, s_state_bytes)
+        t_ms, s_ms = (statistics.median(times[k]) * 1e3 for k in ("teacher", "student"))
+        bound_ms = s_bytes / (bandwidth * 1e9) * 1e3
+        speedup = median_ratio(times["teacher"], times["student"])
+        points[name] = {
+            "batch": batch, "context": context, "teacher_ms": t_ms, "student_ms": s_ms,
+            "teacher_bytes": t_bytes, "student_bytes": s_bytes, "teacher_kv_bytes": t_cache_bytes,
+            "student_state_bytes": s_state_bytes, "student_experts_used_per_layer": experts_used,
+            "speedup_vs_teacher": speedup, "byte_ratio_bound": t_bytes / s_bytes,
+            "speedup_over_bound": speedup / (t_bytes / s_bytes),
+            "student_bound_ms": bound_ms, "student_vs_bandwidth_bound": s_ms / bound_ms,
+            "teacher_vs_bandwidth_bound": t_ms / (t_bytes / (bandwidth * 1e9) * 1e3),
+        }
+        print(f"{name}: teacher {t_ms:.0f} ms, student {s_ms:.0f} ms, speedup {speedup:.2f} "
+              f"(bytes bound {t_bytes / s_bytes:.2f})", flush=True)
+        del t_cache, s_cache
+    out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
+    out["points"], out["skipped"] = points, skipped
+    if points:
+        out["min_speedup_over_bound"] = min(p["speedup_over_bound"] for p in points.values())
+        b1 = [p["student_vs_bandwidth_bound"] for p in points.values() if p["batch"] == 1]
+        out["student_vs_bandwidth_bound_b1"] = max(b1) if b1 else None
+        out["student_matvec_vs_bandwidth_bound"] = out["student_matvec_ms"] / (
+            out["student_active_weight_bytes"] / (bandwidth * 1e9) * 1e3)
+    return out
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--real-shapes", action="store_true",
+                   help="Tiny Aya's config vs its 12-pair student, bf16 (with --quick: the same at toy width)")
+    p.add_argument("--rounds", type=int, default=None, help="--real-shapes: timed rounds per point")
+    args = p.parse_args()
     setup(args)
+    if args.real_shapes:
+        emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 7)))
+        return
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
     n = 20 if args.quick else 40
     student, teacher, full = models(args.quick)
