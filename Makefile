@@ -9,7 +9,7 @@ export AETHERIS_DATA_DIR
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help install demo demo-quick results test test-slow bench clean
+.PHONY: help install demo demo-quick results test test-slow bench bench-real clean
 
 help:
 	@echo "make demo       # set up, then run the embedded CPU demo (FORCE=1 redoes finished steps)"
@@ -17,7 +17,8 @@ help:
 	@echo "make results    # make demo, then write docs/RESULTS.md from its report"
 	@echo "make test       # set up, then run the test suite (fast tier)"
 	@echo "make test-slow  # the slow tier as well"
-	@echo "make bench      # quick benchmarks -> bench-results/*.json"
+	@echo "make bench      # quick benchmarks -> bench-results/*.json (< 5 min)"
+	@echo "make bench-real # Tiny Aya's real shapes: decode, prefill, training, KD step (~16 GB, minutes)"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +50,15 @@ bench: install
 	$(PY) benchmarks/scan.py --quick --json bench-results/scan.json
 	$(PY) benchmarks/moe.py --quick --json bench-results/moe.json
 	$(PY) benchmarks/decode.py --quick --json bench-results/decode.json
+	$(PY) benchmarks/decode.py --real-shapes --quick --json bench-results/decode-real-quick.json
+	$(PY) benchmarks/throughput.py --quick --json bench-results/throughput-quick.json
+
+# Real shapes: bf16 Tiny Aya (6.7 GB) and its student (7.9 GB) in one process, plus caches; points that do
+# not fit the free memory are skipped with the reason.
+bench-real: install
+	mkdir -p bench-results
+	$(PY) benchmarks/decode.py --real-shapes --json bench-results/decode-real.json
+	$(PY) benchmarks/throughput.py --json bench-results/throughput-real.json
 
 clean:
 	rm -rf $(VENV) bench-results

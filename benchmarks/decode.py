@@ -143,7 +143,7 @@ TINY_POINTS = [(1, 8), (1, 32), (1, 64), (4, 8), (4, 32)]                # toy w
 
 
 @torch.no_grad()
-def real_shapes(quick: bool, rounds: int) -> dict:
+def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict:
     """Decode steps of Tiny Aya (bf16, transformers, DynamicCache) and its student (bf16, ``Aetheris.step``),
     timed in turns at each (batch, context) point.
 
@@ -183,6 +183,8 @@ def real_shapes(quick: bool, rounds: int) -> dict:
     points, skipped = {}, {}
     for batch, context in (TINY_POINTS if quick else REAL_POINTS):
         name = f"b{batch}_ctx{context}"
+        if only and name not in only:
+            continue
         kv = rs.teacher_kv_bytes(tcfg, context, batch)
         # The cache, plus the copy DynamicCache's torch.cat makes each step, plus the student's state.
         reason = rs.fits(2 * kv + rs.student_state_bytes(scfg, batch))
@@ -245,10 +247,12 @@ def main() -> None:
     p.add_argument("--real-shapes", action="store_true",
                    help="Tiny Aya's config vs its 12-pair student, bf16 (with --quick: the same at toy width)")
     p.add_argument("--rounds", type=int, default=None, help="--real-shapes: timed rounds per point")
+    p.add_argument("--points", default=None, help="--real-shapes: only these points, e.g. b1_ctx2048,b16_ctx8192")
     args = p.parse_args()
     setup(args)
     if args.real_shapes:
-        emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 7)))
+        emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 7),
+                              args.points.split(",") if args.points else None))
         return
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
     n = 20 if args.quick else 40

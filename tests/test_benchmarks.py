@@ -89,3 +89,18 @@ def test_a_point_that_does_not_fit_is_skipped_with_the_reason(monkeypatch):
     monkeypatch.setattr(rs, "mem_available", lambda: 1)  # as if no memory were free
     out = decode.real_shapes(quick=True, rounds=1)
     assert "points" not in out and out["skipped"].startswith("models: needs") and "available" in out["skipped"]
+
+
+def test_throughput_quick_sections_write_their_keys():
+    import throughput
+
+    torch.set_num_threads(1)
+    pre = throughput.prefill(quick=True, rounds=1)
+    for p in pre["points"].values():
+        assert p["flop_ratio_bound"] == p["teacher_flops_per_token"] / p["student_flops_per_token"]
+        assert p["speedup_vs_teacher"] > 0 and p["student_tokens_per_s"] > 0
+    tr = throughput.train(quick=True, rounds=1)
+    assert tr["gemm_peak_gflops"]["bfloat16"] > 0
+    assert 0 < tr["student_pair"]["fraction_of_bf16_peak"] and tr["teacher_layer"]["tokens_per_s"] > 0
+    kd = throughput.kd(quick=True, rounds=1)
+    assert kd["kd_over_ce"] > 0 and kd["kl_memory_plan"]["total"] > 0
