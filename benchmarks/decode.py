@@ -25,6 +25,7 @@ bandwidth-bound speedup (bytes the teacher must read per step / bytes the studen
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import statistics
 
@@ -165,62 +166,62 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
            "context_fill": "teacher: DynamicCache built from random K/V tensors of each layer's length; "
                            "student: its fixed-size state with random values (no prefill run)"}
     counts = scfg.param_counts()
-    teacher_bytes = 2 * 3_349_227_520 if not quick else None  # checked against the built model below
-    need = 2 * counts["total"] + (teacher_bytes or 0)
-    reason = rs.fits(need)
-    if reason:
-        out["skipped"] = f"models: {reason}"
-        return out
+    t_weights = 2 * sum(p.numel() for p in _meta_teacher(tcfg).parameters())
+    s_weights = 2 * counts["total"]
+    both = rs.fits(t_weights + s_weights, margin=1.05) is None
+    if not both:
+        # Not both at once: each alone, in two phases (students first, then teachers), not in turns.
+        reason = rs.fits(max(t_weights, s_weights), margin=1.05)
+        if reason:
+            out["skipped"] = f"models: {reason}"
+            return out
     student = rs.build_student(scfg, dtype)
-    teacher = rs.build_teacher(tcfg, dtype)
-    out["teacher_weight_bytes"] = rs.param_bytes(teacher)
     out["student_weight_bytes"] = rs.param_bytes(student)
     out["student_active_weight_bytes"] = 2 * counts["active"]
-    kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+    out["teacher_weight_bytes"] = t_weights
     bandwidth = memory_bandwidth_gbs()
     out["memory_bandwidth_gbs"] = bandwidth
     out["student_matvec_ms"] = matvec_ms(student, 8)
-    points, skipped = {}, {}
-    for batch, context in (TINY_POINTS if quick else REAL_POINTS):
-        name = f"b{batch}_ctx{context}"
-        if only and name not in only:
-            continue
-        kv = rs.teacher_kv_bytes(tcfg, context, batch)
-        # The cache, plus the copy DynamicCache's torch.cat makes each step, plus the student's state.
-        reason = rs.fits(2 * kv + rs.student_state_bytes(scfg, batch))
-        if reason:
-            skipped[name] = f"batch {batch}, context {context}: {reason}"
-            print(f"skipping {skipped[name]}", flush=True)
-            continue
-        t_cache = rs.fill_teacher_cache(teacher, batch, context, dtype)
+    teacher = rs.build_teacher(tcfg, dtype) if both else None
+    assert teacher is None or rs.param_bytes(teacher) == t_weights
+    points, skipped, deferred = {}, {}, []
+
+    def student_step(batch: int):
         s_cache = rs.fill_student_cache(student, batch)
-        t_cache_bytes, s_state_bytes = rs.cache_tensor_bytes(t_cache), s_cache.nbytes()
-        t_token = torch.arange(1, batch + 1)[:, None]
         # A different token per row: at batch > 1 the rows route to different experts as in a real batch.
-        s_token = torch.arange(1, batch + 1)
-        pos = [context]
+        token = torch.arange(1, batch + 1)
+        moes = [m for m in student.modules() if isinstance(m, MoE)]
         used: list[list[int]] = []
 
-        def teacher_step():
-            teacher(t_token, **{kw: t_cache}, use_cache=True, logits_to_keep=1,
-                    position_ids=torch.full((batch, 1), pos[0]))
-            pos[0] += 1
-
-        def student_step():
-            student.step(s_token, s_cache)
-            moes = [m for m in student.modules() if isinstance(m, MoE)]
+        def step():
+            student.step(token, s_cache)
             # Batch 1 runs its top-k experts directly (no load recorded); larger batches record the load.
             used.append([scfg.top_k] * len(moes) if batch == 1 else [int((m.last_load > 0).sum()) for m in moes])
+        return step, used, s_cache.nbytes()
 
-        times = interleaved_seconds({"teacher": teacher_step, "student": student_step}, rounds)
+    def teacher_step(batch: int, context: int):
+        kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+        t_cache = rs.fill_teacher_cache(teacher, batch, context, dtype)
+        token, pos = torch.arange(1, batch + 1)[:, None], [context]
+
+        def step():
+            teacher(token, **{kw: t_cache}, use_cache=True, logits_to_keep=1,
+                    position_ids=torch.full((batch, 1), pos[0]))
+            pos[0] += 1
+        return step, rs.cache_tensor_bytes(t_cache)
+
+    def student_bytes(used, s_state_bytes):
         experts_used = max(used[1:], key=sum)  # the most any timed step read (warm-up left out)
-        t_bytes = out["teacher_weight_bytes"] + t_cache_bytes
-        s_bytes = rs.student_step_bytes(student, experts_used, s_state_bytes)
-        t_ms, s_ms = (statistics.median(times[k]) * 1e3 for k in ("teacher", "student"))
+        return rs.student_step_bytes(student, experts_used, s_state_bytes), experts_used
+
+    def record(name, batch, context, t_times, s_times, t_cache_bytes, s_bytes, experts_used, s_state_bytes,
+               in_turns):
+        t_bytes = t_weights + t_cache_bytes
+        t_ms, s_ms = statistics.median(t_times) * 1e3, statistics.median(s_times) * 1e3
         bound_ms = s_bytes / (bandwidth * 1e9) * 1e3
-        speedup = median_ratio(times["teacher"], times["student"])
+        speedup = median_ratio(t_times, s_times) if in_turns else t_ms / s_ms
         points[name] = {
-            "batch": batch, "context": context, "teacher_ms": t_ms, "student_ms": s_ms,
+            "batch": batch, "context": context, "teacher_ms": t_ms, "student_ms": s_ms, "timed_in_turns": in_turns,
             "teacher_bytes": t_bytes, "student_bytes": s_bytes, "teacher_kv_bytes": t_cache_bytes,
             "student_state_bytes": s_state_bytes, "student_experts_used_per_layer": experts_used,
             "speedup_vs_teacher": speedup, "byte_ratio_bound": t_bytes / s_bytes,
@@ -229,8 +230,45 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
             "teacher_vs_bandwidth_bound": t_ms / (t_bytes / (bandwidth * 1e9) * 1e3),
         }
         print(f"{name}: teacher {t_ms:.0f} ms, student {s_ms:.0f} ms, speedup {speedup:.2f} "
-              f"(bytes bound {t_bytes / s_bytes:.2f})", flush=True)
-        del t_cache, s_cache
+              f"(bytes bound {t_bytes / s_bytes:.2f}){'' if in_turns else ' (not in turns)'}", flush=True)
+
+    for batch, context in (TINY_POINTS if quick else REAL_POINTS):
+        name = f"b{batch}_ctx{context}"
+        if only and name not in only:
+            continue
+        # The cache, plus the copy DynamicCache's torch.cat makes each step, plus the student's state.
+        need = 2 * rs.teacher_kv_bytes(tcfg, context, batch) + rs.student_state_bytes(scfg, batch)
+        if teacher is not None and not rs.fits(need):
+            t_step, t_cache_bytes = teacher_step(batch, context)
+            s_step, used, s_state_bytes = student_step(batch)
+            times = interleaved_seconds({"teacher": t_step, "student": s_step}, rounds)
+            record(name, batch, context, times["teacher"], times["student"], t_cache_bytes,
+                   *student_bytes(used, s_state_bytes), s_state_bytes, True)
+            del t_step, s_step
+        elif not rs.fits(int(1.1 * need) + (t_weights if teacher is None else 0) - s_weights, margin=1.0):
+            deferred.append((name, batch, context))  # fits once the student is gone
+        else:
+            reason = rs.fits(need + t_weights)
+            skipped[name] = f"batch {batch}, context {context}: teacher and its cache {reason}"
+            print(f"skipping {skipped[name]}", flush=True)
+    if deferred:
+        # Phase 1: the student alone at each deferred point; phase 2: the teacher alone (students freed).
+        student_times = {}
+        for name, batch, context in deferred:
+            s_step, used, s_state_bytes = student_step(batch)
+            s_times = interleaved_seconds({"student": s_step}, rounds)["student"]
+            student_times[name] = (s_times, *student_bytes(used, s_state_bytes), s_state_bytes)
+            del s_step
+        student = None
+        gc.collect()
+        if teacher is None:
+            teacher = rs.build_teacher(tcfg, dtype)
+        for name, batch, context in deferred:
+            t_step, t_cache_bytes = teacher_step(batch, context)
+            t_times = interleaved_seconds({"t": t_step}, rounds)["t"]
+            s_times, s_bytes, experts_used, s_state_bytes = student_times[name]
+            record(name, batch, context, t_times, s_times, t_cache_bytes, s_bytes, experts_used, s_state_bytes, False)
+            del t_step
     out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
     out["points"], out["skipped"] = points, skipped
     if points:
@@ -240,6 +278,12 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
         out["student_matvec_vs_bandwidth_bound"] = out["student_matvec_ms"] / (
             out["student_active_weight_bytes"] / (bandwidth * 1e9) * 1e3)
     return out
+
+
+def _meta_teacher(tcfg):
+    """The teacher on the meta device: its parameter count without allocating it."""
+    with torch.device("meta"):
+        return rs.build_teacher(tcfg)
 
 
 def main() -> None:

@@ -104,3 +104,18 @@ def test_throughput_quick_sections_write_their_keys():
     assert 0 < tr["student_pair"]["fraction_of_bf16_peak"] and tr["teacher_layer"]["tokens_per_s"] > 0
     kd = throughput.kd(quick=True, rounds=1)
     assert kd["kd_over_ce"] > 0 and kd["kl_memory_plan"]["total"] > 0
+
+
+def test_models_that_only_fit_one_at_a_time_are_timed_in_two_phases(monkeypatch):
+    import decode
+
+    tcfg = rs.teacher_config(tiny=True)
+    t_bytes = 2 * sum(p.numel() for p in decode._meta_teacher(tcfg).parameters())
+    s_bytes = 2 * rs.student_cfg(tcfg).param_counts()["total"]
+    assert t_bytes < s_bytes
+    # Room for the student, or the teacher with every toy cache, but not for both models.
+    monkeypatch.setattr(rs, "mem_available", lambda: int(1.06 * s_bytes))
+    torch.set_num_threads(1)
+    out = decode.real_shapes(quick=True, rounds=1, only=["b1_ctx8", "b4_ctx32"])
+    assert set(out["points"]) == {"b1_ctx8", "b4_ctx32"} and not out["skipped"]
+    assert all(p["timed_in_turns"] is False and p["speedup_vs_teacher"] > 0 for p in out["points"].values())
