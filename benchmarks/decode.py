@@ -65,6 +65,37 @@ def matvec_ms(model: Aetheris, n: int) -> float:
     return time_steps(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], n)
 
 
+@torch.no_grad()
+def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
+    """GB/s of batch-1 matvecs over the student's weights, per weight kind, in three layouts: ``nn.Linear``'s
+    (out, in) through ``F.linear`` (what the model runs), a transposed (in, out) copy (``x @ w.T``), and
+    oneDNN's prepacked weight (``mkldnn._linear_pointwise``, what inductor's freezing uses). One pass reads
+    the kind's matrix of every layer, so each comes from memory, not cache."""
+    import torch.nn.functional as F
+
+    from aetheris.model import SSMMixer
+    kinds = {"in_proj": [m.in_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
+             "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
+             "expert_gate": [m.w_gate[0] for m in model.modules() if isinstance(m, MoE)],
+             "expert_down": [m.w_down[0] for m in model.modules() if isinstance(m, MoE)]}
+    out = {}
+    for kind, ws in kinds.items():
+        x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype)
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        rates = {"linear": nbytes / median_seconds(lambda: [F.linear(x, w) for w in ws], repeats=n) / 1e9}
+        wt = [w.t().contiguous() for w in ws]
+        rates["transposed"] = nbytes / median_seconds(lambda: [x @ w for w in wt], repeats=n) / 1e9
+        del wt
+        if torch.backends.mkldnn.is_available():
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+            rates["mkldnn_packed"] = nbytes / median_seconds(
+                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
+                repeats=n) / 1e9
+            del packed
+        out[kind] = {"shape": list(ws[0].shape), "gb_per_s": rates}
+    return out
+
+
 def models(quick: bool):
     """Student, teacher with Tiny Aya's attention layout, and the same teacher with full attention everywhere."""
     from transformers import Cohere2Config, Cohere2ForCausalLM
@@ -182,6 +213,7 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
     bandwidth = memory_bandwidth_gbs()
     out["memory_bandwidth_gbs"] = bandwidth
     out["student_matvec_ms"] = matvec_ms(student, 8)
+    out["student_matvec_layouts"] = matvec_layouts(student)
     teacher = rs.build_teacher(tcfg, dtype) if both else None
     assert teacher is None or rs.param_bytes(teacher) == t_weights
     points, skipped, deferred = {}, {}, []
