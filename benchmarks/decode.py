@@ -327,7 +327,7 @@ def main() -> None:
     args = p.parse_args()
     setup(args)
     if args.real_shapes:
-        emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 7),
+        emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 5),
                               args.points.split(",") if args.points else None))
         return
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
