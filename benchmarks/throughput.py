@@ -244,10 +244,10 @@ def kd(quick: bool, rounds: int) -> dict:
 def main() -> None:
     p = parser(__doc__.splitlines()[0], clock=False)
     p.add_argument("--only", default="prefill,train,kd", help="comma-separated sections: prefill, train, kd")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per section (default 3; quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per section (default 2, after a warm-up round)")
     args = p.parse_args()
     setup(args)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or 2
     sections = {"prefill": prefill, "train": train, "kd": kd}
     results = {}
     for name in args.only.split(","):
