@@ -9,7 +9,7 @@ export AETHERIS_DATA_DIR
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: help install demo demo-quick results test test-slow bench bench-fullwidth image image-cuda clean
+.PHONY: help install demo demo-quick results test test-slow bench bench-real bench-fullwidth image image-cuda clean
 
 help:
 	@echo "make demo       # set up, then run the embedded CPU demo (FORCE=1 redoes finished steps)"
@@ -17,7 +17,8 @@ help:
 	@echo "make results    # make demo, then write docs/RESULTS.md from its report"
 	@echo "make test       # set up, then run the test suite (fast tier)"
 	@echo "make test-slow  # the slow tier (tests marked slow)"
-	@echo "make bench      # quick benchmarks -> bench-results/*.json"
+	@echo "make bench      # quick benchmarks -> bench-results/*.json (< 5 min)"
+	@echo "make bench-real # Tiny Aya's real shapes: decode, prefill, training, KD step (~16 GB, minutes)"
 	@echo "make bench-fullwidth # Tiny Aya's real widths end to end on CPU (~20 GB RAM, ~30 min) -> bench-results/fullwidth.json"
 	@echo "make image      # CPU container image aetheris:cpu (docker or podman; IMAGE_FLAGS=... for build options)"
 	@echo "make image-cuda # CUDA container image aetheris:cuda (CUDA torch + fused kernels)"
@@ -55,10 +56,20 @@ bench: install
 	$(PY) benchmarks/scan.py --quick --json bench-results/scan.json
 	$(PY) benchmarks/moe.py --quick --json bench-results/moe.json
 	$(PY) benchmarks/decode.py --quick --json bench-results/decode.json
+	$(PY) benchmarks/decode.py --real-shapes --quick --json bench-results/decode-real-quick.json
+	$(PY) benchmarks/throughput.py --quick --json bench-results/throughput-quick.json
+
+# Real shapes: bf16 Tiny Aya (6.7 GB) and its student (7.9 GB) in one process, plus caches; points that do
+# not fit the free memory are skipped with the reason.
+bench-real: install
+	mkdir -p bench-results
+	$(PY) benchmarks/decode.py --real-shapes --json bench-results/decode-real.json
+	$(PY) benchmarks/throughput.py --json bench-results/throughput-real.json
 
 bench-fullwidth: install
 	mkdir -p bench-results
 	$(PY) benchmarks/fullwidth.py --json bench-results/fullwidth.json
+
 # Container images. ENGINE: docker when its daemon answers, else podman. IMAGE_FLAGS: extra build
 # options, e.g. --build-arg BASE=..., --secret id=pip.conf,src=..., --build-context wheels=DIR
 # (docs/SERVING.md shows a build without registry access).

@@ -14,16 +14,24 @@ from its weight matmuls timed alone (what is left is per-token Python/dispatch w
 bandwidth-bound speedup (bytes the teacher must read per step / bytes the student must read).
 
     python benchmarks/decode.py --json bench-results/decode.json [--quick] [--threads N] [--clock cpu]
+
+``--real-shapes`` times Tiny Aya itself instead (see ``real_shapes``): its exact config through transformers'
+``Cohere2ForCausalLM`` against the 12-pair student derived from it, both bf16 with random weights:
+
+    python benchmarks/decode.py --real-shapes --json bench-results/decode-real.json   # ~16 GB of memory
+    python benchmarks/decode.py --real-shapes --quick                                  # toy widths, seconds
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import statistics
 
 import torch
-from common import clock, emit, median_seconds, parser, setup
+import realshapes as rs
+from common import clock, emit, interleaved_seconds, median_ratio, median_seconds, parser, setup
 
 from aetheris.config import AetherisConfig
 from aetheris.model import Aetheris, MoE
@@ -53,8 +61,39 @@ def matvec_ms(model: Aetheris, n: int) -> float:
         elif isinstance(m, MoE):
             weights += [m.router.weight] + [w[e] for e in range(m.cfg.top_k) for w in (m.w_gate, m.w_up, m.w_down)]
     weights.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)
-    inputs = [torch.randn(1, w.shape[1]) for w in weights]
+    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
     return time_steps(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], n)
+
+
+@torch.no_grad()
+def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
+    """GB/s of batch-1 matvecs over the student's weights, per weight kind, in three layouts: ``nn.Linear``'s
+    (out, in) through ``F.linear`` (what the model runs), a transposed (in, out) copy (``x @ w.T``), and
+    oneDNN's prepacked weight (``mkldnn._linear_pointwise``, what inductor's freezing uses). One pass reads
+    the kind's matrix of every layer, so each comes from memory, not cache."""
+    import torch.nn.functional as F
+
+    from aetheris.model import SSMMixer
+    kinds = {"in_proj": [m.in_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
+             "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
+             "expert_gate": [m.w_gate[0] for m in model.modules() if isinstance(m, MoE)],
+             "expert_down": [m.w_down[0] for m in model.modules() if isinstance(m, MoE)]}
+    out = {}
+    for kind, ws in kinds.items():
+        x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype)
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        rates = {"linear": nbytes / median_seconds(lambda: [F.linear(x, w) for w in ws], repeats=n) / 1e9}
+        wt = [w.t().contiguous() for w in ws]
+        rates["transposed"] = nbytes / median_seconds(lambda: [x @ w for w in wt], repeats=n) / 1e9
+        del wt
+        if torch.backends.mkldnn.is_available():
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
+            rates["mkldnn_packed"] = nbytes / median_seconds(
+                lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
+                repeats=n) / 1e9
+            del packed
+        out[kind] = {"shape": list(ws[0].shape), "gb_per_s": rates}
+    return out
 
 
 def models(quick: bool):
@@ -127,9 +166,170 @@ def teacher_ms(model, context: int, n: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# --real-shapes: Tiny Aya vs its 12-pair student
+# ---------------------------------------------------------------------------------------------------
+
+REAL_POINTS = [(1, 2048), (1, 8192), (1, 32768), (16, 2048), (16, 8192)]  # (batch, context)
+TINY_POINTS = [(1, 8), (1, 32), (1, 64), (4, 8), (4, 32)]                # toy window 16: same regimes
+
+
+@torch.no_grad()
+def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict:
+    """Decode steps of Tiny Aya (bf16, transformers, DynamicCache) and its student (bf16, ``Aetheris.step``),
+    timed in turns at each (batch, context) point.
+
+    Contexts are filled by size, not by a prefill: the teacher's cache gets random K/V tensors of the length
+    each layer holds after ``context`` tokens (``realshapes.fill_teacher_cache``), the student's fixed-size
+    state random values. Decode cost depends on the cache's size, not its contents. Bytes per step: the
+    teacher reads all its weights plus its KV cache; the student its non-expert weights, the experts its
+    rows were routed to in the timed steps, and its state. The bound is bytes / the copy bandwidth measured
+    in this run. A point whose caches do not fit the available memory is skipped with the reason.
+    """
+    tcfg = rs.teacher_config(tiny=quick)
+    scfg = rs.student_cfg(tcfg)
+    dtype = torch.bfloat16
+    out = {"dtype": "bfloat16", "rounds": rounds, "teacher_config": {k: getattr(tcfg, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "sliding_window")},
+           "student_config": {k: getattr(scfg, k) for k in ("n_layer", "d_model", "n_heads", "head_dim", "d_state",
+                                                          "n_groups", "d_ff", "n_experts", "top_k")},
+           "context_fill": "teacher: DynamicCache built from random K/V tensors of each layer's length; "
+                           "student: its fixed-size state with random values (no prefill run)"}
+    counts = scfg.param_counts()
+    t_weights = 2 * sum(p.numel() for p in _meta_teacher(tcfg).parameters())
+    s_weights = 2 * counts["total"]
+    both = rs.fits(t_weights + s_weights, margin=1.05) is None
+    if not both:
+        # Not both at once: each alone, in two phases (students first, then teachers), not in turns.
+        reason = rs.fits(max(t_weights, s_weights), margin=1.05)
+        if reason:
+            out["skipped"] = f"models: {reason}"
+            return out
+    student = rs.build_student(scfg, dtype)
+    out["student_weight_bytes"] = rs.param_bytes(student)
+    out["student_active_weight_bytes"] = 2 * counts["active"]
+    out["teacher_weight_bytes"] = t_weights
+    bandwidth = memory_bandwidth_gbs()
+    out["memory_bandwidth_gbs"] = bandwidth
+    out["student_matvec_ms"] = matvec_ms(student, 8)
+    out["student_matvec_layouts"] = matvec_layouts(student)
+    teacher = rs.build_teacher(tcfg, dtype) if both else None
+    assert teacher is None or rs.param_bytes(teacher) == t_weights
+    points, skipped, deferred = {}, {}, []
+
+    def student_step(batch: int):
+        s_cache = rs.fill_student_cache(student, batch)
+        # A different token per row: at batch > 1 the rows route to different experts as in a real batch.
+        token = torch.arange(1, batch + 1)
+        moes = [m for m in student.modules() if isinstance(m, MoE)]
+        used: list[list[int]] = []
+
+        def step():
+            student.step(token, s_cache)
+            # Batch 1 runs its top-k experts directly (no load recorded); larger batches record the load.
+            used.append([scfg.top_k] * len(moes) if batch == 1 else [int((m.last_load > 0).sum()) for m in moes])
+        return step, used, s_cache.nbytes()
+
+    def teacher_step(batch: int, context: int):
+        kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+        t_cache = rs.fill_teacher_cache(teacher, batch, context, dtype)
+        token, pos = torch.arange(1, batch + 1)[:, None], [context]
+
+        def step():
+            teacher(token, **{kw: t_cache}, use_cache=True, logits_to_keep=1,
+                    position_ids=torch.full((batch, 1), pos[0]))
+            pos[0] += 1
+        return step, rs.cache_tensor_bytes(t_cache)
+
+    def student_bytes(used, s_state_bytes):
+        experts_used = max(used[1:], key=sum)  # the most any timed step read (warm-up left out)
+        return rs.student_step_bytes(student, experts_used, s_state_bytes), experts_used
+
+    def record(name, batch, context, t_times, s_times, t_cache_bytes, s_bytes, experts_used, s_state_bytes,
+               in_turns):
+        t_bytes = t_weights + t_cache_bytes
+        t_ms, s_ms = statistics.median(t_times) * 1e3, statistics.median(s_times) * 1e3
+        bound_ms = s_bytes / (bandwidth * 1e9) * 1e3
+        speedup = median_ratio(t_times, s_times) if in_turns else t_ms / s_ms
+        points[name] = {
+            "batch": batch, "context": context, "teacher_ms": t_ms, "student_ms": s_ms, "timed_in_turns": in_turns,
+            "teacher_bytes": t_bytes, "student_bytes": s_bytes, "teacher_kv_bytes": t_cache_bytes,
+            "student_state_bytes": s_state_bytes, "student_experts_used_per_layer": experts_used,
+            "speedup_vs_teacher": speedup, "byte_ratio_bound": t_bytes / s_bytes,
+            "speedup_over_bound": speedup / (t_bytes / s_bytes),
+            "student_bound_ms": bound_ms, "student_vs_bandwidth_bound": s_ms / bound_ms,
+            "teacher_vs_bandwidth_bound": t_ms / (t_bytes / (bandwidth * 1e9) * 1e3),
+        }
+        print(f"{name}: teacher {t_ms:.0f} ms, student {s_ms:.0f} ms, speedup {speedup:.2f} "
+              f"(bytes bound {t_bytes / s_bytes:.2f}){'' if in_turns else ' (not in turns)'}", flush=True)
+
+    for batch, context in (TINY_POINTS if quick else REAL_POINTS):
+        name = f"b{batch}_ctx{context}"
+        if only and name not in only:
+            continue
+        # The cache, plus the copy DynamicCache's torch.cat makes each step, plus the student's state.
+        need = 2 * rs.teacher_kv_bytes(tcfg, context, batch) + rs.student_state_bytes(scfg, batch)
+        if teacher is not None and not rs.fits(need):
+            t_step, t_cache_bytes = teacher_step(batch, context)
+            s_step, used, s_state_bytes = student_step(batch)
+            times = interleaved_seconds({"teacher": t_step, "student": s_step}, rounds)
+            record(name, batch, context, times["teacher"], times["student"], t_cache_bytes,
+                   *student_bytes(used, s_state_bytes), s_state_bytes, True)
+            del t_step, s_step
+        elif not rs.fits(int(1.1 * need) + (t_weights if teacher is None else 0) - s_weights, margin=1.0):
+            deferred.append((name, batch, context))  # fits once the student is gone
+        else:
+            reason = rs.fits(need + t_weights)
+            skipped[name] = f"batch {batch}, context {context}: teacher and its cache {reason}"
+            print(f"skipping {skipped[name]}", flush=True)
+    if deferred:
+        # Phase 1: the student alone at each deferred point; phase 2: the teacher alone (students freed).
+        student_times = {}
+        for name, batch, context in deferred:
+            s_step, used, s_state_bytes = student_step(batch)
+            s_times = interleaved_seconds({"student": s_step}, rounds)["student"]
+            student_times[name] = (s_times, *student_bytes(used, s_state_bytes), s_state_bytes)
+            del s_step
+        student = None
+        gc.collect()
+        if teacher is None:
+            teacher = rs.build_teacher(tcfg, dtype)
+        for name, batch, context in deferred:
+            t_step, t_cache_bytes = teacher_step(batch, context)
+            t_times = interleaved_seconds({"t": t_step}, rounds)["t"]
+            s_times, s_bytes, experts_used, s_state_bytes = student_times[name]
+            record(name, batch, context, t_times, s_times, t_cache_bytes, s_bytes, experts_used, s_state_bytes, False)
+            del t_step
+    out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
+    out["points"], out["skipped"] = points, skipped
+    if points:
+        out["min_speedup_over_bound"] = min(p["speedup_over_bound"] for p in points.values())
+        b1 = [p["student_vs_bandwidth_bound"] for p in points.values() if p["batch"] == 1]
+        out["student_vs_bandwidth_bound_b1"] = max(b1) if b1 else None
+        out["student_matvec_vs_bandwidth_bound"] = out["student_matvec_ms"] / (
+            out["student_active_weight_bytes"] / (bandwidth * 1e9) * 1e3)
+    return out
+
+
+def _meta_teacher(tcfg):
+    """The teacher on the meta device: its parameter count without allocating it."""
+    with torch.device("meta"):
+        return rs.build_teacher(tcfg)
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--real-shapes", action="store_true",
+                   help="Tiny Aya's config vs its 12-pair student, bf16 (with --quick: the same at toy width)")
+    p.add_argument("--rounds", type=int, default=None, help="--real-shapes: timed rounds per point")
+    p.add_argument("--points", default=None, help="--real-shapes: only these points, e.g. b1_ctx2048,b16_ctx8192")
+    args = p.parse_args()
     setup(args)
+    if args.real_shapes:
+        emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 5),
+                              args.points.split(",") if args.points else None))
+        return
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
     n = 20 if args.quick else 40
     student, teacher, full = models(args.quick)
