@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=101, d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8, n_groups=2, d_ff=48, chunk_size=8)
 
 
+def merged_overrides(items: list[str]) -> list[str]:
+    """``key=value`` overrides where a later one replaces an earlier one (``aetheris`` refuses a key given twice)."""
+    out = {}
+    for item in items:
+        key = item.split("=", 1)[0]
+        out.pop(key, None)
+        out[key] = item
+    return list(out.values())
+
+
 def tiny_config(tokenizer=None, **overrides):
     """An ``AetherisConfig`` of the TINY shape; ``tokenizer`` sets the vocabulary and the bos/eos/pad ids,
     ``overrides`` any field."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, merged_overrides as _merged
 from aetheris.distill import build_student, load_distill_config, make_align_loss, parse_stages
 
 
@@ -19,16 +19,6 @@ def _overrides(teacher_dir, out_dir, *extra):
                     "data.languages=[en, sw, hi, zh, ar, yo, fr, ru]",
                     "data.sources=[{type: corpus, max_lines_per_language: 150}]",
                     "train.eval_every=1000", "train.checkpoint_every=1000", *extra])
-
-
-def _merged(items):
-    """A later ``key=value`` replaces an earlier one (``aetheris`` refuses a key given twice)."""
-    out = {}
-    for item in items:
-        key = item.split("=", 1)[0]
-        out.pop(key, None)
-        out[key] = item
-    return list(out.values())
 
 
 def test_distill_align_cli_kl_random_vs_transfer_vs_aligned(teacher_dir, tmp_path):

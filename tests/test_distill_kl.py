@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, merged_overrides as _merged
 from aetheris.distill import load_distill_config, run_kl
 
 LANGS = ["en", "fr", "sw", "hi"]
@@ -47,16 +47,6 @@ def _overrides(teacher_dir, out, init, *extra):
         "kl.train.max_steps=6", "kl.train.micro_batch_size=4", "kl.train.lr=3e-4", "kl.train.warmup_steps=2",
         "kl.train.log_every=1", "kl.train.eval_every=100", "kl.train.checkpoint_every=3", "kl.train.progress=false",
         "kl.train.tracker=none", "kl.report_rows_per_language=1", "kl.chunk=16", *extra])
-
-
-def _merged(items):
-    """A later ``key=value`` replaces an earlier one (``aetheris`` refuses a key given twice)."""
-    out = {}
-    for item in items:
-        key = item.split("=", 1)[0]
-        out.pop(key, None)
-        out[key] = item
-    return list(out.values())
 
 
 def _cfg(teacher_dir, out, init, *extra):
