@@ -273,7 +273,7 @@ def barrage() -> list[tuple[str, str, dict | bytes, int | None]]:
 VALID_EXTREMES = {  # valid requests at the edges of the sampling ranges: each must be a 200
     "tiny temperature": dict(temperature=1e-40), "denormal temperature": dict(temperature=5e-324),
     "tiny top_p": dict(temperature=1.0, top_p=1e-300), "denormal top_p": dict(top_p=5e-324),
-    "top_p 1": dict(temperature=2.0, top_p=1.0), "max temperature": dict(temperature=2.0, seed=1),
+    "top_p 1": dict(temperature=2.0, top_p=1.0, seed=3), "max temperature": dict(temperature=2.0, seed=1),
     "huge top_k": dict(temperature=1.0, top_k=2 ** 30), "top_k 1": dict(temperature=1.0, top_k=1),
     "tiny temperature stream": dict(temperature=1e-40, stream=True),
     "tiny top_p stream": dict(temperature=1.0, top_p=1e-300, stream=True),
@@ -306,7 +306,8 @@ def test_barrage_of_hostile_requests(http):
         if fields.get("stream"):
             assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text, name
         else:
-            assert all(c["finish_reason"] == "length" for c in r.json()["choices"]), name
+            # Sampling at temperature 2 may draw an end token first: "stop" is as valid an ending as "length".
+            assert all(c["finish_reason"] in ("length", "stop") for c in r.json()["choices"]), (name, r.text[:300])
     assert refused >= 300 and sent == refused + len(VALID_EXTREMES)
     assert_still_serving(http)
 
