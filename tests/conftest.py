@@ -10,6 +10,8 @@ them out, ``make test-slow`` runs them.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiny student most equivalence tests use: every mechanism (SSM heads and groups, chunked scan, MoE)
 # present, small enough for float64 and milliseconds per forward.
 TINY = dict(vocab_size=101, d_model=32, n_layer=4, n_heads=4, head_dim=8, d_state=8, n_groups=2, d_ff=48, chunk_size=8)
+
+
+def run_process_group(cmd: list[str], *, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (e.g. torchrun and its workers) in its own process group, capturing its output; on a
+    timeout the whole group is killed, so a hung worker cannot outlive the test."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def merged_overrides(items: list[str]) -> list[str]:

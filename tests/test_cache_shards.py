@@ -5,15 +5,13 @@ row the same whatever process count wrote it."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import torch
 
 from aetheris.teacher_cache import CacheStream, read_meta
 
-from conftest import ROOT
+from conftest import ROOT, run_process_group
 sys.path.insert(0, str(ROOT / "tests"))
 from dist_driver import CACHE_ARGS, write_test_cache  # noqa: E402
 
@@ -23,16 +21,9 @@ def test_two_processes_write_the_same_cache_as_one(teacher_dir, tmp_path):
     write_test_cache(str(teacher_dir), str(one))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     two = tmp_path / "two"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "dist_driver.py"), str(two), "--cache-from", str(teacher_dir)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-4000:]
+    proc = run_process_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              str(ROOT / "tests" / "dist_driver.py"), str(two), "--cache-from", str(teacher_dir)], env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     # 10 rows in shards of 3: four shard files, two written by each process
     meta = read_meta(two)
     assert [s["rows"] for s in meta["shards"]] == [3, 3, 3, 1] and meta["rows"] == CACHE_ARGS["rows"]

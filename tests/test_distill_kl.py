@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, merged_overrides as _merged
+from conftest import ROOT, run_process_group, merged_overrides as _merged
 from aetheris.distill import load_distill_config, run_kl
 
 LANGS = ["en", "fr", "sw", "hi"]
@@ -144,14 +142,8 @@ def _torchrun_kl(out, nproc, teacher_dir, start_student, *extra):
     cmd = [*launcher, "-m", "aetheris.cli", "distill", "--config", str(ROOT / "configs" / "nano-distill.yaml"),
            "--stages", "kl", *_overrides(teacher_dir, out, start_student, "kl.train.threads=1", "kl.dro=true",
                                          "kl.dro_step=1.0", "data.pack=false", *extra)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: a hang takes the workers down too
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-4000:]
+    proc = run_process_group(cmd, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return _metrics(out), json.loads((Path(out) / "kl_report.json").read_text())
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_process_group
 sys.path.insert(0, str(ROOT / "tests"))
 from test_distill_kl import _torchrun_kl, start_student  # noqa: E402,F401  (start_student: a fixture)
 from test_distill_kl import _weights as _kl_weights  # noqa: E402
@@ -36,14 +35,7 @@ def _launch(nproc: int, out: Path, *args: str) -> subprocess.CompletedProcess:
     env.pop("CUDA_VISIBLE_DEVICES", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
         if nproc > 1 else [sys.executable]
-    proc = subprocess.Popen([*launcher, str(ROOT / "tests" / "dist_driver.py"), str(out), *COMMON, *args], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return run_process_group([*launcher, str(ROOT / "tests" / "dist_driver.py"), str(out), *COMMON, *args], env=env)
 
 
 def _run(nproc: int, out: Path, *args: str) -> list[dict]:
