@@ -176,9 +176,17 @@ def main() -> None:
     plan = plan_distill(cfg, processes=1, device="cpu", teacher_config=load_teacher_config(str(teacher)))
     log("plan:\n" + format_plan(plan))
 
-    stages = {}
+    # An interrupted run (killed, out of disk) resumes at the stage it was in: finished stages are kept in
+    # stages.json together with the setting they were measured under; the unfinished stage starts over.
+    done_file = out / "stages.json"
+    done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+    stages = done.get("stages", {}) if done.get("config") == raw else {}
     for stage in ("align", "kl", "sft"):
-        cmd = [sys.executable, "-m", "aetheris.cli", "distill", "--config", str(cfg_path), "--stages", stage]
+        if stage in stages and (out / "run" / stage / "student").is_dir():
+            log(f"{stage}: measured in an earlier run ({stages[stage]['peak_rss_gib']:.2f} GiB), kept")
+            continue
+        cmd = [sys.executable, "-m", "aetheris.cli", "distill", "--config", str(cfg_path), "--stages", stage,
+               "--overwrite"]
         peak, wall, _ = run_measured(cmd, log)
         numbers = step_numbers(out / "run" / stage / "metrics.jsonl")
         planned = plan[stage]["peak"] / GIB
@@ -186,6 +194,7 @@ def main() -> None:
                          "plan_error": round(abs(peak - planned) / planned, 4), "wall_s": round(wall, 1), **numbers}
         log(f"{stage}: peak RSS {peak:.2f} GiB (plan {planned:.2f}), {numbers['step_s']:.2f} s/step, "
             f"{numbers['tokens_per_s']:.0f} tokens/s")
+        done_file.write_text(json.dumps({"config": raw, "stages": stages}, indent=1))
 
     student = out / "run" / "sft" / "student"
     eval_cmd = [sys.executable, "-m", "aetheris.cli", "eval", "--model", str(student), "--tasks",
