@@ -12,17 +12,14 @@ import pytest
 
 from aetheris.data import (
     IGNORE_INDEX,
-    Document,
-    MalformedLog,
     PackedStream,
     language_weights,
-    load_documents,
-    offline_corpus_documents,
     split_heldout,
     tokenize_documents,
     tokenize_until,
     validation_rows,
 )
+from aetheris.sources import Document, MalformedLog, load_documents, offline_corpus_documents
 from aetheris.languages import CODES
 
 
@@ -68,7 +65,7 @@ def _docs(n_langs=3, n_docs=7, seed=0):
 
 def test_packed_rows_are_the_documents_with_boundaries():
     docs = _docs()
-    stream = PackedStream(docs, seq_len=32, temperature=1.0, seed=1)
+    stream = PackedStream(docs, seq_len=32, language_temperature=1.0, seed=1)
     batch = stream.next_batch(20)
     ids, labels, doc_ids = batch["input_ids"], batch["labels"], batch["doc_ids"]
     all_docs = {tuple(d) for lang in docs.values() for d in lang}
@@ -106,11 +103,11 @@ def test_unpacked_rows_pad_with_ignored_labels():
 
 def test_stream_state_round_trips_through_json():
     docs = _docs()
-    a = PackedStream(docs, seq_len=16, temperature=2.0, seed=3)
+    a = PackedStream(docs, seq_len=16, language_temperature=2.0, seed=3)
     a.next_batch(7)
     state = json.loads(json.dumps(a.state_dict()))
     expected = a.next_batch(9)
-    b = PackedStream(docs, seq_len=16, temperature=2.0, seed=3)
+    b = PackedStream(docs, seq_len=16, language_temperature=2.0, seed=3)
     b.load_state_dict(state)
     got = b.next_batch(9)
     for k in expected:
@@ -123,7 +120,7 @@ def test_stream_state_round_trips_through_json():
 def test_sampling_frequencies_follow_the_temperature():
     docs = {"big": [[1, 3, 2]] * 90, "small": [[1, 4, 2]] * 10}
     for temperature in (1.0, math.inf):
-        stream = PackedStream(docs, seq_len=3, temperature=temperature, seed=0, pack=False)
+        stream = PackedStream(docs, seq_len=3, language_temperature=temperature, seed=0, pack=False)
         langs = [stream.languages[stream.next_row()["lang_ids"][0]] for _ in range(4000)]
         share = langs.count("small") / len(langs)
         expected = language_weights({"big": 270, "small": 30}, temperature)["small"]
@@ -204,7 +201,8 @@ def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
         load_documents([{"type": "corpus"}], ["en", "qq"])
     with pytest.raises(ValueError, match="needs a type"):
         load_documents([{"path": "x"}])
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"unknown config key 'data.sources\[0\].txt_field'; did you mean "
+                                         r"'data.sources\[0\].text_field'\?"):
         load_documents([{"type": "jsonl", "path": str(empty), "txt_field": "t"}])
     with pytest.raises(ValueError, match="needs a fixed `language:`"):
         load_documents([{"type": "text", "path": str(empty)}])
@@ -282,7 +280,7 @@ def test_hub_source_offline_says_what_to_do(monkeypatch):
 
 
 def test_streaming_sources_resume_exactly_and_hold_out_documents(tmp_path, tiny_tokenizer):
-    from aetheris.data import StreamingDocs, _unit_hash
+    from aetheris.data import StreamingDocs, is_heldout
 
     path = tmp_path / "big.jsonl"
     lines = [json.dumps({"text": f"hati namba {i} " * (1 + i % 5), "lang": "sw" if i % 3 else "en", "id": i}) for i in range(300)]
@@ -302,4 +300,4 @@ def test_streaming_sources_resume_exactly_and_hold_out_documents(tmp_path, tiny_
     got = b.next_batch(10)
     assert all((expected[k] == got[k]).all() for k in expected)
     held = docs["sw"].heldout(max_docs=100)
-    assert held and all(_unit_hash(d.doc_id, 0) < 0.1 for d in held)
+    assert held and all(is_heldout(d.doc_id, 0.1, 0) for d in held)

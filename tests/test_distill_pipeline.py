@@ -145,7 +145,7 @@ def test_distill_configs_load():
 
 
 def test_tiny_aya_config_names_a_source_for_each_of_the_70_languages():
-    from aetheris.data import resolve_languages
+    from aetheris.sources import resolve_languages
     from aetheris.languages import CODES, get_language
 
     cfg = load_distill_config(ROOT / "configs" / "tiny-aya-distill.yaml")
