@@ -1,35 +1,24 @@
 """Where training text comes from: typed source configs and the readers that turn them into documents.
 
-``data.sources`` (documents: pretraining and distillation stages 1-2) and ``sft.sources`` (conversations:
-stage 3) are lists of small dataclasses keyed by ``type``::
+``data.sources`` (documents: pretraining, distillation stages 1-2) and ``sft.sources`` (conversations, stage 3,
+read by ``aetheris.sft``) are lists of small dataclasses keyed by ``type``: ``DataSource`` = corpus | text |
+jsonl | parquet | hub, ``SFTSource`` = toolgen | jsonl | xsid | hub. Each validates itself on construction;
+``config_io`` builds them from YAML and ``key=value`` overrides (``parse_sources`` from plain dicts), so an unknown
+key names the nearest valid one with the entry's path (``sft.sources[1].per_langauge`` -> "did you mean
+``sft.sources[1].per_language``?") and an unknown ``type`` lists the valid ones.
 
-    data.sources:  corpus | text | jsonl | parquet | hub        (DataSource)
-    sft.sources:   toolgen | jsonl | xsid | hub                 (SFTSource; read by ``aetheris.sft``)
+Reading documents, bad input is never trained on silently: a missing file, an empty dataset or an unknown
+configured language code is an error naming the file / source; malformed *records* (no text, blank, not
+UTF-8, invalid JSON, unknown per-record language) are counted and skipped (``MalformedLog``: reasons with
+``file:line`` examples); a file whose records are *mostly* malformed, or a text / JSONL file holding NUL bytes,
+is an error naming it; a record over ``max_chars`` (``data.max_document_chars``) is skipped and counted, and
+reading a long line never holds more than that in memory. Local text and JSONL files are read line by line
+(``datasets``' JSON reader aborts a file at its first bad line without saying which); Parquet files and hub
+datasets go through ``open_dataset``, the one ``datasets`` opener (shared with SFT's hub source).
 
-Each validates itself on construction; ``config_io`` builds them from YAML and ``key=value`` overrides, so an
-unknown key is an error with the nearest valid one (``sft.sources[1].per_langauge`` -> "did you mean
-``per_language``?") and an unknown ``type`` lists the valid ones. ``parse_sources`` does the same for plain
-dicts (a checkpoint's recorded config, a test).
-
-Reading documents (``iter_source`` / ``load_documents``), bad input is never trained on silently:
-
-- A missing file or folder, an empty dataset, or a configured language code that is not in the
-  registry is an error that names the file / source.
-- Malformed *records* (no text, empty text, a non-UTF-8 line, invalid JSON, an unknown per-record
-  language) are counted and skipped; ``MalformedLog.summary()`` lists them by reason with the first
-  few locations (``file:line``), and the training loop reports it at the start and the end.
-- A file (or hub / Parquet source) whose records are *mostly* malformed is an error naming it: that is a
-  wrong file, not a few bad lines. A ``text`` / ``jsonl`` file holding NUL bytes is binary: an error too.
-- Inputs are bounded: a record longer than ``max_chars`` characters (``data.max_document_chars``) is
-  skipped and counted with its ``file:line``, and reading a long line never holds more than that in memory.
-
-Local text and JSONL files are read line by line here rather than through ``datasets``: its JSON
-reader aborts the whole file at the first bad line and cannot say which line it was. Parquet files
-and hub datasets go through ``datasets`` (``open_dataset``: the one opener, shared with SFT's hub source).
-
-The offline corpus (``AETHERIS_DATA_DIR/corpus``) covers all 70 Tiny Aya languages: NTREX-128 (68,
-documents from ``DOCUMENT_IDS.tsv``), NusaX-MT Javanese (each row a document) and MAFAND
-Nigerian Pidgin (no document ids: blocks of 16 consecutive lines act as documents).
+The offline corpus (``AETHERIS_DATA_DIR/corpus``) covers all 70 Tiny Aya languages: NTREX-128 (68, documents
+from ``DOCUMENT_IDS.tsv``), NusaX-MT Javanese (each row a document) and MAFAND Nigerian Pidgin (no document
+ids: blocks of 16 consecutive lines act as documents).
 """
 
 from __future__ import annotations
@@ -88,9 +77,7 @@ def _check_language(code, key: str) -> None:
 
 def _check_languages(languages, key: str) -> None:
     """``all`` / None, a comma string or a list of registry codes."""
-    if languages in (None, "all"):
-        return
-    codes = languages.split(",") if isinstance(languages, str) else languages
+    codes = [] if languages in (None, "all") else languages.split(",") if isinstance(languages, str) else languages
     if not isinstance(codes, list):
         raise ConfigError(f"{key}={languages!r}: give 'all' or a list of language codes, e.g. [en, sw]")
     for code in codes:
@@ -98,9 +85,7 @@ def _check_languages(languages, key: str) -> None:
 
 
 def _check_count(value, key: str, minimum: int = 1, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
         raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
 
 
@@ -120,16 +105,6 @@ class _Records(_Tagged):
     def __post_init__(self):
         _check_language(self.language, "language")
 
-    @property
-    def record_language_field(self) -> str | None:
-        return self.language_field or (None if self.language else "lang")
-
-
-def _check_path(src) -> None:
-    if not isinstance(src.path, str) or not src.path:
-        raise ConfigError(f"path={src.path!r}: a {src.type} source needs path: (a file or glob; $DATA/... is under "
-                          "AETHERIS_DATA_DIR)")
-
 
 @dataclass
 class CorpusSource(_Tagged):
@@ -144,45 +119,44 @@ class CorpusSource(_Tagged):
 
 
 @dataclass
-class TextSource(_Records):
-    """Plain text files, one document per line."""
+class _Files(_Records):
+    """A record-reading source over local files."""
 
-    type: ClassVar[str] = "text"
     path: str | None = None
     """A file or glob; ``$DATA/...`` resolves under AETHERIS_DATA_DIR."""
 
     def __post_init__(self):
         super().__post_init__()
-        _check_path(self)
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError(f"path={self.path!r}: a {self.type} source needs path: (a file or glob; $DATA/... is "
+                              "under AETHERIS_DATA_DIR)")
+
+
+@dataclass
+class TextSource(_Files):
+    """Plain text files, one document per line."""
+
+    type: ClassVar[str] = "text"
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.language is None and self.language_field is None:
             raise ConfigError("language: a text file needs a fixed `language:` (its lines carry no language code)")
 
 
 @dataclass
-class JsonlSource(_Records):
+class JsonlSource(_Files):
     """JSON Lines files, one record (``{"text": ..., "lang": ...}``) per line."""
 
     type: ClassVar[str] = "jsonl"
-    path: str | None = None
-    """A file or glob; ``$DATA/...`` resolves under AETHERIS_DATA_DIR."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_path(self)
 
 
 @dataclass
-class ParquetSource(_Records):
+class ParquetSource(_Files):
     """Parquet files, read through ``datasets``."""
 
     type: ClassVar[str] = "parquet"
-    path: str | None = None
-    """A file or glob; ``$DATA/...`` resolves under AETHERIS_DATA_DIR."""
     streaming: bool = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_path(self)
 
 
 @dataclass
@@ -521,10 +495,10 @@ class _SourceTally:
                              f"it does not look like a {self.kind} source of documents: fix it or remove it from data.sources")
 
 
-def _file_records(src: TextSource | JsonlSource, log: MalformedLog, max_chars: int, tally_for) -> Iterator:
+def _file_records(src: TextSource | JsonlSource, log: MalformedLog, max_chars: int) -> Iterator:
     """(record, where, tally) per usable line of a text / JSONL source's files; bad lines are logged."""
     for path in expand_files(src.path, src.label):
-        tally = tally_for(path)
+        tally = _SourceTally(path, src.type, log)
         for i, raw in _read_lines_bounded(path, max_chars):
             where = f"{path}:{i}"
             if raw is None:
@@ -560,7 +534,7 @@ def iter_source(spec, languages: Sequence[str], log: MalformedLog, max_chars: in
     fixed_lang = canonical_language(src.language, src.label) if src.language is not None else None
     if fixed_lang is not None and fixed_lang not in wanted:
         return
-    lang_field = src.record_language_field
+    lang_field = src.language_field or (None if src.language else "lang")
 
     def record_doc(record, where: str, tally: _SourceTally):
         tally.records += 1
@@ -591,7 +565,7 @@ def iter_source(spec, languages: Sequence[str], log: MalformedLog, max_chars: in
         return Document(text, lang, doc_id)
 
     if isinstance(src, (TextSource, JsonlSource)):
-        for record, where, tally in _file_records(src, log, max_chars, lambda path: _SourceTally(path, src.type, log)):
+        for record, where, tally in _file_records(src, log, max_chars):
             if (doc := record_doc(record, where, tally)) is not None:
                 yield doc
         return

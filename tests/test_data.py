@@ -301,3 +301,52 @@ def test_streaming_sources_resume_exactly_and_hold_out_documents(tmp_path, tiny_
     assert all((expected[k] == got[k]).all() for k in expected)
     held = docs["sw"].heldout(max_docs=100)
     assert held and all(is_heldout(d.doc_id, 0.1, 0) for d in held)
+
+
+# --- the one language sampler -------------------------------------------------------------------
+
+
+def test_language_sampler_follows_its_reference_walk():
+    # The contract a checkpoint's data position relies on: a language by rng.choice(p), then that language's
+    # next item in the permutation seeded by (seed, language index, epoch).
+    from aetheris.data import LanguageSampler
+
+    counts = {"sw": 3, "en": 5, "yo": 2}
+    sampler = LanguageSampler(counts, counts, language_temperature=2.0, seed=7)
+    languages = sorted(counts)
+    weights = language_weights(counts, 2.0)
+    probs = np.array([weights[lang] for lang in languages])
+    rng, cursor, epoch = np.random.default_rng(7), dict.fromkeys(languages, 0), dict.fromkeys(languages, 0)
+    for _ in range(60):
+        li = int(rng.choice(len(languages), p=probs))
+        lang = languages[li]
+        expected = int(np.random.default_rng([7, li, epoch[lang]]).permutation(counts[lang])[cursor[lang]])
+        cursor[lang] += 1
+        if cursor[lang] == counts[lang]:
+            cursor[lang], epoch[lang] = 0, epoch[lang] + 1
+        assert sampler.next() == (li, expected)
+
+
+def test_packed_and_sft_streams_draw_through_the_same_sampler():
+    from aetheris.sft import SFTStream
+
+    # Equal-length items, so token weights (packed) and item counts (SFT) give the same probabilities.
+    docs = {lang: [[1, 100 * li + j, 2] for j in range(n)] for li, (lang, n) in enumerate([("en", 4), ("sw", 2), ("yo", 3)])}
+    packed = PackedStream(docs, seq_len=3, language_temperature=3.0, seed=5, pack=False)
+    sft = SFTStream({lang: [(d, d) for d in ds] for lang, ds in docs.items()}, 3, language_temperature=3.0, seed=5)
+    a, b = packed.next_batch(40), sft.next_batch(40)
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(a["lang_ids"], b["lang_ids"])
+
+
+def test_language_weights_can_be_set_and_are_checked():
+    docs = {"big": [[1, 3, 2]] * 9, "small": [[1, 4, 2]]}
+    stream = PackedStream(docs, seq_len=3, seed=0, pack=False)
+    stream.set_language_weights({"big": 0.0, "small": 2.0})
+    assert stream.probs.tolist() == [0.0, 1.0]
+    assert {int(stream.next_row()["lang_ids"][0]) for _ in range(20)} == {stream.languages.index("small")}
+    stream.set_language_weights([3.0, 1.0])  # in `languages` order
+    assert stream.probs.tolist() == [0.75, 0.25]
+    for bad in ({"big": 1.0}, {"big": -1.0, "small": 1.0}, [0.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="language weights"):
+            stream.set_language_weights(bad)
