@@ -152,11 +152,11 @@ def test_tiny_aya_config_names_a_source_for_each_of_the_70_languages():
     assert sorted(resolve_languages(cfg.data.languages)) == sorted(CODES)
     by_language = {}
     for spec in cfg.data.sources:
-        assert spec["type"] == "hub" and spec["split"] == "train"
-        by_language.setdefault(spec["language"], []).append(spec)
+        assert spec.type == "hub" and spec.split == "train"
+        by_language.setdefault(spec.language, []).append(spec)
     assert set(by_language) == set(CODES) and all(len(v) == 1 for v in by_language.values())
     for code, (spec,) in by_language.items():
         if code == "en":
-            assert (spec["name"], spec["config"]) == ("HuggingFaceFW/fineweb", "sample-10BT")
+            assert (spec.name, spec.config) == ("HuggingFaceFW/fineweb", "sample-10BT")
         else:
-            assert (spec["name"], spec["config"]) == ("HuggingFaceFW/fineweb-2", get_language(code).fineweb2)
+            assert (spec.name, spec.config) == ("HuggingFaceFW/fineweb-2", get_language(code).fineweb2)
