@@ -8,6 +8,12 @@ A ``dict`` field is a mapping of free-form keys; an override sets one entry (``s
 on top of the YAML's mapping, or of the field's default when the YAML has none. A dict field whose
 ``metadata={"keys": SomeDataclass}`` names a dataclass takes only that dataclass's fields as keys, checked
 and typed like any other key (nearest-key hint, numbers parsed).
+
+A ``list[A | B | ...]`` field whose members are dataclasses with a ``type`` class attribute is a tagged
+union (``data.sources``): each entry picks its dataclass by ``type`` (an unknown one lists the valid ones) and
+is built like a section, so its keys are checked and its ``__post_init__`` runs; errors name the entry
+(``sft.sources[1].per_language``). A key a dataclass lists in ``RENAMED_KEYS`` (old -> new) is refused with
+a one-line message naming the new key.
 """
 
 from __future__ import annotations
@@ -56,6 +62,59 @@ def schema_keys(cls, prefix: str = "") -> list[str]:
         elif _dict_keys(f) is not None:
             keys += [f"{key}.{k}" for k in _field_names(_dict_keys(f))]
     return keys
+
+
+def _tagged_members(tp) -> dict[str, type] | None:
+    """For ``list[A | B | ...]`` of dataclasses that each carry a ``type`` tag: tag -> dataclass; else None."""
+    if typing.get_origin(tp) is not list or len(typing.get_args(tp)) != 1:
+        return None
+    return _union_members(typing.get_args(tp)[0])
+
+
+def _union_members(tp) -> dict[str, type] | None:
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if all(dataclasses.is_dataclass(m) and isinstance(getattr(m, "type", None), str) for m in members):
+        return {m.type: m for m in members}
+    return None
+
+
+def build_tagged_list(union, data, where: str) -> list:
+    """A list of ``union``'s dataclasses (``A | B``, each with a ``type`` tag) from dicts (typed entries are kept)."""
+    members = _union_members(union)
+    if members is None:
+        raise TypeError(f"{union} is not a union of dataclasses with a `type` tag")
+    example = f"[{{type: {next(iter(members))}}}]"
+    if not isinstance(data, list):
+        raise ConfigError(f"{where}={data!r}: give a list of sources, e.g. {example}")
+    out = []
+    for i, item in enumerate(data):
+        at = f"{where}[{i}]"
+        if isinstance(item, tuple(members.values())):
+            out.append(item)
+            continue
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}={item!r} must be a mapping with a type: ({', '.join(members)})")
+        kind = item.get("type")
+        if kind not in members:
+            got = "needs a type" if kind is None else f"has type {kind!r}"
+            hint = _nearest(str(kind), list(members)) if kind is not None else ""
+            raise ConfigError(f"{at} {got}: one of {', '.join(members)}{hint}")
+        out.append(build(members[kind], {k: v for k, v in item.items() if k != "type"}, f"{at}."))
+    return out
+
+
+def _renamed(cls, key: str, where: str) -> None:
+    """A ConfigError naming the new key when ``key`` is one ``cls`` renamed (``RENAMED_KEYS``)."""
+    new = getattr(cls, "RENAMED_KEYS", {}).get(key)
+    if new is not None:
+        raise ConfigError(f"config key {where + key!r} was renamed: write {where + new!r} instead")
+
+
+def _section(cls, parts: list[str]):
+    """The dataclass a dotted section path leads to, or None."""
+    for part in parts:
+        cls = _dataclass_of(typing.get_type_hints(cls).get(part)) if dataclasses.is_dataclass(cls) else None
+    return cls
 
 
 def _is_dict(tp) -> bool:
@@ -119,6 +178,8 @@ def apply_overrides(raw: dict, overrides: list[str], cls) -> dict:
         in_dict = _locate(cls, parts)
         free_form = in_dict is not None and _dict_keys(in_dict[1]) is None and in_dict[0] == len(parts) - 2
         if key not in valid and not free_form:
+            if (owner := _section(cls, parts[:-1])) is not None:
+                _renamed(owner, parts[-1], ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
             raise ConfigError(f"unknown config key {key!r} in override {item!r}{_nearest(key, valid)}")
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -160,11 +221,14 @@ def build(cls, data: dict | None, where: str = "", base=None):
     kwargs: dict[str, Any] = {name: getattr(base, name) for name in fields} if base is not None else {}
     for key, value in data.items():
         if key not in fields:
+            _renamed(cls, key, where)
             valid = [f"{where}{k}" for k in schema_keys(cls)]
             raise ConfigError(f"unknown config key {where + key!r}{_nearest(where + key, valid)}")
         sub = _dataclass_of(hints.get(key))
         if sub is not None and (value is not None or hints.get(key) is sub):
             value = build(sub, value, f"{where}{key}.", _section_default(fields[key], sub, base))
+        elif _tagged_members(hints.get(key)) is not None and value is not None:
+            value = build_tagged_list(typing.get_args(hints[key])[0], value, f"{where}{key}")
         elif _dict_keys(fields[key]) is not None and value is not None:
             value = _build_typed_dict(_dict_keys(fields[key]), value, f"{where}{key}.")
         else:

@@ -21,7 +21,7 @@ Stages (DESIGN §4), run in the order given by ``--stages`` (a comma list over a
   per-token mean over valid positions (``losses.distill_loss``: sequence chunks, reverse KL / JSD options).
   Starts from the previous stage's student (``<run_dir>/align/student``, or ``kl.init``); reports held-out
   KL per language and per family before and after, and the equity score of the KL (variance of the family
-  means) to ``kl_report.json``. Sampling can be balanced by language or by family (``data.temperature``,
+  means) to ``kl_report.json``. Sampling can be balanced by language or by family (``data.language_temperature``,
   ``kl.balance``); ``kl.dro`` turns on group-DRO over language families (weights logged, identical on every
   process: the per-family KL is all-reduced before each exponentiated-gradient step, ``FamilyDRO``).
   With ``kl.cache=FOLDER`` stage 2 trains from an offline teacher cache (``aetheris.teacher_cache``: top-k
@@ -55,7 +55,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from torch import Tensor
 
 from aetheris.config import AetherisConfig
 from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml
+from aetheris.sources import SFTSource, ToolgenSource
 from aetheris.teacher import DEFAULT_TEACHER, DTYPES, check_documents_kept_apart
 from aetheris.train import DataConfig, RunConfig, TokenizerConfig, TrainConfig
 
@@ -132,7 +133,7 @@ class KLConfig:
     chunk: int = 256
     """Positions per fp32 softmax chunk (memory: chunk x vocab x 4 bytes, recomputed in backward)."""
     balance: str = "language"
-    """Sampling: language (p_l ∝ n_l^(1/data.temperature)) | family (p_f ∝ n_f^(1/data.temperature), then
+    """Sampling: language (p_l ∝ n_l^(1/data.language_temperature)) | family (p_f ∝ n_f^(1/data.language_temperature), then
     proportional within the family)."""
     dro: bool = False
     """Group-DRO over language families: the loss weights families by q_f, q_f ∝ q_f·exp(dro_step·KL_f)."""
@@ -161,14 +162,14 @@ class SFTConfig:
     kind: str = "forward"
     temperature: float = 1.0
     chunk: int = 256
-    sources: list = field(default_factory=lambda: [{"type": "toolgen"}])
+    sources: list[SFTSource] = field(default_factory=lambda: [ToolgenSource()])
     """Conversation sources: ``{type: toolgen, languages: all, per_language: 40, seed: 0}`` (generated
     tool-calling set, train templates), ``{type: jsonl, path: FILE, lang: xx}`` (conversations),
     ``{type: xsid, split: train|validation|test, per_language: N}`` (xSID via tasks.toolcall)."""
     seq_len: int = 512
     """Tokens per conversation row (longer conversations are cut; right padding is never trained)."""
-    temperature_sampling: float = 1.0
-    """Language sampling over conversations, as data.temperature."""
+    language_temperature: float = 1.0
+    """Language sampling over conversations, as data.language_temperature."""
     eval_per_language: int = 2
     """Held-out (test-template) generated examples per language for the tool-call validity report."""
     eval_languages: Any = "all"
@@ -181,6 +182,8 @@ class SFTConfig:
     init: str | None = None
     """Student to start from; unset: ``<kl out_dir>/student``."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft", lr=2e-5))
+
+    RENAMED_KEYS: ClassVar[dict] = {"temperature_sampling": "language_temperature"}
 
 
 @dataclass
@@ -903,7 +906,7 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
     run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=kc.train)
     data, tokenizer = build_data(run_cfg, lambda _docs: tokenizer, log)
     if kc.balance == "family":
-        data.stream.probs = family_balanced_probs(data.stream, cfg.data.temperature)
+        data.stream.set_language_weights(family_balanced_probs(data.stream, cfg.data.language_temperature))
     languages = data.stream.languages
     families = sorted({group_of(lang) for lang in languages})
     lang_family = torch.tensor([families.index(group_of(lang)) for lang in languages])
@@ -983,7 +986,8 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print, overwri
     """Stage 3 end to end; returns the report (also ``<sft out_dir>/sft_report.json``) and writes the student."""
     from aetheris.chat import install_chat_template
     from aetheris.checkpoint import load_model, save_model
-    from aetheris.sft import build_sft_data, toolcall_loss, toolcall_validity
+    from aetheris.sft import build_sft_data
+    from aetheris.tasks.toolcall import toolcall_loss, toolcall_validity
     from aetheris.tokenizer import load_tokenizer
     from aetheris.toolgen import generate_examples
     from aetheris.train import train
@@ -1002,7 +1006,7 @@ def run_sft(cfg: DistillConfig, *, teacher=None, resume=None, log=print, overwri
     # student's nominal max_seq_len (a guard for generation) grows to the SFT row length.
     student.cfg.max_seq_len = max(student.cfg.max_seq_len, sc.seq_len)
     run_cfg = RunConfig(model=student.cfg, tokenizer=cfg.tokenizer, data=cfg.data, train=sc.train)
-    data = build_sft_data(sc.sources, tokenizer, sc.seq_len, temperature=sc.temperature_sampling,
+    data = build_sft_data(sc.sources, tokenizer, sc.seq_len, language_temperature=sc.language_temperature,
                           seed=sc.train.seed, log=log)
     kl_rows = None
     if sc.replay_every:  # stage 2's data: replayed during training, and its held-out rows measure forgetting

@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from aetheris.generation import left_pad
 from aetheris.progress import progress_bar
 
 LOGSOFTMAX_DTYPES = ("float32", "model", "bfloat16", "float16")
@@ -156,19 +157,14 @@ class LM:
             return torch.log_softmax(logits, dim=-1)
         return torch.log_softmax(logits, dim=-1, dtype=getattr(torch, self.logsoftmax_dtype))
 
-    def _logits(self, batch_ids: list[list[int]], left_pad: bool = False, native: bool = False):
-        """Logits (B, T, V) for right-padded (default) or left-padded rows; float32 unless ``native``."""
+    def logits(self, batch_ids: list[list[int]], native: bool = False):
+        """Logits (B, T, V) of right-padded rows (causal: padding after a row changes none of its logits);
+        float32 unless ``native``."""
         torch = self._torch
         width = max(len(r) for r in batch_ids)
-        rows, mask = [], []
-        for r in batch_ids:
-            pad = [self.pad_id] * (width - len(r))
-            rows.append(pad + r if left_pad else r + pad)
-            mask.append([0] * len(pad) + [1] * len(r) if left_pad else [1] * len(r) + [0] * len(pad))
-        ids = torch.tensor(rows, device=self.device)
-        kwargs = {"attention_mask": torch.tensor(mask, device=self.device)} if left_pad else {}
+        ids = torch.tensor([r + [self.pad_id] * (width - len(r)) for r in batch_ids], device=self.device)
         with torch.no_grad():
-            logits = self.model(ids, **kwargs).logits
+            logits = self.model(ids).logits
         return logits if native else logits.float()
 
     # -- the three calls
@@ -185,7 +181,7 @@ class LM:
         out = [0.0] * len(encoded)
         for start in _progress(range(0, len(order), self.batch_size), desc, total_items=len(order), step=self.batch_size):
             idx = order[start:start + self.batch_size]
-            logits = self._logits([encoded[i][0] for i in idx], native=True)
+            logits = self.logits([encoded[i][0] for i in idx], native=True)
             for row, i in enumerate(idx):
                 inp, cont = encoded[i]
                 sel = logits[row, len(inp) - len(cont):len(inp)]  # (len(cont), V)
@@ -201,7 +197,7 @@ class LM:
         out: list = [None] * len(id_lists)
         for start in _progress(range(0, len(order), self.batch_size), desc, total_items=len(order), step=self.batch_size):
             idx = order[start:start + self.batch_size]
-            logits = self._logits([id_lists[i][: self.max_length] for i in idx], native=True)
+            logits = self.logits([id_lists[i][: self.max_length] for i in idx], native=True)
             for row, i in enumerate(idx):
                 ids = id_lists[i][: self.max_length]
                 logp = self._log_softmax(logits[row, : len(ids) - 1])
@@ -221,9 +217,8 @@ class LM:
         hf_generate = type(self.model).generate is transformers.GenerationMixin.generate
         for start in _progress(range(0, len(order), self.batch_size), desc, total_items=len(order), step=self.batch_size):
             idx = order[start:start + self.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.tensor([[self.pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx], device=self.device)
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=self.device)
+            ids, mask = left_pad([encoded[i] for i in idx], self.pad_id, self.device)
+            width = ids.shape[1]
             kwargs = dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=self.end_ids, pad_token_id=self.pad_id)
             if hf_generate:

@@ -218,15 +218,20 @@ def encode_prompts(model: Aetheris, tokenizer, prompts: Sequence[str | bytes | l
             raise ValueError(f"prompt token ids must be in [0, {model.cfg.vocab_size}); does the tokenizer "
                              "belong to this model?")
         rows.append(ids)
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    device = model.embed.weight.device
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    return left_pad(rows, pad, model.embed.weight.device)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    """Token rows left-padded to the longest: (input_ids, attention_mask), both (B, T_max), mask 0 at padding.
+    Left padding keeps every row's last token in the last column, where decoding continues."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        input_ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
         mask[i, width - len(r):] = 1
-    return input_ids, mask
+    return input_ids.to(device), mask.to(device)
 
 
 def _stop_ids(tokenizer, params: SamplingParams) -> SamplingParams:

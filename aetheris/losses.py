@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from aetheris.model import IGNORE_INDEX
 KINDS = ("forward", "reverse", "jsd")
 
 

@@ -12,7 +12,7 @@ Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was m
 warmup + cosine schedule:
 
 1. ``steps`` of language modelling on packed corpus rows (``data.load_documents`` -> ``split_heldout`` -> ``PackedStream``,
-   the student's own data path, languages sampled ``p_l ∝ n_l^(1/temperature)``). The held-out documents
+   the student's own data path, languages sampled ``p_l ∝ n_l^(1/language_temperature)``). The held-out documents
    are the ones distillation holds out too (same seed, same split), and corpus lines past
    ``lines_per_language`` are never read, so evaluation can score text the teacher never saw.
 2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
@@ -53,8 +53,8 @@ class NanoTeacherConfig:
     lines_per_language: int = 200
     """Corpus lines read per language (the first ones); the rest stay unseen for evaluation."""
     seq_len: int = 64
-    temperature: float = 3.0
-    """Language sampling temperature (as ``data.temperature`` in the run configs)."""
+    language_temperature: float = 3.0
+    """Language sampling temperature (as ``data.language_temperature`` in the run configs)."""
     steps: int = 300
     batch_size: int = 16
     lr: float = 2.0e-3
@@ -160,7 +160,8 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
     """Train the nano teacher and save it (model + tokenizer + report) to ``out``; returns (model, tokenizer)."""
     from transformers import Cohere2ForCausalLM
 
-    from aetheris.data import load_documents, split_heldout, tokenize_documents, validation_rows, PackedStream
+    from aetheris.data import split_heldout, tokenize_documents, validation_rows, PackedStream
+    from aetheris.sources import load_documents
     from aetheris.sft import build_sft_data
     from aetheris.tokenizer import train_bpe_tokenizer
 
@@ -176,7 +177,7 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
     tokenizer = train_bpe_tokenizer([d.text for lang in sorted(train_docs) for d in train_docs[lang]], cfg.vocab_size)
     pad = tokenizer.pad_token_id
     stream = PackedStream({lang: tokenize_documents(d, tokenizer) for lang, d in train_docs.items()}, cfg.seq_len,
-                          temperature=cfg.temperature, seed=cfg.seed, pack=True, pad_id=pad)
+                          language_temperature=cfg.language_temperature, seed=cfg.seed, pack=True, pad_id=pad)
     val = validation_rows({lang: tokenize_documents(d, tokenizer) for lang, d in val_docs.items()}, cfg.seq_len, 2,
                           pad_id=pad)
     chat = None

@@ -9,18 +9,19 @@
 * ``check_conversation``: what makes a record unusable (no messages, unknown role, no assistant turn,
   a tool call whose arguments are not JSON, …). ``load_conversations`` reports each one with its record
   id through ``data.MalformedLog`` and skips it.
-* Sources (``sft.sources`` in the distill config): ``toolgen`` (the generated multilingual tool-calling set,
-  train templates only; ``languages``, ``per_language``, ``seed``, ``tools_offered``), ``jsonl`` (one conversation per line: ``{"id", "lang", "messages", "tools"?}``;
-  the toolgen/toolcall-task format with ``user``/``expected`` is accepted too), ``xsid`` (xSID's
-  validation split mapped to calls by ``tasks.toolcall.xsid_examples``; its test split stays for evaluation),
-  ``hub`` (``datasets``: a hub id with ``name``/``config``/``split``/``streaming``/``limit``, or a local copy
-  via ``path``; ``messages`` / ShareGPT ``conversations`` / xLAM ``query``+``answers`` / prompt-response
-  columns, ``tools`` as a list or JSON text, language from ``lang`` or a ``lang``/``language_code`` column).
+* Sources (``sft.sources`` in the distill config; typed in ``aetheris.sources``): ``toolgen`` (the generated
+  multilingual tool-calling set, train templates only; ``languages``, ``per_language``, ``seed``, ``tools_offered``),
+  ``jsonl`` (one conversation per line: ``{"id", "lang", "messages", "tools"?}``; the toolgen/toolcall-task format
+  with ``user``/``expected`` is accepted too), ``xsid`` (xSID's validation split mapped to calls by
+  ``tasks.toolcall.xsid_examples``; its test split stays for evaluation), ``hub`` (``datasets``: a hub id with
+  ``name``/``config``/``split``/``streaming``/``limit``, or a local copy via ``path``; ``messages`` / ShareGPT
+  ``conversations`` / xLAM ``query``+``answers`` / prompt-response columns, ``tools`` as a list or JSON text,
+  language from ``lang`` or a ``lang``/``language_code`` column).
 * ``SFTStream``: one conversation per row (cut at ``seq_len``, right-padded, padding never trained),
-  languages sampled by temperature, resumable like ``data.PackedStream``.
-* ``toolcall_validity``: greedy generation on held-out tool-call examples, scored by
-  ``tasks.toolcall.score_output`` (parse, schema, name, exact, BFCL AST) plus exact match of the whole
-  assistant turn.
+  languages drawn by the same ``data.LanguageSampler`` as ``data.PackedStream``; resumable.
+
+The tool-call scores of a model on held-out examples (validity, loss of the gold call) are evaluation:
+``tasks.toolcall.toolcall_validity`` / ``toolcall_loss``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from aetheris.chat import CHATBOT, END_TURN, ROLES, START_TURN, render_messages
-from aetheris.data import IGNORE_INDEX, MalformedLog, canonical_language, language_weights
+from aetheris.chat import CHATBOT, ROLES, START_TURN, render_messages
+from aetheris.data import LanguageSampler, TrainData
+from aetheris.model import IGNORE_INDEX
+from aetheris.sources import (
+    ChatHubSource,
+    ChatJsonlSource,
+    MalformedLog,
+    SFTSource,
+    ToolgenSource,
+    XsidSource,
+    canonical_language,
+    open_dataset,
+    parse_sources,
+)
+from aetheris.toolgen import generate_examples
 
 # ----------------------------------------------------------------------------------------------
 # One conversation
@@ -115,16 +129,16 @@ def record_messages(record: dict) -> list[dict]:
 # Sources
 
 
-def load_conversations(spec: dict, log: MalformedLog, seed: int = 0) -> list[dict]:
-    """Records ``{"id", "lang", "messages", "tools"}`` from one ``sft.sources`` entry; bad ones logged and skipped."""
-    kind = spec.get("type")
-    if kind == "toolgen":
-        from aetheris.toolgen import generate_examples
-        raw = generate_examples(spec.get("languages", "all"), split="train", per_language=spec.get("per_language", 40),
-                                seed=spec.get("seed", seed), tools_offered=spec.get("tools_offered", 3))
+def load_conversations(spec, log: MalformedLog, seed: int = 0) -> list[dict]:
+    """Records ``{"id", "lang", "messages", "tools"}`` from one ``sft.sources`` entry (an ``SFTSource`` or its
+    dict); bad ones logged and skipped."""
+    (src,) = parse_sources([spec], SFTSource, "sft.sources") if isinstance(spec, dict) else (spec,)
+    if isinstance(src, ToolgenSource):
+        raw = generate_examples(src.languages, split="train", per_language=src.per_language,
+                                seed=seed if src.seed is None else src.seed, tools_offered=src.tools_offered)
         where = "toolgen"
-    elif kind == "jsonl":
-        path = Path(spec["path"])
+    elif isinstance(src, ChatJsonlSource):
+        path = Path(src.path)
         if not path.is_file():
             raise FileNotFoundError(f"sft source {path} does not exist")
         raw = []
@@ -139,18 +153,16 @@ def load_conversations(spec: dict, log: MalformedLog, seed: int = 0) -> list[dic
                     continue
                 if isinstance(rec, dict):
                     rec.setdefault("id", f"{path.name}:{n}")
-                    if "lang" not in rec and spec.get("lang"):
-                        rec["lang"] = spec["lang"]
+                    if "lang" not in rec and src.lang:
+                        rec["lang"] = src.lang
                 raw.append(rec)
         where = str(path)
-    elif kind == "xsid":
-        raw = xsid_conversations(spec.get("split", "validation"), spec.get("languages"), spec.get("per_language"))
+    elif isinstance(src, XsidSource):
+        raw = xsid_conversations(src.split, src.languages, src.per_language)
         where = "xsid"
-    elif kind == "hub":
-        raw = hub_conversations(spec, log)
-        where = f"hub {spec.get('name') or spec.get('path')}"
     else:
-        raise ValueError(f"sft source type {kind!r}: choose toolgen, jsonl, xsid or hub")
+        raw = hub_conversations(src, log)
+        where = f"hub {src.name or src.path}"
     out = []
     for i, rec in enumerate(raw):
         if isinstance(rec, dict) and "messages" not in rec and "expected" in rec:
@@ -182,45 +194,6 @@ ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": 
 # Instruction datasets without a message list: (prompt column, response column), tried in order.
 PROMPT_RESPONSE = (("inputs", "targets"), ("instruction", "output"), ("prompt", "response"), ("prompt", "completion"),
                    ("question", "answer"))
-HUB_KEYS = {"type", "name", "path", "config", "split", "streaming", "limit", "lang", "lang_field", "messages_field",
-            "tools_field", "prompt_field", "response_field", "id_field"}
-
-
-def open_dataset(spec: dict):
-    """The records of a ``{type: hub}`` source through ``datasets``: a hub id (``name``, ``config``, ``split``,
-    ``streaming`` — default on for the hub, so ``limit`` reads only the first rows), or a local copy
-    (``path``: a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or JSON/JSONL/
-    Parquet files or a glob)."""
-    import datasets
-
-    split = spec.get("split", "train")
-    if spec.get("path"):
-        path = Path(str(spec["path"]))
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"{path} has splits {', '.join(ds)}; set split: to one of them")
-                ds = ds[split]
-            return ds
-        from aetheris.data import _expand_files
-        files = [str(f) for f in _expand_files(str(path), f"sft hub source {path}")]
-        fmt = "parquet" if all(f.endswith(".parquet") for f in files) else "json"
-        return datasets.load_dataset(fmt, data_files=files, split="train", streaming=bool(spec.get("streaming", False)))
-    name = spec.get("name")
-    if not name:
-        raise ValueError(f"sft source {spec}: a hub source needs name: (a dataset id) or path: (a local copy)")
-    config, streaming = spec.get("config"), bool(spec.get("streaming", True))
-    try:
-        return datasets.load_dataset(name, config, split=split, streaming=streaming)
-    except Exception as err:  # offline, gated, misspelt: say which and what to do
-        raise FileNotFoundError(
-            f"could not open hub dataset {name!r} (config {config!r}, split {split!r}): {err}. Offline, pass a local "
-            "copy instead: {type: hub, path: FOLDER} (written by datasets' save_to_disk) or {type: hub, path: FILE} "
-            "(JSON/JSONL/Parquet, same columns), or export the conversations to {type: jsonl, path: FILE}."
-        ) from err
-
-
 def _json_value(value, what: str):
     """A column that some datasets store as JSON text (tools, calls): parsed; ValueError naming it if broken."""
     if isinstance(value, str):
@@ -262,7 +235,7 @@ def _message(m, i: int) -> dict:
     return out
 
 
-def hub_record(row: dict, spec: dict) -> dict:
+def hub_record(row: dict, spec: ChatHubSource) -> dict:
     """A dataset row -> ``{"id", "lang", "messages", "tools"?}``. Shapes understood (columns auto-detected,
     or named with ``messages_field`` / ``prompt_field`` + ``response_field`` / ``tools_field``):
 
@@ -273,9 +246,9 @@ def hub_record(row: dict, spec: dict) -> dict:
     * a prompt/response pair (Aya ``inputs``/``targets``, Alpaca ``instruction``/``output``, ``prompt``/``response``).
     ValueError says what is missing or malformed.
     """
-    tools = row.get(spec.get("tools_field", "tools"))
+    tools = row.get(spec.tools_field)
     tools = _json_value(tools, "tools") if tools not in (None, "", []) else None
-    field = spec.get("messages_field") or next((f for f in ("messages", "conversations", "conversation") if f in row), None)
+    field = spec.messages_field or next((f for f in ("messages", "conversations", "conversation") if f in row), None)
     if field is not None:
         raw = row.get(field)
         if not isinstance(raw, list):
@@ -289,7 +262,7 @@ def hub_record(row: dict, spec: dict) -> dict:
                     {"role": "assistant", "content": None,
                      "tool_calls": [_call(c.get("name"), c.get("arguments", {}), j) for j, c in enumerate(answers)]}]
     else:
-        pairs = [(spec["prompt_field"], spec["response_field"])] if spec.get("prompt_field") else PROMPT_RESPONSE
+        pairs = [(spec.prompt_field, spec.response_field)] if spec.prompt_field else PROMPT_RESPONSE
         pair = next(((p, r) for p, r in pairs if p in row and r in row), None)
         if pair is None:
             raise ValueError(f"no conversation columns among {sorted(row)}: set messages_field, or prompt_field and "
@@ -299,9 +272,9 @@ def hub_record(row: dict, spec: dict) -> dict:
     system = row.get("system")
     if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system}, *messages]  # a separate system column
-    lang = spec.get("lang")
+    lang = spec.lang
     if lang is None:
-        lang_field = spec.get("lang_field") or next((f for f in ("lang", "language_code", "language") if row.get(f)), None)
+        lang_field = spec.lang_field or next((f for f in ("lang", "language_code", "language") if row.get(f)), None)
         lang = row.get(lang_field) if lang_field else None
     record = {"messages": messages, "lang": lang}
     if tools is not None:
@@ -309,15 +282,16 @@ def hub_record(row: dict, spec: dict) -> dict:
     return record
 
 
-def hub_conversations(spec: dict, log: MalformedLog) -> list[dict]:
-    """Conversations from a hub dataset (or its local copy), ``limit`` rows at most; rows that cannot be
-    mapped are reported with their id and skipped."""
-    unknown = set(spec) - HUB_KEYS
-    if unknown:
-        raise ValueError(f"sft hub source: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(HUB_KEYS))}")
-    ds = open_dataset(spec)
-    limit, id_field = spec.get("limit"), spec.get("id_field", "id")
-    where = spec.get("name") or spec.get("path")
+def hub_conversations(spec, log: MalformedLog) -> list[dict]:
+    """Conversations from a hub dataset (or its local copy; a ``ChatHubSource`` or its dict), ``limit`` rows at
+    most; rows that cannot be mapped are reported with their id and skipped."""
+    (spec,) = parse_sources([spec], SFTSource, "sft.sources") if isinstance(spec, dict) else (spec,)
+    ds = open_dataset(spec.name, path=spec.path, config=spec.config, split=spec.split, streaming=spec.streaming,
+                      offline_hint="Offline, pass a local copy instead: {type: hub, path: FOLDER} (written by "
+                                   "datasets' save_to_disk) or {type: hub, path: FILE} (JSON/JSONL/Parquet, same "
+                                   "columns), or export the conversations to {type: jsonl, path: FILE}.")
+    limit, id_field = spec.limit, spec.id_field
+    where = spec.name or spec.path
     out = []
     for i, row in enumerate(ds):
         if limit is not None and i >= limit:
@@ -336,7 +310,7 @@ def xsid_conversations(split: str = "validation", languages=None, per_language: 
     """xSID as tool-call records through ``tasks.toolcall.xsid_examples`` (its intent -> function and
     slot -> argument mapping). ``split=test`` is the evaluation set; train on ``validation`` (the only
     other split shipped). ``per_language`` keeps the first N usable examples of each language."""
-    from aetheris.tasks import toolcall
+    from aetheris.tasks import toolcall  # here, not at the top: the task module imports this one (its tool-call loss)
 
     out = []
     for lang in toolcall.XSID_FILES:
@@ -352,44 +326,40 @@ def xsid_conversations(split: str = "validation", languages=None, per_language: 
 
 
 class SFTStream:
-    """One conversation per row, languages sampled p_l ∝ n_l^(1/temperature); resumable."""
+    """One conversation per row, languages and conversations drawn by a ``data.LanguageSampler`` (p_l ∝
+    n_l^(1/language_temperature) over conversation counts); resumable."""
 
-    def __init__(self, rows: dict[str, list[tuple[list[int], list[int]]]], seq_len: int, *, temperature: float = 1.0,
-                 seed: int = 0, pad_id: int = 0):
+    def __init__(self, rows: dict[str, list[tuple[list[int], list[int]]]], seq_len: int, *,
+                 language_temperature: float = 1.0, seed: int = 0, pad_id: int = 0):
         rows = {lang: r for lang, r in rows.items() if r}
         if not rows:
             raise ValueError("no SFT conversations left after filtering: check sft.sources")
         self.rows, self.seq_len, self.seed, self.pad_id = rows, seq_len, seed, pad_id
-        self.languages = sorted(rows)
         self.sizes = {lang: len(r) for lang, r in rows.items()}
-        w = language_weights(self.sizes, temperature)
-        self.probs = np.array([w[lang] for lang in self.languages])
-        self.rng = np.random.default_rng(seed)
-        self.cursor = {lang: 0 for lang in self.languages}
-        self.epoch = {lang: 0 for lang in self.languages}
+        self.sampler = LanguageSampler(self.sizes, self.sizes, language_temperature=language_temperature, seed=seed)
+        self.languages = self.sampler.languages
 
-    def _row(self, li: int) -> dict[str, np.ndarray]:
-        lang = self.languages[li]
-        perm = np.random.default_rng([self.seed, li, self.epoch[lang]]).permutation(len(self.rows[lang]))
-        ids, labels = self.rows[lang][int(perm[self.cursor[lang]])]
-        self.cursor[lang] += 1
-        if self.cursor[lang] == len(self.rows[lang]):
-            self.cursor[lang], self.epoch[lang] = 0, self.epoch[lang] + 1
-        return pad_row(ids, labels, self.seq_len, self.pad_id, li)
+    @property
+    def probs(self) -> np.ndarray:
+        return self.sampler.probs
 
     def next_batch(self, n: int) -> dict[str, np.ndarray]:
-        rows = [self._row(int(self.rng.choice(len(self.languages), p=self.probs))) for _ in range(n)]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        rows = []
+        for _ in range(n):
+            li, index = self.sampler.next()
+            ids, labels = self.rows[self.languages[li]][index]
+            rows.append(pad_row(ids, labels, self.seq_len, self.pad_id, li))
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}  # (n, T) each
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "cursor": dict(self.cursor), "epoch": dict(self.epoch)}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
-        self.cursor, self.epoch = dict(state["cursor"]), dict(state["epoch"])
+        self.sampler.load_state_dict(state)
 
 
 def pad_row(ids: list[int], labels: list[int], seq_len: int, pad_id: int, lang_index: int = 0) -> dict[str, np.ndarray]:
+    """One right-padded training row: ids cut at ``seq_len``; padding has label -100, attention 0, its own doc id."""
     n = min(len(ids), seq_len)
     row = {"input_ids": np.full(seq_len, pad_id, dtype=np.int64), "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int64),
            "doc_ids": np.zeros(seq_len, dtype=np.int64), "lang_ids": np.full(seq_len, lang_index, dtype=np.int64),
@@ -400,14 +370,13 @@ def pad_row(ids: list[int], labels: list[int], seq_len: int, pad_id: int, lang_i
     return row
 
 
-def build_sft_data(sources: list[dict], tokenizer, seq_len: int, *, temperature: float = 1.0, seed: int = 0,
-                   log=print, val_per_language: int = 2):
-    """``train.TrainData`` for stage 3: the stream and a few held-out conversations per language (the loop's
-    validation CE is then on assistant tokens only)."""
-    from aetheris.train import TrainData
-
+def build_sft_data(sources: list, tokenizer, seq_len: int, *, language_temperature: float = 1.0, seed: int = 0,
+                   log=print, val_per_language: int = 2) -> TrainData:
+    """``data.TrainData`` for stage 3: the stream and a few held-out conversations per language (the loop's
+    validation CE is then on assistant tokens only). ``sources``: ``SFTSource`` entries or their dicts."""
     malformed = MalformedLog()
-    records = [r for spec in sources for r in load_conversations(spec, malformed, seed)]
+    sources = parse_sources(sources, SFTSource, "sft.sources")
+    records = [r for src in sources for r in load_conversations(src, malformed, seed)]
     by_lang: dict[str, list] = {}
     for rec in records:
         ids, labels = encode_conversation(rec["messages"], rec.get("tools"), tokenizer, seq_len)
@@ -424,71 +393,5 @@ def build_sft_data(sources: list[dict], tokenizer, seq_len: int, *, temperature:
             held, by_lang[lang] = rows[:val_per_language], rows[val_per_language:]
             padded = [pad_row(i, lab, seq_len, pad) for i, lab in held]
             val[lang] = {k: np.stack([p[k] for p in padded]) for k in ("input_ids", "labels", "doc_ids", "attention_mask")}
-    stream = SFTStream(by_lang, seq_len, temperature=temperature, seed=seed, pad_id=pad)
+    stream = SFTStream(by_lang, seq_len, language_temperature=language_temperature, seed=seed, pad_id=pad)
     return TrainData(stream, val, malformed)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tool-call validity
-
-
-def toolcall_loss(model, tokenizer, examples: list[dict]) -> float:
-    """Teacher-forced cross-entropy (nats per token) of the gold assistant turn of each example, given its
-    prompt, over all examples' assistant tokens.
-
-    The smooth companion of ``toolcall_validity``: a small student's greedy output may still miss the format
-    by one token after SFT (its validity then stays 0) while the held-out loss of the right call has fallen.
-    """
-    import torch
-
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for ex in examples:
-            ids, labels = encode_conversation(record_messages(ex), ex.get("tools"), tokenizer)
-            n = sum(lab != IGNORE_INDEX for lab in labels[1:])                 # tokens the shifted loss averages
-            if n:
-                out = model(torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
-                total, count = total + float(out.ce_loss) * n, count + n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def toolcall_validity(model, tokenizer, examples: list[dict], max_new_tokens: int = 96, batch_size: int = 32) -> dict:
-    """Greedy generation after the chat template's generation prompt; mean scores overall and per language."""
-    import torch
-
-    from aetheris.chat import END_ACTION, EOS, render_assistant
-    from aetheris.generation import generate
-    from aetheris.tasks.toolcall import score_output
-
-    stops = [tokenizer.convert_tokens_to_ids(t) for t in (END_ACTION, END_TURN, EOS)]
-    rows = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            prompts = [tokenizer.encode(render_messages(record_messages(ex)[:1], ex["tools"]), add_special_tokens=False)
-                       for ex in chunk]
-            results = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                               stop_token_ids=stops)
-            for ex, res in zip(chunk, results):
-                text = tokenizer.decode(res.token_ids, skip_special_tokens=False)
-                scores = score_output(text, ex)
-                gold = render_assistant(record_messages(ex)[1])
-                scores["turn_exact"] = float(text.strip() + END_ACTION == gold or text.strip() == gold)
-                rows.append((ex["lang"], scores))
-    model.train(was_training)
-    keys = ["parsed", "schema_valid", "name", "exact", "ast", "turn_exact"]
-
-    def mean(rs):
-        return {k: sum(r[k] for r in rs) / max(len(rs), 1) for k in keys}
-
-    per_lang: dict[str, list] = {}
-    for lang, r in rows:
-        per_lang.setdefault(lang, []).append(r)
-    return {"overall": mean([r for _, r in rows]), "per_language": {lang: mean(rs) for lang, rs in per_lang.items()},
-            "n": len(rows)}

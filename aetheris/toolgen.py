@@ -162,7 +162,7 @@ def generate_examples(languages="all", split: str = "train", per_language: int =
                       tools_offered: int = TOOLS_OFFERED) -> list[dict]:
     """Deterministic tool-call examples; ``languages`` is ``all`` or a list of registry codes;
     ``tools_offered`` (1-5) schemas in each system turn, the expected one among them."""
-    from aetheris.data import resolve_languages
+    from aetheris.sources import resolve_languages
 
     if not 1 <= tools_offered <= len(TOOLS):
         raise ValueError(f"tools_offered={tools_offered} must be between 1 and {len(TOOLS)}")

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -56,9 +56,9 @@ from aetheris import runs
 from aetheris.config import AetherisConfig
 from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml, to_dict
 from aetheris.data import (
-    MalformedLog,
     PackedStream,
-    load_documents,
+    StreamingDocs,
+    TrainData,
     split_heldout,
     tokenize_documents,
     tokenize_until,
@@ -66,6 +66,7 @@ from aetheris.data import (
 )
 from aetheris.progress import progress_bar
 from aetheris.runs import CKPT_PREFIX, Interrupted, list_checkpoints  # noqa: F401 (re-exported)
+from aetheris.sources import CorpusSource, DataSource, MalformedLog, load_documents, resolve_languages
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -86,16 +87,16 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    sources: list = field(default_factory=lambda: [{"type": "corpus"}])
-    """Data sources (see ``aetheris.data.iter_source``): corpus | text | jsonl | parquet | hub."""
+    sources: list[DataSource] = field(default_factory=lambda: [CorpusSource()])
+    """Data sources, each ``{type: ..., key: value}`` (``aetheris.sources``): corpus | text | jsonl | parquet | hub."""
     languages: Any = "all"
     """``all`` or a list of language codes from the registry."""
     seq_len: int = 256
     """Tokens per training row."""
     pack: bool = True
     """Pack documents into full rows (with document boundaries); false = one document per row, padded."""
-    temperature: float = 1.0
-    """Language sampling: p_l ∝ n_l^(1/temperature); 1 = proportional, .inf = uniform."""
+    language_temperature: float = 1.0
+    """Language sampling: p_l ∝ n_l^(1/language_temperature); 1 = proportional, .inf = uniform."""
     val_fraction: float = 0.05
     """Fraction of documents held out (by document id, the same documents in every language)."""
     val_rows_per_language: int = 4
@@ -107,14 +108,9 @@ class DataConfig:
     """Longer documents (records, lines) are skipped and counted with their ``file:line``: one runaway
     record (a minified blob, a file without newlines) must not take the run's memory and time."""
 
-    def __post_init__(self):
-        from aetheris.data import SOURCE_TYPES, resolve_languages
+    RENAMED_KEYS: ClassVar[dict] = {"temperature": "language_temperature"}
 
-        if not isinstance(self.sources, list) or not all(isinstance(s, dict) for s in self.sources):
-            raise ConfigError(f"sources={self.sources!r}: give a list of sources, e.g. [{{type: corpus}}]")
-        for spec in self.sources:
-            if spec.get("type") not in SOURCE_TYPES:
-                raise ConfigError(f"sources: {spec} needs a type, one of {', '.join(SOURCE_TYPES)}")
+    def __post_init__(self):
         if not (self.languages == "all" or isinstance(self.languages, str)
                 or (isinstance(self.languages, list) and all(isinstance(c, str) for c in self.languages))):
             raise ConfigError(f"languages={self.languages!r}: give 'all' or a list of language codes, e.g. [en, sw]")
@@ -123,7 +119,7 @@ class DataConfig:
         except ValueError as err:
             raise ConfigError(str(err).removeprefix("data.")) from None
         _check(self, "seq_len", _is_int(self.seq_len) and self.seq_len >= 2, "an integer >= 2")
-        _check(self, "temperature", _is_num(self.temperature) and self.temperature > 0,
+        _check(self, "language_temperature", _is_num(self.language_temperature) and self.language_temperature > 0,
                "> 0 (1 = proportional, .inf = uniform)")
         _check(self, "val_fraction", _is_num(self.val_fraction) and 0 < self.val_fraction < 1, "in (0, 1)")
         _check(self, "val_rows_per_language", _is_int(self.val_rows_per_language) and self.val_rows_per_language >= 0,
@@ -428,15 +424,6 @@ def _restore_rng(rng: dict, state: dict) -> None:
 
 
 @dataclass
-class TrainData:
-    """What the loop consumes: a resumable stream of rows and held-out rows per language."""
-
-    stream: Any  # next_batch(n) -> dict of (n, T) arrays; state_dict(); load_state_dict()
-    val: dict[str, dict]
-    malformed: MalformedLog = field(default_factory=MalformedLog)
-
-
-@dataclass
 class TrainResult:
     step: int
     out_dir: Path
@@ -483,8 +470,8 @@ def build_data(cfg: RunConfig, tokenizer_for: Callable[[dict], Any], log: Callab
     val_tokens = cfg.data.val_rows_per_language * cfg.data.seq_len or None  # 0 rows = all held-out text
     val_ids = {lang: tokenize_until(d, tokenizer, val_tokens) for lang, d in val_docs.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stream = PackedStream(train_ids, cfg.data.seq_len, temperature=cfg.data.temperature, seed=cfg.train.seed,
-                          pack=cfg.data.pack, pad_id=pad)
+    stream = PackedStream(train_ids, cfg.data.seq_len, language_temperature=cfg.data.language_temperature,
+                          seed=cfg.train.seed, pack=cfg.data.pack, pad_id=pad)
     val = validation_rows(val_ids, cfg.data.seq_len, cfg.data.val_rows_per_language or None, pad_id=pad)
     return TrainData(stream, val, malformed), tokenizer
 
@@ -492,20 +479,19 @@ def build_data(cfg: RunConfig, tokenizer_for: Callable[[dict], Any], log: Callab
 def _build_streaming_data(cfg: RunConfig, tokenizer_for, malformed: MalformedLog):
     from itertools import islice
 
-    from aetheris.data import StreamingDocs, resolve_languages
-
     d = cfg.data
     streams = {lang: StreamingDocs(d.sources, lang, None, d.val_fraction, cfg.train.seed, malformed,
                                    max_chars=d.max_document_chars)
                for lang in resolve_languages(d.languages)}
-    sample = {lang: list(islice(s._docs(), cfg.tokenizer.bpe_docs_per_language)) for lang, s in streams.items()}
+    sample = {lang: list(islice(s.documents(), cfg.tokenizer.bpe_docs_per_language)) for lang, s in streams.items()}
     tokenizer = tokenizer_for(sample)
     for s in streams.values():
         s.tokenizer = tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     val_docs = {lang: s.heldout(max_docs=max(8, 4 * (d.val_rows_per_language or 8))) for lang, s in streams.items()}
     val_ids = {lang: tokenize_until(v, tokenizer, d.val_rows_per_language * d.seq_len or None) for lang, v in val_docs.items() if v}
-    stream = PackedStream(streams, d.seq_len, temperature=d.temperature, seed=cfg.train.seed, pack=d.pack, pad_id=pad)
+    stream = PackedStream(streams, d.seq_len, language_temperature=d.language_temperature, seed=cfg.train.seed,
+                          pack=d.pack, pad_id=pad)
     val = validation_rows(val_ids, d.seq_len, d.val_rows_per_language or None, pad_id=pad)
     return TrainData(stream, val, malformed), tokenizer
 

@@ -56,7 +56,7 @@ def build_teacher(out: Path, layers: int, vocab: int, log) -> Path:
     """Tokenizer (BPE of ``vocab`` tokens on the offline corpus) and a random bf16 teacher in ``out/teacher``."""
     from transformers import Cohere2ForCausalLM
 
-    from aetheris.data import offline_corpus_documents
+    from aetheris.sources import offline_corpus_documents
     from aetheris.tokenizer import load_tokenizer, train_bpe_tokenizer
 
     folder = out / "teacher"

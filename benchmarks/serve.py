@@ -41,7 +41,7 @@ TOOL = {"type": "function", "function": {"name": "add", "parameters": {
 
 
 def build_checkpoint(folder: Path, quick: bool) -> dict:
-    from aetheris.data import offline_corpus_documents
+    from aetheris.sources import offline_corpus_documents
     from aetheris.tokenizer import train_bpe_tokenizer
 
     docs = offline_corpus_documents(max_lines_per_language=40 if quick else 120)

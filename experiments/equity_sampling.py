@@ -4,8 +4,8 @@
         teacher.name=runs/nano-teacher kl.init=runs/nano-distill/align/student [key=value ...]
 
 Runs ``--stages kl`` three times with the same steps, rows and seed:
-  proportional  kl.balance=language, data.temperature=1 (p_l ∝ n_l: the data as it comes)
-  balanced      kl.balance=family,   data.temperature=inf (every family equally often)
+  proportional  kl.balance=language, data.language_temperature=1 (p_l ∝ n_l: the data as it comes)
+  balanced      kl.balance=family,   data.language_temperature=inf (every family equally often)
   dro           proportional sampling + kl.dro=true (family weights by exponentiated gradient)
 and prints / writes (``<out>/comparison.json``) the held-out KL overall, per family, and its DES
 (population variance of the family means; lower = fairer) for each.
@@ -18,9 +18,9 @@ import json
 from pathlib import Path
 
 MODES = {
-    "proportional": ["kl.balance=language", "data.temperature=1"],
-    "balanced": ["kl.balance=family", "data.temperature=.inf"],
-    "dro": ["kl.balance=language", "data.temperature=1", "kl.dro=true"],
+    "proportional": ["kl.balance=language", "data.language_temperature=1"],
+    "balanced": ["kl.balance=family", "data.language_temperature=.inf"],
+    "dro": ["kl.balance=language", "data.language_temperature=1", "kl.dro=true"],
 }
 
 

@@ -71,7 +71,7 @@ def pytest_collection_modifyitems(config, items):
 
 def corpus_slice(lines_per_language: int = 40) -> list[str]:
     """The first lines of every language in the offline 70-language corpus (NTREX-128 + NusaX + MAFAND)."""
-    from aetheris.data import offline_corpus_documents
+    from aetheris.sources import offline_corpus_documents
 
     docs = offline_corpus_documents(max_lines_per_language=lines_per_language)
     return [text for doc in docs for text in doc.text.split("\n")]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
 import pytest
 
 from conftest import ROOT
 from aetheris.config_io import ConfigError
-from aetheris.data import resolve_languages
+from aetheris.sources import DataSource, resolve_languages
 from aetheris.train import RunConfig, load_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -40,7 +41,7 @@ def test_every_yaml_opens_with_its_command_and_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     resolve_languages(cfg.data.languages)  # every language code exists in the registry
-    assert cfg.data.sources and all("type" in s for s in cfg.data.sources)
+    assert cfg.data.sources and all(isinstance(s, typing.get_args(DataSource)) for s in cfg.data.sources)
 
 
 def test_overrides_parse_yaml_values():
@@ -52,7 +53,7 @@ def test_overrides_parse_yaml_values():
 
 @pytest.mark.parametrize("override, hint", [
     ("train.max_step=3", "train.max_steps"),
-    ("data.temprature=2", "data.temperature"),
+    ("data.language_temprature=2", "data.language_temperature"),
     ("model.d_modle=64", "model.d_model"),
     ("trian.lr=1", "train.lr"),
 ])

@@ -12,17 +12,14 @@ import pytest
 
 from aetheris.data import (
     IGNORE_INDEX,
-    Document,
-    MalformedLog,
     PackedStream,
     language_weights,
-    load_documents,
-    offline_corpus_documents,
     split_heldout,
     tokenize_documents,
     tokenize_until,
     validation_rows,
 )
+from aetheris.sources import Document, MalformedLog, load_documents, offline_corpus_documents
 from aetheris.languages import CODES
 
 
@@ -68,7 +65,7 @@ def _docs(n_langs=3, n_docs=7, seed=0):
 
 def test_packed_rows_are_the_documents_with_boundaries():
     docs = _docs()
-    stream = PackedStream(docs, seq_len=32, temperature=1.0, seed=1)
+    stream = PackedStream(docs, seq_len=32, language_temperature=1.0, seed=1)
     batch = stream.next_batch(20)
     ids, labels, doc_ids = batch["input_ids"], batch["labels"], batch["doc_ids"]
     all_docs = {tuple(d) for lang in docs.values() for d in lang}
@@ -106,11 +103,11 @@ def test_unpacked_rows_pad_with_ignored_labels():
 
 def test_stream_state_round_trips_through_json():
     docs = _docs()
-    a = PackedStream(docs, seq_len=16, temperature=2.0, seed=3)
+    a = PackedStream(docs, seq_len=16, language_temperature=2.0, seed=3)
     a.next_batch(7)
     state = json.loads(json.dumps(a.state_dict()))
     expected = a.next_batch(9)
-    b = PackedStream(docs, seq_len=16, temperature=2.0, seed=3)
+    b = PackedStream(docs, seq_len=16, language_temperature=2.0, seed=3)
     b.load_state_dict(state)
     got = b.next_batch(9)
     for k in expected:
@@ -123,7 +120,7 @@ def test_stream_state_round_trips_through_json():
 def test_sampling_frequencies_follow_the_temperature():
     docs = {"big": [[1, 3, 2]] * 90, "small": [[1, 4, 2]] * 10}
     for temperature in (1.0, math.inf):
-        stream = PackedStream(docs, seq_len=3, temperature=temperature, seed=0, pack=False)
+        stream = PackedStream(docs, seq_len=3, language_temperature=temperature, seed=0, pack=False)
         langs = [stream.languages[stream.next_row()["lang_ids"][0]] for _ in range(4000)]
         share = langs.count("small") / len(langs)
         expected = language_weights({"big": 270, "small": 30}, temperature)["small"]
@@ -204,7 +201,8 @@ def test_bad_sources_are_clear_errors(tmp_path, monkeypatch):
         load_documents([{"type": "corpus"}], ["en", "qq"])
     with pytest.raises(ValueError, match="needs a type"):
         load_documents([{"path": "x"}])
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match=r"unknown config key 'data.sources\[0\].txt_field'; did you mean "
+                                         r"'data.sources\[0\].text_field'\?"):
         load_documents([{"type": "jsonl", "path": str(empty), "txt_field": "t"}])
     with pytest.raises(ValueError, match="needs a fixed `language:`"):
         load_documents([{"type": "text", "path": str(empty)}])
@@ -282,7 +280,7 @@ def test_hub_source_offline_says_what_to_do(monkeypatch):
 
 
 def test_streaming_sources_resume_exactly_and_hold_out_documents(tmp_path, tiny_tokenizer):
-    from aetheris.data import StreamingDocs, _unit_hash
+    from aetheris.data import StreamingDocs, is_heldout
 
     path = tmp_path / "big.jsonl"
     lines = [json.dumps({"text": f"hati namba {i} " * (1 + i % 5), "lang": "sw" if i % 3 else "en", "id": i}) for i in range(300)]
@@ -302,4 +300,53 @@ def test_streaming_sources_resume_exactly_and_hold_out_documents(tmp_path, tiny_
     got = b.next_batch(10)
     assert all((expected[k] == got[k]).all() for k in expected)
     held = docs["sw"].heldout(max_docs=100)
-    assert held and all(_unit_hash(d.doc_id, 0) < 0.1 for d in held)
+    assert held and all(is_heldout(d.doc_id, 0.1, 0) for d in held)
+
+
+# --- the one language sampler -------------------------------------------------------------------
+
+
+def test_language_sampler_follows_its_reference_walk():
+    # The contract a checkpoint's data position relies on: a language by rng.choice(p), then that language's
+    # next item in the permutation seeded by (seed, language index, epoch).
+    from aetheris.data import LanguageSampler
+
+    counts = {"sw": 3, "en": 5, "yo": 2}
+    sampler = LanguageSampler(counts, counts, language_temperature=2.0, seed=7)
+    languages = sorted(counts)
+    weights = language_weights(counts, 2.0)
+    probs = np.array([weights[lang] for lang in languages])
+    rng, cursor, epoch = np.random.default_rng(7), dict.fromkeys(languages, 0), dict.fromkeys(languages, 0)
+    for _ in range(60):
+        li = int(rng.choice(len(languages), p=probs))
+        lang = languages[li]
+        expected = int(np.random.default_rng([7, li, epoch[lang]]).permutation(counts[lang])[cursor[lang]])
+        cursor[lang] += 1
+        if cursor[lang] == counts[lang]:
+            cursor[lang], epoch[lang] = 0, epoch[lang] + 1
+        assert sampler.next() == (li, expected)
+
+
+def test_packed_and_sft_streams_draw_through_the_same_sampler():
+    from aetheris.sft import SFTStream
+
+    # Equal-length items, so token weights (packed) and item counts (SFT) give the same probabilities.
+    docs = {lang: [[1, 100 * li + j, 2] for j in range(n)] for li, (lang, n) in enumerate([("en", 4), ("sw", 2), ("yo", 3)])}
+    packed = PackedStream(docs, seq_len=3, language_temperature=3.0, seed=5, pack=False)
+    sft = SFTStream({lang: [(d, d) for d in ds] for lang, ds in docs.items()}, 3, language_temperature=3.0, seed=5)
+    a, b = packed.next_batch(40), sft.next_batch(40)
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(a["lang_ids"], b["lang_ids"])
+
+
+def test_language_weights_can_be_set_and_are_checked():
+    docs = {"big": [[1, 3, 2]] * 9, "small": [[1, 4, 2]]}
+    stream = PackedStream(docs, seq_len=3, seed=0, pack=False)
+    stream.set_language_weights({"big": 0.0, "small": 2.0})
+    assert stream.probs.tolist() == [0.0, 1.0]
+    assert {int(stream.next_row()["lang_ids"][0]) for _ in range(20)} == {stream.languages.index("small")}
+    stream.set_language_weights([3.0, 1.0])  # in `languages` order
+    assert stream.probs.tolist() == [0.75, 0.25]
+    for bad in ({"big": 1.0}, {"big": -1.0, "small": 1.0}, [0.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="language weights"):
+            stream.set_language_weights(bad)

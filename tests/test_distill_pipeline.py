@@ -145,18 +145,18 @@ def test_distill_configs_load():
 
 
 def test_tiny_aya_config_names_a_source_for_each_of_the_70_languages():
-    from aetheris.data import resolve_languages
+    from aetheris.sources import resolve_languages
     from aetheris.languages import CODES, get_language
 
     cfg = load_distill_config(ROOT / "configs" / "tiny-aya-distill.yaml")
     assert sorted(resolve_languages(cfg.data.languages)) == sorted(CODES)
     by_language = {}
     for spec in cfg.data.sources:
-        assert spec["type"] == "hub" and spec["split"] == "train"
-        by_language.setdefault(spec["language"], []).append(spec)
+        assert spec.type == "hub" and spec.split == "train"
+        by_language.setdefault(spec.language, []).append(spec)
     assert set(by_language) == set(CODES) and all(len(v) == 1 for v in by_language.values())
     for code, (spec,) in by_language.items():
         if code == "en":
-            assert (spec["name"], spec["config"]) == ("HuggingFaceFW/fineweb", "sample-10BT")
+            assert (spec.name, spec.config) == ("HuggingFaceFW/fineweb", "sample-10BT")
         else:
-            assert (spec["name"], spec["config"]) == ("HuggingFaceFW/fineweb-2", get_language(code).fineweb2)
+            assert (spec.name, spec.config) == ("HuggingFaceFW/fineweb-2", get_language(code).fineweb2)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from aetheris.chat import END_ACTION, END_TURN, START_ACTION, START_RESPONSE, render_messages
-from aetheris.data import MalformedLog
 from aetheris.sft import (
     SFTStream,
     build_sft_data,
@@ -18,6 +17,7 @@ from aetheris.sft import (
     load_conversations,
     xsid_conversations,
 )
+from aetheris.sources import MalformedLog
 from aetheris.toolgen import TOOLS
 
 CONV = [
@@ -183,7 +183,7 @@ def test_hub_source_offline_says_how_to_pass_a_local_copy(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="path: FOLDER"):
         load_conversations({"type": "hub", "name": "nobody/no-such-sft-set"}, MalformedLog())
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown config key 'sft.sources\\[0\\].colums'"):
         load_conversations({"type": "hub", "path": "x", "colums": "y"}, MalformedLog())
 
 
@@ -194,7 +194,8 @@ def test_toolcall_loss_is_the_token_weighted_cross_entropy_of_the_gold_turns(tin
 
     from aetheris.config import AetherisConfig
     from aetheris.model import Aetheris
-    from aetheris.sft import record_messages, toolcall_loss
+    from aetheris.sft import record_messages
+    from aetheris.tasks.toolcall import toolcall_loss
     from aetheris.toolgen import generate_examples
 
     torch.manual_seed(0)

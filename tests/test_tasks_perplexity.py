@@ -91,7 +91,8 @@ def test_scored_sentences_never_overlap_training_rows():
     """Training's own split (load_documents + split_heldout, as train.py builds it) vs the sentences the
     ppl task scores by default: no scored sentence is in any training document, in any of the 70
     languages (jv's NusaX and pcm's MAFAND test files are read by training too)."""
-    from aetheris.data import load_documents, split_heldout
+    from aetheris.data import split_heldout
+    from aetheris.sources import load_documents
 
     for seed, fraction in ((0, 0.05), (3, 0.2)):
         train, _ = split_heldout(load_documents([{"type": "corpus"}], "all"), fraction, seed=seed)

@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from torch import Tensor
 
 from .. import chat
-from ..generation import SamplingParams, TextState, sample
+from ..generation import SamplingParams, TextState, left_pad, sample
 from ..model import AetherisCache
 from .errors import ApiError, library_message
 from .grammar import Grammars
@@ -307,16 +307,9 @@ class Engine:
         """All newly admitted prompts in one left-padded chunked-scan pass; each prompt's state is then
         repeated for its n choices."""
         prompts = [ids for job in jobs for ids in job.spec.prompts]
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id or 0
         device = self.model.embed.weight.device
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        out = self.model(input_ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
-                         logits_to_keep=1)
+        input_ids, mask = left_pad(prompts, self.tokenizer.pad_token_id or 0, device)
+        out = self.model(input_ids, attention_mask=mask if not bool(mask.all()) else None, logits_to_keep=1)
         seqs, rows, p = [], [], 0
         for job in jobs:
             for k in range(len(job.spec.prompts)):

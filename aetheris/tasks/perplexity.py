@@ -40,8 +40,10 @@ import json
 import math
 from pathlib import Path
 
+from aetheris.data import is_heldout, split_heldout
 from aetheris.languages import CODES
 from aetheris.paths import data_path
+from aetheris.sources import PCM_BLOCK_LINES, load_documents
 from aetheris.tasks import Scores
 
 NAME = "ppl"
@@ -71,8 +73,6 @@ def data_files(lang: str, options: dict) -> list[Path]:
 def load_with_ids(lang: str) -> list[tuple[str, str]]:
     """(training document id, sentence) per non-empty sentence of the language's file, in file order.
     The ids are the ones ``aetheris.data.offline_corpus_documents`` gives the same lines in training."""
-    from aetheris.data import PCM_BLOCK_LINES
-
     (path,) = data_files(lang, {})
     if lang == "jv":
         with open(path, encoding="utf-8", newline="") as f:
@@ -116,8 +116,6 @@ def recorded_training(model_path: str | Path) -> dict | None:
 @functools.lru_cache(maxsize=8)
 def _training_lines(recorded_json: str) -> dict[str, frozenset]:
     """Language -> every line of the recorded run's training documents (its split rebuilt exactly)."""
-    from aetheris.data import load_documents, split_heldout
-
     rec = json.loads(recorded_json)
     try:
         docs = load_documents(rec["sources"], rec["languages"])
@@ -130,8 +128,6 @@ def _training_lines(recorded_json: str) -> dict[str, frozenset]:
 
 def select(lang: str, options: dict, limit: int | None = None) -> tuple[list[int], list[str]]:
     """(sentence indices, sentences) the task scores for ``lang`` under ``options`` (see the docstring)."""
-    from aetheris.data import _unit_hash
-
     rows = load_with_ids(lang)
     split = options.get("ppl_split") or "heldout"
     if split not in ("heldout", "all"):
@@ -148,7 +144,7 @@ def select(lang: str, options: dict, limit: int | None = None) -> tuple[list[int
                   "val_fraction": fraction}
         trained = _training_lines(json.dumps(corpus, sort_keys=True)).get(lang, frozenset())
     chosen = [i for i, (doc_id, text) in enumerate(rows)
-              if i >= start and (split == "all" or (_unit_hash(doc_id, seed) < fraction and text not in trained))]
+              if i >= start and (split == "all" or (is_heldout(doc_id, fraction, seed) and text not in trained))]
     cap = min(x for x in (limit, options.get("ppl_max_sentences"), len(chosen)) if x is not None)
     chosen = chosen[:cap]
     if not chosen:
@@ -193,8 +189,8 @@ def kl_per_sequence(teacher, student, id_lists: list[list[int]]) -> list[tuple[f
     for start in range(0, len(order), bs):
         idx = order[start:start + bs]
         batch = [id_lists[i][: student.max_length] for i in idx]
-        t_logits = teacher._logits(batch).to(student.device)
-        s_logits = student._logits(batch)
+        t_logits = teacher.logits(batch).to(student.device)
+        s_logits = student.logits(batch)
         for row, i in enumerate(idx):
             n = len(batch[row]) - 1
             t = torch.log_softmax(t_logits[row, :n], dim=-1)

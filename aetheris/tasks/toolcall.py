@@ -27,6 +27,10 @@ Scores per example:
   against BFCL possible answers -- a BFCL record's own, or the single gold call as one allowed value per
   argument (``possible_answers``). ``tests/test_bfcl.py`` holds our verdicts equal to the official
   checker's on BFCL's simple and multiple sets.
+
+For a model in training (distillation stage 3): ``toolcall_validity`` (greedy generation on held-out examples,
+the scores above plus exact match of the whole assistant turn) and ``toolcall_loss`` (teacher-forced loss of
+the gold call).
 """
 
 from __future__ import annotations
@@ -35,8 +39,13 @@ import json
 import re
 from pathlib import Path
 
-from aetheris.chat import render_messages
+import torch
+
+from aetheris.chat import END_ACTION, END_TURN, EOS, render_assistant, render_messages
+from aetheris.generation import generate
+from aetheris.model import IGNORE_INDEX
 from aetheris.paths import data_path
+from aetheris.sft import encode_conversation, record_messages
 from aetheris.tasks import Scores
 
 NAME = "toolcall"
@@ -510,3 +519,61 @@ def run(lm, lang: str, options: dict, limit: int | None = None) -> dict[str, Sco
     if extra:
         results["toolcall_gen"] = score_examples(lm, extra, f"toolcall gen {lang}", options)
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# A model in training on held-out tool-call examples (the distillation stage 3 report)
+
+
+def toolcall_loss(model, tokenizer, examples: list[dict]) -> float:
+    """Teacher-forced cross-entropy (nats per token) of the gold assistant turn of each example, given its
+    prompt, over all examples' assistant tokens.
+
+    The smooth companion of ``toolcall_validity``: a small student's greedy output may still miss the format
+    by one token after SFT (its validity then stays 0) while the held-out loss of the right call has fallen.
+    """
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for ex in examples:
+            ids, labels = encode_conversation(record_messages(ex), ex.get("tools"), tokenizer)
+            n = sum(lab != IGNORE_INDEX for lab in labels[1:])                 # tokens the shifted loss averages
+            if n:
+                out = model(torch.tensor([ids], device=device), labels=torch.tensor([labels], device=device))
+                total, count = total + float(out.ce_loss) * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def toolcall_validity(model, tokenizer, examples: list[dict], max_new_tokens: int = 96, batch_size: int = 32) -> dict:
+    """Greedy generation after the chat template's generation prompt; mean scores overall and per language."""
+    stops = [tokenizer.convert_tokens_to_ids(t) for t in (END_ACTION, END_TURN, EOS)]
+    rows = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            prompts = [tokenizer.encode(render_messages(record_messages(ex)[:1], ex["tools"]), add_special_tokens=False)
+                       for ex in chunk]
+            results = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                               stop_token_ids=stops)
+            for ex, res in zip(chunk, results):
+                text = tokenizer.decode(res.token_ids, skip_special_tokens=False)
+                scores = score_output(text, ex)
+                gold = render_assistant(record_messages(ex)[1])
+                scores["turn_exact"] = float(text.strip() + END_ACTION == gold or text.strip() == gold)
+                rows.append((ex["lang"], scores))
+    model.train(was_training)
+    keys = ["parsed", "schema_valid", "name", "exact", "ast", "turn_exact"]
+
+    def mean(rs):
+        return {k: sum(r[k] for r in rs) / max(len(rs), 1) for k in keys}
+
+    per_lang: dict[str, list] = {}
+    for lang, r in rows:
+        per_lang.setdefault(lang, []).append(r)
+    return {"overall": mean([r for _, r in rows]), "per_language": {lang: mean(rs) for lang, rs in per_lang.items()},
+            "n": len(rows)}
