@@ -2,7 +2,7 @@
 assistant turn back into text and tool calls, and the same template as a Jinja string for
 ``tokenizer.chat_template`` (saved with every checkpoint's tokenizer).
 
-Format: Cohere Command-R7B / Tiny Aya style (DESIGN.md §2; Cohere's "Command R7B" prompt format):
+Format: Cohere Command-R7B / Tiny Aya style (Cohere's "Command R7B" prompt format, which Tiny Aya uses):
 
     <BOS_TOKEN>
     <|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{tool preamble}{system text}<|END_OF_TURN_TOKEN|>

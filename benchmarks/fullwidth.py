@@ -39,7 +39,7 @@ LANGUAGES = ["en", "sw"]  # two scripts' worth of text is enough to measure; eve
 
 
 def tiny_aya_config(layers: int, vocab_size: int = 262_144, tokenizer=None):
-    """Tiny Aya's Cohere2Config (DESIGN §2) with ``layers`` layers: the last ones of its 36-layer pattern."""
+    """Tiny Aya's Cohere2Config (its published config.json) with ``layers`` layers: the last ones of its 36-layer pattern."""
     from transformers import Cohere2Config
 
     pattern = (TINY_AYA_PATTERN * 9)[-layers:]

@@ -3,7 +3,7 @@
 Forward+backward of ``aetheris.model.MoE`` (route, sort by expert, per-expert SwiGLU, weighted
 scatter-back, aux loss) against the same expert matmuls run on tokens that are already grouped
 (no routing, no sort, no scatter): ``overhead_vs_gemm`` = MoE time / GEMM-only time. Default shape
-from DESIGN §10: 4 experts, top-1, 512 -> 1408, 4096 tokens, fp32.
+(the nano student's FFN): 4 experts, top-1, 512 -> 1408, 4096 tokens, fp32.
 
     python benchmarks/moe.py --json bench-results/moe.json [--quick]
 """

@@ -90,7 +90,7 @@ def test_tiny_aya_parameter_count_from_its_config_alone():
     config = Cohere2Config(vocab_size=262_144, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                            num_attention_heads=16, num_key_value_heads=4, head_dim=128, tie_word_embeddings=True,
                            layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 9)
-    assert teacher_counts(config).total == 3_349_227_520  # Tiny Aya's published count (DESIGN §2)
+    assert teacher_counts(config).total == 3_349_227_520  # Tiny Aya's published parameter count
 
 
 def test_cli_prints_the_plan_and_refuses_what_does_not_fit(teacher_dir, tmp_path, capsys):

@@ -13,7 +13,7 @@ Data:
   tools as ``{"name", "description", "parameters": JSON schema}`` or OpenAI's ``{"type": "function",
   "function": {...}}``. Reported as ``toolcall_gen``; xSID as ``toolcall_xsid``.
 
-Prompt: Cohere Command-R7B style (DESIGN.md §2): tools as JSON in the system turn, the answer expected
+Prompt: Cohere Command-R7B style (the format Tiny Aya was trained on): tools as JSON in the system turn, the answer expected
 as ``<|START_ACTION|>[{"tool_call_id", "tool_name", "parameters"}]<|END_ACTION|>``, rendered by the
 shared chat template (``aetheris.chat``) so evaluation, SFT and the server see one format.
 

@@ -4,7 +4,7 @@ Sources: Ponti et al. 2020, "XCOPA: A Multilingual Dataset for Causal Commonsens
 (github.com/cambridgeltl/xcopa); COPA-NL from github.com/wietsedv/NLP-NL; the harness's
 ``lm_eval/tasks/xcopa/utils.py`` for the prompt and connectors.
 
-The harness formula, quirks included (DESIGN.md §5):
+The harness formula, quirks included (docs/EVALUATION.md has the reasoning):
 1. context = ``premise.strip()[:-1] + " " + connector[question]`` -- the last character is dropped
    even when it is a letter (all Thai premises, most Tamil ones have no final period);
 2. each choice is the choice text with its first character lowercased, joined with one space
