@@ -336,7 +336,8 @@ def config_help(cls, section: str = "", width: int = 100) -> str:
     lines = ["config keys (set them in the YAML file, or on the command line as key.sub=value):"]
     for d in docs:
         lines.append(f"  {d.key}: {d.type}" + (f" = {d.default}" if d.default else ""))
-        lines += textwrap.wrap(d.help, width, initial_indent="      ", subsequent_indent="      ")
+        lines += textwrap.wrap(d.help, width, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml
 
 @dataclass
 class TokenizerConfig:
+    """The tokenizer: a pretrained one, or a byte-level BPE trained on the run's training split."""
+
     name: str | None = None
     """Pretrained tokenizer: hub id or local folder (the teacher's, for distillation). Unset: train a
     byte-level BPE of ``model.vocab_size`` tokens on the training split."""
@@ -82,37 +84,52 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop's settings: steps, batch, optimizer, schedule, precision, cadence of logs, validation and checkpoints."""
+
     out_dir: str = "runs/default"
     """Where checkpoints, logs and metrics.jsonl go."""
     seed: int = 0
+    """Seeds torch, Python and numpy, the held-out split and the data order."""
     max_steps: int = 1000
     """Optimizer steps."""
     micro_batch_size: int = 8
     """Rows per process per forward pass; global batch = micro_batch_size x grad_accum x processes."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW), reached after warmup_steps."""
     min_lr_ratio: float = 0.1
     """Final lr as a fraction of ``lr``."""
     schedule: str = "cosine"
     """cosine (warmup + cosine decay) | wsd (warmup, stable, linear decay over ``decay_fraction``) | constant."""
     warmup_steps: int = 100
+    """Linear warmup from lr/warmup_steps to lr."""
     decay_fraction: float = 0.2
+    """wsd: fraction of max_steps over which lr decays linearly to lr x min_lr_ratio."""
     weight_decay: float = 0.1
+    """AdamW weight decay of the weight matrices (norms, biases, A_log, D and dt_bias get none)."""
     beta1: float = 0.9
+    """AdamW first-moment decay."""
     beta2: float = 0.95
+    """AdamW second-moment decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 = no clipping (the norm is still logged)."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | no."""
     checkpoint_every: int = 500
+    """Steps between checkpoints (and one at the last step)."""
     keep_last: int = 2
     """Checkpoints of this run kept on disk (older ones are deleted once a newer one is safely written)."""
     eval_every: int = 200
+    """Steps between validation-loss evaluations (and one at the start and the last step)."""
     log_every: int = 10
+    """Steps between logged records (metrics.jsonl, tracker, progress bar); step 1 and the last are logged too."""
     tracker: str = "tensorboard"
     """Accelerate tracker (tensorboard, wandb, ...) or none."""
     progress: bool = True
+    """Show a progress bar (a live bar on a terminal, a line per ~10 % in a log file)."""
     threads: int = 0
     """torch CPU threads per process; 0 = torch's default."""
     fsdp: bool = False
@@ -158,9 +175,13 @@ def _check(obj, name: str, ok: bool, want: str) -> None:
 
 @dataclass
 class RunConfig:
+    """An ``aetheris train`` config: the model, its tokenizer, the data and the loop."""
+
     model: AetherisConfig = field(default_factory=AetherisConfig)
+    """The model to train (``AetherisConfig``); its special token ids default to the tokenizer's."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    """Training text: sources, languages and their sampling, row length, the held-out split."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
