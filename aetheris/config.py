@@ -34,6 +34,8 @@ HF_BOOKKEEPING_KEYS = {
 
 @dataclass
 class AetherisConfig:
+    """The model: sizes, the layer pattern, the SSM mixer (Mamba-2 / SSD) and the MoE FFN."""
+
     # --- sizes -------------------------------------------------------------------------------
     vocab_size: int = 262_144
     """Vocabulary size; must equal the tokenizer's (and the teacher's, when distilling)."""
@@ -70,10 +72,15 @@ class AetherisConfig:
     ssm_norm: bool = True
     """Normalise the gated SSM output before out_proj (Mamba-2's gated RMSNorm)."""
     dt_min: float = 0.001
+    """Initial SSM step sizes dt are drawn log-uniformly in [dt_min, dt_max] (Mamba-2's init)."""
     dt_max: float = 0.1
+    """Upper end of the initial dt range."""
     dt_init_floor: float = 1e-4
+    """Initial dt values are clamped to at least this."""
     A_init_min: float = 1.0
+    """Initial decay rates A are drawn uniformly in [A_init_min, A_init_max] (stored as log A)."""
     A_init_max: float = 16.0
+    """Upper end of the initial decay-rate range."""
 
     # --- MoE FFN ---------------------------------------------------------------------------
     n_experts: int = 4
@@ -94,14 +101,21 @@ class AetherisConfig:
     norm: str = "layernorm"
     """layernorm (bias-free, as Cohere2) or rmsnorm (as Llama)."""
     norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm / RMSNorm."""
     logit_scale: float = 1.0
     """Logits are multiplied by this (Cohere2 keeps it in its config)."""
     tie_embeddings: bool = True
+    """The output projection reuses the input embedding matrix (no separate lm_head)."""
     initializer_range: float = 0.02
+    """Std of the normal init of embeddings, projections and experts (residual outputs: / sqrt(2 n_layer))."""
     gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward: less activation memory, one more forward."""
     bos_token_id: int | None = None
+    """Beginning-of-sequence token id; unset: the tokenizer's."""
     eos_token_id: int | None = None
+    """End-of-sequence token id (generation stops on it); unset: the tokenizer's."""
     pad_token_id: int | None = None
+    """Padding token id; unset: the tokenizer's."""
 
     # derived, not saved
     layer_kinds: str = field(init=False, repr=False)

@@ -4,6 +4,11 @@ Every key is checked against the dataclass fields; a key that does not exist is 
 nearest valid key (``train.lr_warmup`` -> "did you mean train.warmup_steps?"). Override values are
 parsed as YAML, so ``train.lr=3e-4``, ``data.languages=[en,sw]`` and ``train.max_steps=20`` all work.
 
+Every key is described by its field's attribute docstring (the string literal right below the field, as in
+litgpt): ``--help-config`` on each command that takes a config lists every dotted key with its type, default
+and that description (``config_help``), and ``tests/test_config_help.py`` refuses a key without one. A section
+(a dataclass-typed field) without a docstring of its own is described by its class's docstring.
+
 A ``dict`` field is a mapping of free-form keys; an override sets one entry (``student.options.top_k=2``)
 on top of the YAML's mapping, or of the field's default when the YAML has none. A dict field whose
 ``metadata={"keys": SomeDataclass}`` names a dataclass takes only that dataclass's fields as keys, checked
@@ -18,8 +23,13 @@ a one-line message naming the new key.
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -49,19 +59,28 @@ def load_yaml(path: str | Path) -> dict:
 
 def schema_keys(cls, prefix: str = "") -> list[str]:
     """Every dotted key a dataclass tree accepts (sections and leaves; the keys of typed dict fields)."""
-    keys = []
+    return [key for key, *_ in _walk(cls, prefix)]
+
+
+def _walk(cls, prefix: str = "", base=None):
+    """(dotted key, field, class declaring it, type hint, default) for every key of a dataclass tree, in field order.
+    ``base``: the instance (or typed dict) whose values are the defaults, when they are not the class's own
+    (``kl.train`` defaults to ``lr=5e-5``)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         key = f"{prefix}{f.name}"
-        keys.append(key)
+        if isinstance(base, dict):
+            default = base.get(f.name, _field_default(f))
+        else:
+            default = getattr(base, f.name) if base is not None else _field_default(f)
+        yield key, f, cls, hints.get(f.name), default
         sub = _dataclass_of(hints.get(f.name))
         if sub is not None:
-            keys += schema_keys(sub, key + ".")
+            yield from _walk(sub, key + ".", default if isinstance(default, sub) else None)
         elif _dict_keys(f) is not None:
-            keys += [f"{key}.{k}" for k in _field_names(_dict_keys(f))]
-    return keys
+            yield from _walk(_dict_keys(f), key + ".", default if isinstance(default, dict) else None)
 
 
 def _tagged_members(tp) -> dict[str, type] | None:
@@ -305,3 +324,98 @@ def to_dict(obj) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Descriptions: --help-config
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """A dataclass's attribute docstrings by field name (inherited fields too), whitespace folded to one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # no source (defined interactively): no descriptions, not an error
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _class_doc(cls) -> str:
+    """The first paragraph of a class's own docstring ('' for the signature dataclasses write when there is none)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    if doc.startswith(f"{cls.__name__}("):
+        return ""
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    key: str
+    type: str
+    default: str  # as YAML writes it; '' for a section
+    help: str  # '' when the key has no description
+
+
+def describe_keys(cls) -> list[KeyDoc]:
+    """Every key of ``schema_keys(cls)`` with its type, default and description."""
+    out = []
+    for key, f, owner, hint, default in _walk(cls):
+        sub = _dataclass_of(hint)
+        text = field_docs(owner).get(f.name, "") or (_class_doc(sub) if sub is not None else "")
+        out.append(KeyDoc(key, _type_name(hint), "" if sub is not None else _yaml_text(default), text))
+    return out
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is None or tp is Any:
+        return "any"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return str(tp) if typing.get_args(tp) else tp.__name__
+
+
+def _yaml_text(value) -> str:
+    text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 20, allow_unicode=True).strip()
+    return text.removesuffix("...").strip()  # a scalar document ends with an explicit end marker
+
+
+def config_help(cls, section: str = "", width: int = 100) -> str:
+    """The ``--help-config`` text: one entry per key under ``section`` ('' = all): ``key: type = default``, then
+    the description, indented. A ConfigError (with the nearest key) when no key is under ``section``."""
+    docs = [d for d in describe_keys(cls) if not section or d.key == section or d.key.startswith(section + ".")]
+    if not docs:
+        raise ConfigError(f"no config key {section!r}{_nearest(section, schema_keys(cls))}")
+    lines = ["config keys (set them in the YAML file, or on the command line as key.sub=value):"]
+    for d in docs:
+        lines.append(f"  {d.key}: {d.type}" + (f" = {d.default}" if d.default else ""))
+        lines += textwrap.wrap(d.help, width, initial_indent="      ", subsequent_indent="      ",
+                               break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
+def add_config_help(parser: argparse.ArgumentParser, cls) -> None:
+    """Add ``--help-config [SECTION]`` to a command taking a config of dataclass ``cls``: print the keys and exit."""
+
+    class HelpConfig(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            try:
+                print(config_help(cls, values or ""))
+            except ConfigError as err:
+                parser.error(str(err))
+            parser.exit()
+
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION", action=HelpConfig,
+                        help="list every config key with its type, default and description (or only those under "
+                             "SECTION, e.g. train), and exit")

@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aetheris.config_io import add_config_help
 from aetheris.nano_teacher import NanoTeacherConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +48,10 @@ STARTED = ".demo-started.json"
 
 @dataclass
 class EvalConfig:
+    """What the demo evaluates teacher and student on, and how much of each task."""
+
     batch_size: int = 16
+    """Batch size of the ``aetheris eval`` runs (teacher and student alike)."""
     ppl_start: int = 300
     """First corpus sentence scored: past the teacher's and the student's training lines (``lines_per_language``
     and ``data.sources[0].max_lines_per_language``), so bits per byte and KL are measured on unseen text."""
@@ -56,6 +60,7 @@ class EvalConfig:
     toolcall_per_language: int = 4
     """Generated tool-calling requests per language, held-out templates (70 languages)."""
     toolcall_tools_offered: int = 2
+    """Tool schemas offered per request (the expected one among them)."""
     toolcall_max_new_tokens: int = 96
     """Generation cap per request (a call to these schemas takes well under 100 nano-BPE tokens)."""
     xcopa_limit: int = 100
@@ -63,14 +68,19 @@ class EvalConfig:
     mgsm_limit: int = 8
     """mGSM questions per language (11 languages); 0 skips mGSM."""
     mgsm_mode: str = "direct"
+    """mGSM prompting: direct | native_cot | en_cot."""
     mgsm_shots: int = 2
+    """Few-shot exemplars before each mGSM question (0-8)."""
     mgsm_languages: list = field(default_factory=list)
     """Empty: all 11."""
 
 
 @dataclass
 class DemoConfig:
+    """A ``make demo`` / ``aetheris demo`` config: nano teacher -> distilled student -> evaluation -> equity report."""
+
     run_dir: str = "runs/demo"
+    """The demo's folder: the teacher, the distillation run, the evaluations and the report go under it."""
     teacher: NanoTeacherConfig = field(default_factory=NanoTeacherConfig)
     distill_config: str = "configs/nano-distill.yaml"
     """The distillation config (relative paths are from the repository root)."""
@@ -392,6 +402,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="redo every step (default: reuse finished ones)")
     parser.add_argument("--write-docs", metavar="DIR", default=None,
                         help="after the run, write DIR/RESULTS.md and DIR/results/*.png from its report")
+    add_config_help(parser, DemoConfig)
 
 
 def run(args) -> int:

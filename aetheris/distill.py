@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from aetheris.config import AetherisConfig
-from aetheris.config_io import ConfigError, apply_overrides, build, load_yaml
+from aetheris.config_io import ConfigError, add_config_help, apply_overrides, build, load_yaml
 from aetheris.sources import SFTSource, ToolgenSource
 from aetheris.teacher import DEFAULT_TEACHER, DTYPES, check_documents_kept_apart
 from aetheris.train import DataConfig, RunConfig, TokenizerConfig, TrainConfig
@@ -75,6 +75,8 @@ EXACT_TRANSFER = {"gate": "sigmoid", "xbc_activation": "identity", "ssm_norm": F
 
 @dataclass
 class TeacherConfig:
+    """The teacher: any Hugging Face causal LM (Tiny Aya by default), frozen."""
+
     name: str = DEFAULT_TEACHER
     """Hub id or local folder of the teacher (config.json + weights + tokenizer)."""
     dtype: str = "auto"
@@ -83,6 +85,8 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
+    """The student's shape: derived from the teacher (pairs, width, heads), with other model fields in ``options``."""
+
     n_pairs: int | None = None
     """(SSM, MoE) pairs; unset: teacher layers / 3 (12 for Tiny Aya's 36), or 1:1."""
     parallel_pairs: bool = False
@@ -97,6 +101,8 @@ class StudentConfig:
 
 @dataclass
 class TransferConfig:
+    """Stage 1's weight transfer: attention -> SSM mixer, MLP -> experts."""
+
     dt_init: str = "mamba2"
     """mamba2 (log-uniform dt, A in [1, 16]) | span (A = -1, dt from each layer's attention span)."""
     attention_scale: bool = True
@@ -104,11 +110,15 @@ class TransferConfig:
     expert_noise: float = 0.0
     """Each upcycled expert gets noise * std(w) * N(0, 1) added so the experts can diverge."""
     router_std: float = 1e-3
+    """Std of the random init of each MoE router (small: the upcycled experts start out interchangeable)."""
     seed: int = 0
+    """Seeds the transfer's random parts (expert noise, routers, dt init)."""
 
 
 @dataclass
 class AlignConfig:
+    """Stage 1 (align): each (SSM, MoE) pair learns to reproduce its teacher layers' output, teacher-forced."""
+
     mixer_only_fraction: float = 0.5
     """Fraction of train.max_steps that trains the SSM mixers only, before whole pairs train."""
     report_rows_per_language: int = 2
@@ -123,11 +133,14 @@ class AlignConfig:
 
 @dataclass
 class KLConfig:
+    """Stage 2 (kl): end-to-end distillation on text, the student's next-token distribution towards the teacher's."""
+
     kind: str = "forward"
     """forward KL(p_T || p_S) | reverse KL(p_S || p_T) | jsd."""
     temperature: float = 1.0
     """Softens both distributions; the divergence is scaled by temperature²."""
     w_kl: float = 1.0
+    """Weight of the divergence to the teacher."""
     w_ce: float = 0.0
     """Weight of the next-token cross-entropy on the data (0 = pure distillation)."""
     chunk: int = 256
@@ -142,6 +155,7 @@ class KLConfig:
     init: str | None = None
     """Student to start from; unset: ``<align out_dir>/student``."""
     report_rows_per_language: int = 2
+    """Held-out rows per language for the before/after KL report (0 = all validation rows)."""
     cache: str | None = None
     """Offline teacher cache folder: train from it without loading the teacher (top-k approximation of forward
     KL). Missing: written first from this config (teacher runs once); existing: checked against this config."""
@@ -153,15 +167,21 @@ class KLConfig:
     cache_dtype: str = "float16"
     """Storage of the cached log-probs: float16 | bfloat16 | float32 (exact)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/kl", lr=5e-5))
+    """Stage 2's loop settings (out_dir defaults to runs/kl, lr to 5e-5)."""
 
 
 @dataclass
 class SFTConfig:
+    """Stage 3 (sft): supervised tuning on tool-calling conversations, optionally with KL to the teacher."""
+
     beta: float = 0.0
     """Weight of KL to the teacher on assistant tokens (0: CE only, and the teacher is not loaded)."""
     kind: str = "forward"
+    """Divergence on assistant tokens when beta > 0: forward | reverse | jsd (as kl.kind)."""
     temperature: float = 1.0
+    """Softens both distributions of that divergence (scaled by temperature²)."""
     chunk: int = 256
+    """Positions per fp32 softmax chunk of the divergence (as kl.chunk)."""
     sources: list[SFTSource] = field(default_factory=lambda: [ToolgenSource()])
     """Conversation sources: ``{type: toolgen, languages: all, per_language: 40, seed: 0}`` (generated
     tool-calling set, train templates), ``{type: jsonl, path: FILE, lang: xx}`` (conversations),
@@ -173,21 +193,26 @@ class SFTConfig:
     eval_per_language: int = 2
     """Held-out (test-template) generated examples per language for the tool-call validity report."""
     eval_languages: Any = "all"
+    """Languages of the held-out tool-calling examples: ``all`` or a list of codes."""
     eval_tools_offered: int = 3
     """Tool schemas offered per held-out example (the expected one among them)."""
     max_new_tokens: int = 96
+    """Generation cap per held-out example in the tool-call validity report."""
     replay_every: int = 0
     """0 = off; k: every k-th step is a stage-2 batch instead (KL to the teacher on ``data`` rows, as in stage 2),
     so tuning on chat does not erase the languages. Loads the teacher. The report then has held-out KL before/after."""
     init: str | None = None
     """Student to start from; unset: ``<kl out_dir>/student``."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sft", lr=2e-5))
+    """Stage 3's loop settings (out_dir defaults to runs/sft, lr to 2e-5)."""
 
     RENAMED_KEYS: ClassVar[dict] = {"temperature_sampling": "language_temperature"}
 
 
 @dataclass
 class DistillConfig:
+    """An ``aetheris distill`` config: teacher, student, transfer, and the three stages align -> kl -> sft."""
+
     run_dir: str | None = None
     """One folder for the whole pipeline: stages write to run_dir/{align,kl,sft} (overrides each train.out_dir)."""
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -197,6 +222,7 @@ class DistillConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Unset name: the teacher's own tokenizer (distillation needs the teacher's vocabulary)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Text for stages 1 and 2 (and stage 3's replay): sources, languages and their sampling, row length, held-out split."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/align", lr=1e-3))
     """The alignment stage's loop settings (stage 1)."""
     kl: KLConfig = field(default_factory=KLConfig)
@@ -1076,6 +1102,7 @@ def add_arguments(parser) -> None:
                         help="memory per device, e.g. 80GB: a run (or --plan) whose plan exceeds it is refused")
     parser.add_argument("--plan-device", choices=("gpu", "cpu"), default="gpu",
                         help="device the plan assumes (teacher.dtype auto: bf16 on gpu, fp32 on cpu)")
+    add_config_help(parser, DistillConfig)
 
 
 def run(args) -> int:

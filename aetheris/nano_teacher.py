@@ -39,29 +39,44 @@ import torch
 
 @dataclass
 class NanoTeacherConfig:
+    """The nano teacher: a Cohere2 model of Tiny Aya's structure at nano sizes, and its two training phases."""
+
     vocab_size: int = 2048
     """BPE vocabulary trained on the corpus (the student inherits it)."""
     hidden_size: int = 128
+    """Residual width (= num_attention_heads x head_dim)."""
     intermediate_size: int = 256
+    """Hidden width of the SwiGLU MLP."""
     num_hidden_layers: int = 6
+    """Layers, in Tiny Aya's pattern [sliding x3, full]."""
     num_attention_heads: int = 4
+    """Query heads."""
     num_key_value_heads: int = 2
     """GQA, like Tiny Aya's 16 heads / 4 kv heads."""
     head_dim: int = 32
+    """Channels per attention head."""
     sliding_window: int = 64
+    """Attention window of the sliding-window layers."""
     logit_scale: float = 0.5
+    """Logits are multiplied by this (as Cohere2's config)."""
     lines_per_language: int = 200
     """Corpus lines read per language (the first ones); the rest stay unseen for evaluation."""
     seq_len: int = 64
+    """Tokens per packed language-modelling row."""
     language_temperature: float = 3.0
     """Language sampling temperature (as ``data.language_temperature`` in the run configs)."""
     steps: int = 300
+    """Phase 1 steps (language modelling on the corpus rows)."""
     batch_size: int = 16
+    """Language-modelling rows per step (both phases)."""
     lr: float = 2.0e-3
+    """Phase 1 peak learning rate (AdamW; linear warmup, cosine decay to 10 %)."""
     warmup_steps: int = 20
+    """Linear warmup steps, of each phase."""
     chat_steps: int = 100
     """Phase 2 steps (LM rows + tool-calling conversations); 0 = a base model only."""
     chat_lr: float = 2.0e-3
+    """Phase 2 peak learning rate (its own warmup and cosine decay)."""
     toolcall_batch_size: int = 4
     """Tool-calling conversations per step in that phase (added to the LM rows)."""
     toolcall_per_language: int = 20
@@ -69,9 +84,11 @@ class NanoTeacherConfig:
     toolcall_tools_offered: int = 3
     """Tool schemas in each system turn (the expected one among them); each adds ~200 nano-BPE tokens."""
     toolcall_seq_len: int = 1024
+    """Longest tool-calling conversation row (longer ones are cut)."""
     eval_every: int = 50
     """Held-out LM loss every this many steps (in the report's ``history``; 0 = only before and after)."""
     seed: int = 0
+    """Seeds the held-out split, the data order, the weights and the generated conversations."""
     threads: int = 0
     """torch CPU threads; 0 = torch's default."""
     budget_seconds: float = 0.0
@@ -258,11 +275,12 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from aetheris.config_io import apply_overrides, build
+    from aetheris.config_io import add_config_help, apply_overrides, build
 
     p = argparse.ArgumentParser(prog="python -m aetheris.nano_teacher", description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", default="runs/nano-teacher")
     p.add_argument("overrides", nargs="*", help="NanoTeacherConfig fields as key=value (e.g. steps=600)")
+    add_config_help(p, NanoTeacherConfig)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = build(NanoTeacherConfig, apply_overrides({}, a.overrides, NanoTeacherConfig))
     train_nano_teacher(a.out, cfg)

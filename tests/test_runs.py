@@ -52,7 +52,7 @@ def no_data_load(monkeypatch):
     """Fail loudly if the run gets as far as reading data: the error must come before."""
     def boom(*args, **kwargs):
         raise AssertionError("data was loaded before the error")
-    monkeypatch.setattr("aetheris.train.load_documents", boom)
+    monkeypatch.setattr("aetheris.train_data.load_documents", boom)
 
 
 # --- 1. a run owns its folder -------------------------------------------------------------------
