@@ -14,7 +14,8 @@ loss_fn=...)`` (the shared loop) -> ``<out_dir>/<stage>_report.json`` and ``<out
 
 from aetheris.distill.align import (PairAligner, build_student, make_align_loss, mixer_parameters, normalised_mse,
                                     pair_forward, pair_parameters, pair_report, run_align)
-from aetheris.distill.common import heldout_kl, load_teacher_model, previous_student, report_rows
+from aetheris.distill.common import (check_same_vocabulary, heldout_kl, load_teacher_model, previous_student,
+                                     report_rows)
 from aetheris.distill.config import (EXACT_TRANSFER, STAGES, AlignConfig, DistillConfig, KLConfig, SFTConfig,
                                      StudentConfig, TeacherConfig, TransferConfig, load_distill_config, parse_stages)
 from aetheris.distill.kd import (FamilyDRO, cache_ready, family_balanced_probs, family_summary, make_kd_loss,
@@ -25,6 +26,7 @@ from aetheris.distill.sft import ReplayMix, make_sft_loss, run_sft
 __all__ = [
     "EXACT_TRANSFER", "STAGES", "AlignConfig", "DistillConfig", "FamilyDRO", "KLConfig", "PairAligner", "ReplayMix",
     "SFTConfig", "StudentConfig", "TeacherConfig", "TransferConfig", "add_arguments", "build_student", "cache_ready",
+    "check_same_vocabulary",
     "family_balanced_probs", "family_summary", "heldout_kl", "load_distill_config", "load_teacher_model",
     "make_align_loss", "make_kd_loss", "make_sft_loss", "mixer_parameters", "normalised_mse", "pair_forward",
     "pair_parameters", "pair_report", "parse_stages", "previous_student", "report_rows", "run", "run_align", "run_kl",
