@@ -134,6 +134,10 @@ class AlignConfig:
                               "k >= 1 trains k pairs at a time")
         if not 0.0 <= self.mixer_only_fraction <= 1.0:
             raise ConfigError(f"mixer_only_fraction={self.mixer_only_fraction} must be in [0, 1]")
+        if self.train.fsdp:  # the loop refuses it too, but only after the teacher and data have loaded
+            raise ConfigError("train.fsdp=true: stage 1 trains through its own forward module (PairAligner), which "
+                              "is not sharded; set align.train.fsdp=false (stage 1 fits one GPU with "
+                              "align.pairs_at_once=1)")
 
 
 @dataclass
