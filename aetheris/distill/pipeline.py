@@ -27,7 +27,7 @@ from aetheris.runs import claim_run_folder
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="YAML distillation config (see configs/*-align.yaml)")
+    parser.add_argument("--config", required=True, help="YAML distillation config (see configs/nano-distill.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. align.train.max_steps=20")
     parser.add_argument("--stages", default="align,kl,sft",
                         help=f"comma list over {', '.join(STAGES)}, run in pipeline order (default: all three)")
