@@ -122,11 +122,15 @@ def build_tagged_list(union, data, where: str) -> list:
     return out
 
 
-def _renamed(cls, key: str, where: str) -> None:
-    """A ConfigError naming the new key when ``key`` is one ``cls`` renamed (``RENAMED_KEYS``)."""
-    new = getattr(cls, "RENAMED_KEYS", {}).get(key)
-    if new is not None:
-        raise ConfigError(f"config key {where + key!r} was renamed: write {where + new!r} instead")
+def _renamed(cls, key: str, where: str, rest: str = "") -> None:
+    """A ConfigError naming the new key when ``key`` is one ``cls`` renamed. ``RENAMED_KEYS`` maps an old key
+    to its new name (relative to ``cls``; it may move into a subsection) or to ``(new name, why)``; ``rest`` is
+    the part of a dotted override below the renamed key."""
+    entry = getattr(cls, "RENAMED_KEYS", {}).get(key)
+    if entry is not None:
+        new, why = (entry, "") if isinstance(entry, str) else entry
+        raise ConfigError(f"config key {where + key + rest!r} was renamed: write {where + new + rest!r} instead"
+                          + (f" ({why})" if why else ""))
 
 
 def _section(cls, parts: list[str]):
@@ -197,8 +201,10 @@ def apply_overrides(raw: dict, overrides: list[str], cls) -> dict:
         in_dict = _locate(cls, parts)
         free_form = in_dict is not None and _dict_keys(in_dict[1]) is None and in_dict[0] == len(parts) - 2
         if key not in valid and not free_form:
-            if (owner := _section(cls, parts[:-1])) is not None:
-                _renamed(owner, parts[-1], ".".join(parts[:-1]) + "." if len(parts) > 1 else "")
+            for i in range(len(parts)):  # a renamed key anywhere on the path (``train.lr`` -> ``align.train.lr``)
+                if (owner := _section(cls, parts[:i])) is None:
+                    break
+                _renamed(owner, parts[i], "".join(p + "." for p in parts[:i]), "".join("." + p for p in parts[i + 1:]))
             raise ConfigError(f"unknown config key {key!r} in override {item!r}{_nearest(key, valid)}")
         try:
             value = yaml.safe_load(text) if text.strip() else None

@@ -22,6 +22,11 @@ the remaining mass r = 1 - Σ_top-k p_T. The student's distribution is collapsed
 distributions. This is a lower bound on the full KL (the data-processing inequality: merging outcomes can
 only lose divergence) and equals it when k = V (r = 0).
 
+``teacher_divergence`` is the one entry point for a teacher given as logits or as a cache batch: the KD loss
+that trains (``distill.kd.make_kd_loss``: ``teacher_divergence`` + ``token_mean``, or ``group_weighted_mean``
+under group-DRO), every stage report's held-out KL (``distill.common.heldout_kl``) and the ``ppl`` task's KL
+(``tasks.perplexity.kl_per_sequence``) all call it, so they compute one quantity.
+
 The model never imports this file (STYLE: imports point one way; training imports model + losses).
 """
 
@@ -80,11 +85,16 @@ def chunked_divergence(t_logits: Tensor, s_logits: Tensor, mask: Tensor, kind: s
     return torch.cat(pieces, dim=1), mask.sum()
 
 
+def token_mean(per_pos: Tensor, n: Tensor, temperature: float = 1.0) -> Tensor:
+    """τ² · per-token mean of a masked per-position divergence (``chunked_divergence``'s output): sum / count."""
+    return temperature ** 2 * per_pos.sum() / n.clamp_min(1)
+
+
 def distill_loss(t_logits: Tensor, s_logits: Tensor, labels: Tensor, kind: str = "forward",
                  temperature: float = 1.0, chunk: int = 256) -> Tensor:
     """τ² · mean over valid positions of the divergence: the KD term of stage 2 (and of stage 3's β·KL)."""
     per_pos, n = chunked_divergence(t_logits, s_logits, valid_positions(labels), kind, temperature, chunk)
-    return temperature ** 2 * per_pos.sum() / n.clamp_min(1)
+    return token_mean(per_pos, n, temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +140,30 @@ def cached_distill_loss(t_values: Tensor, t_ids: Tensor, t_tail: Tensor, s_logit
                         temperature: float = 1.0, chunk: int = 256) -> Tensor:
     """τ² · mean over valid positions of ``topk_kl`` (teacher from a cache, no teacher model)."""
     per_pos, n = chunked_topk_divergence(t_values, t_ids, t_tail, s_logits, valid_positions(labels), temperature, chunk)
-    return temperature ** 2 * per_pos.sum() / n.clamp_min(1)
+    return token_mean(per_pos, n, temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# One entry point for every teacher-vs-student measure
+
+
+CACHE_KEYS = ("t_values", "t_ids", "t_tail")
+
+
+def teacher_divergence(teacher: Tensor | dict, s_logits: Tensor, mask: Tensor, kind: str = "forward",
+                       temperature: float = 1.0, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Masked per-position divergence of the student from a teacher given either as logits (B, T, V)
+    (``chunked_divergence``) or as a teacher cache's batch, a mapping holding ``CACHE_KEYS``
+    (``chunked_topk_divergence``: forward KL only): ((B, T) with zeros at masked positions, valid count).
+
+    The training loss of stages 2 and 3, the held-out KL of every stage report and the ``ppl`` task's
+    per-sentence KL all go through here, so they measure one quantity."""
+    if isinstance(teacher, Tensor):
+        return chunked_divergence(teacher, s_logits, mask, kind, temperature, chunk)
+    if kind != "forward":
+        raise ValueError(f"a top-k teacher cache supports forward KL only, not {kind!r}")
+    t_values, t_ids, t_tail = (teacher[key] for key in CACHE_KEYS)
+    return chunked_topk_divergence(t_values, t_ids, t_tail, s_logits, mask, temperature, chunk)
 
 
 def per_group_mean(per_pos: Tensor, mask: Tensor, group_ids: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
@@ -140,3 +173,11 @@ def per_group_mean(per_pos: Tensor, mask: Tensor, group_ids: Tensor, n_groups: i
     sums = per_pos.new_zeros(n_groups).index_add(0, g[mask], per_pos[mask].float())
     counts = per_pos.new_zeros(n_groups).index_add(0, g[mask], torch.ones_like(per_pos[mask], dtype=torch.float32))
     return sums / counts.clamp_min(1), counts
+
+
+def group_weighted_mean(per_pos: Tensor, mask: Tensor, group_ids: Tensor, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Group-DRO's objective: the ``q``-weighted mean of per-group token-means over the groups present in the
+    batch (``q`` renormalised over them). Returns (that mean, per-group means, per-group counts)."""
+    means, counts = per_group_mean(per_pos, mask, group_ids, q.numel())
+    w = q * (counts > 0)
+    return (w / w.sum().clamp_min(1e-12) * means).sum(), means, counts

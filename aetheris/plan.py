@@ -149,7 +149,7 @@ def plan_distill(cfg, processes: int = 1, device: str = "gpu", teacher_config=No
     # Stage 1: pairs (all, or k at a time), teacher-forced. Never sharded; DDP under several processes.
     k = cfg.align.pairs_at_once or len(pairs)
     groups = [pairs[i:i + k] for i in range(0, len(pairs), k)]
-    B1, T1 = cfg.train.micro_batch_size, cfg.data.seq_len
+    B1, T1 = cfg.align.train.micro_batch_size, cfg.data.seq_len
     trained = max(sum(s_count.layers[i] for pm in g for i in layers_of(pm.pair)) for g in groups)
     largest = max(s_count.layers) if s_count.layers else 0
     train = {"runtime": runtime, "teacher weights": teacher_w, "student weights (fp32)": student_w,

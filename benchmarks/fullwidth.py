@@ -90,10 +90,10 @@ def distill_config(out: Path, teacher: Path, args) -> dict:
         "student": {"n_pairs": max(1, args.layers // 3), "options": {
             "gate": "sigmoid", "xbc_activation": "identity", "ssm_norm": False, "n_experts": 4, "top_k": 1,
             "gradient_checkpointing": True}},
-        "align": {"pairs_at_once": 1, "report_rows_per_language": 1, "mixer_only_fraction": 0.5},
+        "align": {"pairs_at_once": 1, "report_rows_per_language": 1, "mixer_only_fraction": 0.5,
+                  "train": {**loop, "lr": 1e-3}},
         "data": {"sources": [{"type": "corpus", "max_lines_per_language": 400}], "languages": LANGUAGES,
                  "seq_len": args.seq_len, "pack": True, "val_rows_per_language": 1},
-        "train": {**loop, "lr": 1e-3},
         "kl": {"report_rows_per_language": 1, "chunk": 256, "train": {**loop, "lr": 5e-5}},
         "sft": {"beta": 0.5, "seq_len": args.seq_len, "chunk": 256, "eval_per_language": 1,
                 "eval_languages": ["en", "sw"], "max_new_tokens": 16,

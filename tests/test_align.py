@@ -15,10 +15,10 @@ from aetheris.distill import build_student, load_distill_config, make_align_loss
 
 
 def _overrides(teacher_dir, out_dir, *extra):
-    return _merged([f"teacher.name={teacher_dir}", f"train.out_dir={out_dir}", "train.progress=false",
+    return _merged([f"teacher.name={teacher_dir}", f"align.train.out_dir={out_dir}", "align.train.progress=false",
                     "data.languages=[en, sw, hi, zh, ar, yo, fr, ru]",
                     "data.sources=[{type: corpus, max_lines_per_language: 150}]",
-                    "train.eval_every=1000", "train.checkpoint_every=1000", *extra])
+                    "align.train.eval_every=1000", "align.train.checkpoint_every=1000", *extra])
 
 
 def test_distill_align_cli_kl_random_vs_transfer_vs_aligned(teacher_dir, tmp_path):
@@ -27,7 +27,7 @@ def test_distill_align_cli_kl_random_vs_transfer_vs_aligned(teacher_dir, tmp_pat
 
     out = tmp_path / "run"
     rc = main(["distill", "--config", str(ROOT / "configs" / "nano-align.yaml"), "--stages", "align",
-               *_overrides(teacher_dir, out, "train.max_steps=120", "student.n_pairs=2")])
+               *_overrides(teacher_dir, out, "align.train.max_steps=120", "student.n_pairs=2")])
     assert rc == 0
     report = json.loads((out / "align_report.json").read_text())
     random_kl, transfer_kl, aligned_kl = (report[k]["mean"] for k in ("kl_random_init", "kl_after_transfer", "kl_after_align"))
@@ -141,7 +141,7 @@ def test_unsupported_teacher_fails_before_training(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml",
-                              [f"teacher.name={tmp_path / 'gpt2'}", f"train.out_dir={tmp_path / 'run'}"])
+                              [f"teacher.name={tmp_path / 'gpt2'}", f"align.train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(TeacherError, match="supported: Cohere2ForCausalLM"):
         run_align(cfg)
     assert not (tmp_path / "run").exists()
@@ -174,9 +174,9 @@ def test_align_resumes_from_its_checkpoint(teacher_dir, tmp_path):
 
     out = tmp_path / "run"
     base = ["distill", "--config", str(ROOT / "configs" / "nano-align.yaml"), "--stages", "align"]
-    common = [*_overrides(teacher_dir, out, "student.n_pairs=2", "train.max_steps=10", "train.checkpoint_every=5")]
+    common = [*_overrides(teacher_dir, out, "student.n_pairs=2", "align.train.max_steps=10", "align.train.checkpoint_every=5")]
     assert main(base + common) == 0
-    assert main(base + [*common[:-2], "train.max_steps=14", "train.checkpoint_every=7", "--resume"]) == 0
+    assert main(base + [*common[:-2], "align.train.max_steps=14", "align.train.checkpoint_every=7", "--resume"]) == 0
     report = json.loads((out / "align_report.json").read_text())
     assert report["steps"] == 14
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -216,8 +216,8 @@ def _run_align_cli(teacher_dir, out_dir, nproc, *extra):
                      "--master_port", str(29700 + nproc + os.getpid() % 500)]
     cmd = [*launcher, "-m", "aetheris.cli", "distill", "--config", str(ROOT / "configs" / "nano-align.yaml"),
            "--stages", "align",
-           *_overrides(teacher_dir, out_dir, "student.n_pairs=2", "train.max_steps=4", "align.mixer_only_fraction=0.5",
-                       "train.warmup_steps=1", "train.log_every=1", "train.threads=1", "align.report_rows_per_language=1",
+           *_overrides(teacher_dir, out_dir, "student.n_pairs=2", "align.train.max_steps=4", "align.mixer_only_fraction=0.5",
+                       "align.train.warmup_steps=1", "align.train.log_every=1", "align.train.threads=1", "align.report_rows_per_language=1",
                        "data.languages=[en, sw, hi, zh]", "data.sources=[{type: corpus, max_lines_per_language: 60}]",
                        *extra)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -230,8 +230,8 @@ def test_two_process_alignment_matches_one_process_with_grad_accumulation(teache
     the pairs run inside the DDP-wrapped module, so their gradients are all-reduced."""
     from safetensors.torch import load_file
 
-    one = _run_align_cli(teacher_dir, tmp_path / "one", 1, "train.micro_batch_size=2", "train.grad_accum=2")
-    two = _run_align_cli(teacher_dir, tmp_path / "two", 2, "train.micro_batch_size=2", "train.grad_accum=1")
+    one = _run_align_cli(teacher_dir, tmp_path / "one", 1, "align.train.micro_batch_size=2", "align.train.grad_accum=2")
+    two = _run_align_cli(teacher_dir, tmp_path / "two", 2, "align.train.micro_batch_size=2", "align.train.grad_accum=1")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["mixer_only"] for r in one] == [r["mixer_only"] for r in two] == [1.0, 1.0, 0.0, 0.0]
     for a, b in zip(one, two):
@@ -272,8 +272,8 @@ def test_pairs_one_at_a_time_equal_each_pair_trained_alone(teacher_dir, tiny_coh
 
     out = tmp_path / "run"
     cfg = load_distill_config(ROOT / "configs" / "nano-align.yaml", _overrides(
-        teacher_dir, out, "train.max_steps=6", "train.warmup_steps=2", "student.n_pairs=2", "align.pairs_at_once=1",
-        "train.micro_batch_size=4"))
+        teacher_dir, out, "align.train.max_steps=6", "align.train.warmup_steps=2", "student.n_pairs=2", "align.pairs_at_once=1",
+        "align.train.micro_batch_size=4"))
     report = run_align(cfg, teacher=tiny_cohere2_teacher, log=lambda *_: None)
     assert report["steps"] == 6
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("pairs-")) == ["pairs-00-00", "pairs-01-01"]
@@ -289,7 +289,7 @@ def test_pairs_one_at_a_time_equal_each_pair_trained_alone(teacher_dir, tiny_coh
              expert_noise=tc.expert_noise, router_std=tc.router_std, seed=tc.seed)
     start = {k: v.clone() for k, v in student.state_dict().items()}
     tokenizer = load_tokenizer(teacher_dir)
-    t = cfg.train
+    t = cfg.align.train
     mixer_only_steps = round(cfg.align.mixer_only_fraction * t.max_steps)
     for pm in pairs:
         data, _ = build_data(RunConfig(model=scfg, tokenizer=cfg.tokenizer, data=cfg.data, train=t), lambda _d: tokenizer,

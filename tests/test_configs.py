@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -154,4 +155,57 @@ def test_a_section_with_its_own_defaults_keeps_them_when_one_key_is_set(tmp_path
     partial.write_text("kl:\n  train:\n    warmup_steps: 7\n")
     cfg = load_distill_config(partial)
     assert cfg.kl.train.warmup_steps == 7 and cfg.kl.train.lr == 5e-5
-    assert cfg.train.lr == 1e-3  # DistillConfig's stage-1 default section too
+    assert cfg.align.train.lr == 1e-3  # AlignConfig's default section too
+
+
+@pytest.mark.parametrize("override, new, new_in_yaml", [
+    ("train.max_steps=20", "align.train.max_steps", "align.train"),
+    ("train={max_steps: 20}", "align.train", "align.train"),
+    ("kl.temperature=2", "kl.kd_temperature", "kl.kd_temperature"),
+    ("sft.temperature=2", "sft.kd_temperature", "sft.kd_temperature"),
+    ("sft.temperature_sampling=3", "sft.language_temperature", "sft.language_temperature"),
+])
+def test_keys_of_earlier_distill_configs_are_refused_with_the_new_key(override, new, new_in_yaml, tmp_path, capsys):
+    from aetheris.cli import main
+    from aetheris.distill import load_distill_config
+
+    message = f"was renamed: write '{new}' instead"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_distill_config(ROOT / "configs" / "nano-distill.yaml", [override])
+    assert main(["distill", "--config", str(ROOT / "configs" / "nano-distill.yaml"), "--plan", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    # The same keys in a YAML file (a config written before the rename) are refused too.
+    key, value = override.split("=", 1)
+    *sections, leaf = key.split(".")
+    old = tmp_path / "old.yaml"
+    old.write_text("".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections)) + f"{'  ' * len(sections)}{leaf}: {value}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"was renamed: write '{new_in_yaml}' instead")):
+        load_distill_config(old)
+
+
+@pytest.mark.parametrize("override, error", [
+    ("kl.kd_temperature=0", "kl.kd_temperature=0.0 must be > 0"),
+    ("sft.kd_temperature=-1", "sft.kd_temperature=-1.0 must be > 0"),
+    ("kl.kind=kl", "kl.kind='kl': choose one of forward, reverse, jsd"),
+    ("kl.balance=script", "kl.balance='script': choose language or family"),
+    ("align.pairs_at_once=-1", "align.pairs_at_once=-1: 0 trains every pair at once"),
+    ("align.train.max_steps=0", "align.train.max_steps=0 must be a positive integer"),
+    ("align.train.fsdp=true", "align.train.fsdp=true: stage 1 trains through its own forward module"),
+    ("teacher.dtype=int8", "teacher.dtype='int8': choose auto or one of"),
+    ("transfer.dt_init=zero", "transfer.dt_init='zero': choose mamba2 or span"),
+    ("student.init_layer=middle", "student.init_layer='middle': choose last or first"),
+])
+def test_each_distill_section_checks_its_own_keys(override, error):
+    from aetheris.distill import load_distill_config
+
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace("[", r"\[")):
+        load_distill_config(ROOT / "configs" / "nano-distill.yaml", [override])
+
+
+def test_each_stage_has_its_own_loop_section():
+    from aetheris.distill import load_distill_config
+
+    cfg = load_distill_config(ROOT / "configs" / "nano-distill.yaml", ["align.train.lr=0.5", "run_dir=/tmp/r"])
+    assert cfg.align.train.lr == 0.5 and cfg.kl.train.lr == 1e-3 and cfg.sft.train.lr == 2e-3  # the YAML's own values
+    assert {s: t.out_dir for s, t in cfg.stage_train().items()} == {s: f"/tmp/r/{s}" for s in ("align", "kl", "sft")}

@@ -103,7 +103,7 @@ def test_small_k_cache_lowers_heldout_kl_and_a_mismatched_cache_is_refused(teach
     assert after < before
     assert report["kl_after"]["mean"] < report["kl_before"]["mean"] <= before + 1e-6  # top-k is a lower bound
     # other settings than those the cache was built from: a clear error naming each one
-    for override, field in (("kl.temperature=2.0", "temperature"), ("data.seq_len=48", "seq_len"),
+    for override, field in (("kl.kd_temperature=2.0", "temperature"), ("data.seq_len=48", "seq_len"),
                             ("kl.cache_k=16", "k: cache 8 != run 16")):
         with pytest.raises(CacheMismatchError, match=field):
             run_kl(_cfg(teacher_dir, tmp_path / "bad", start_student, *extra, override), log=lambda *_: None)

@@ -29,7 +29,7 @@ def _overrides(teacher_dir, run_dir, *extra):
     langs = "[" + ", ".join(LANGS) + "]"
     return [f"teacher.name={teacher_dir}", f"run_dir={run_dir}", f"data.languages={langs}",
             "data.sources=[{type: corpus, max_lines_per_language: 150}]", "student.n_pairs=2",
-            "train.max_steps=40", "train.progress=false", "kl.train.progress=false", "sft.train.progress=false",
+            "align.train.max_steps=40", "align.train.progress=false", "kl.train.progress=false", "sft.train.progress=false",
             "kl.train.max_steps=80", "kl.train.lr=3e-3", "kl.report_rows_per_language=2",
             f"sft.sources=[{{type: toolgen, languages: {langs}, per_language: 30, tools_offered: 1}}]",
             f"sft.eval_languages={langs}", "sft.eval_tools_offered=1", "sft.seq_len=512",

@@ -143,7 +143,7 @@ def test_every_distill_stage_trains_under_bf16_with_a_bf16_teacher(teacher_dir, 
               f"sft.sources=[{{type: toolgen, languages: {langs}, per_language: 2, tools_offered: 1}}]",
               f"sft.eval_languages={langs}", "sft.eval_tools_offered=1", "sft.seq_len=512", "sft.eval_per_language=1",
               "sft.max_new_tokens=4"]
-    for t in ("train", "kl.train", "sft.train"):
+    for t in ("align.train", "kl.train", "sft.train"):
         common += [f"{t}.max_steps=2", f"{t}.micro_batch_size=2", f"{t}.progress=false", f"{t}.mixed_precision=bf16"]
     config = str(Path(__file__).resolve().parents[1] / "configs" / "nano-distill.yaml")
     for stage in ("align", "kl", "sft"):

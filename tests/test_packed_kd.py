@@ -1,7 +1,9 @@
 """Documents kept apart and padding left out in distillation: a packed row's per-token KL equals that of its
 documents run separately (teacher and student, online and from a teacher cache); a teacher that lets documents
 see each other is refused; padding counts in neither the MoE balance loss / expert load nor the stage-1 MSE;
-the held-out KL counts the positions the labels name."""
+the held-out KL counts the positions the labels name; the loss that trains is ``losses.distill_loss`` /
+``cached_distill_loss`` (+ CE and aux), and its group-DRO objective the q-weighted mean of per-family
+``distill_loss``es."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from aetheris.distill import heldout_kl, make_kd_loss, normalised_mse, pair_forward
-from aetheris.losses import chunked_divergence, valid_positions
+from aetheris.distill import FamilyDRO, heldout_kl, make_kd_loss, normalised_mse, pair_forward
+from aetheris.losses import cached_distill_loss, chunked_divergence, distill_loss, topk_teacher, valid_positions
 from aetheris.model import Aetheris
 from aetheris.teacher import DocumentMaskError, check_documents_kept_apart, document_positions, teacher_logits
 from aetheris.transfer import layer_map, student_config, transfer
@@ -227,3 +229,63 @@ def test_heldout_kl_counts_the_positions_the_labels_name(tiny_cohere2_teacher, s
     assert got["tokens"] == sum(s["tokens"] for s in separate) == sum(n - 1 for n in LENGTHS)
     expected = sum(s["mean"] * s["tokens"] for s in separate) / got["tokens"]
     assert got["mean"] == pytest.approx(expected, rel=1e-4)
+
+
+def _packed_batch(vocab):
+    """Two packed rows of two documents each, with per-token language ids (document 0: language 0, 1: 1)."""
+    rows = [_row(_docs(vocab, seed=s)) for s in (6, 7)]
+    batch = {key: torch.cat([r[key] for r in rows]) for key in rows[0]}
+    batch["lang_ids"] = batch["doc_ids"].clone()
+    return batch
+
+
+@pytest.mark.parametrize("kind, temperature", [("forward", 1.0), ("forward", 2.0), ("reverse", 1.5), ("jsd", 1.0)])
+def test_the_loss_that_trains_is_losses_distill_loss_on_packed_rows(tiny_cohere2_teacher, student, kind, temperature):
+    teacher = tiny_cohere2_teacher
+    batch = _packed_batch(teacher.config.vocab_size)
+    loss_fn = make_kd_loss(teacher, kind=kind, temperature=temperature, chunk=16, w_kl=0.7, w_ce=0.3)
+    with torch.no_grad():
+        loss, metrics = loss_fn(student, batch)
+        out = student(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+        t_logits = teacher_logits(teacher, batch["input_ids"], batch["doc_ids"])
+        kd = distill_loss(t_logits, out.logits, batch["labels"], kind, temperature, chunk=64)  # another chunking
+    torch.testing.assert_close(loss, 0.7 * kd + 0.3 * out.ce_loss + out.aux_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(metrics["kl"], kd / temperature ** 2, rtol=1e-5, atol=1e-7)
+    assert float(kd) > 1e-3
+
+
+def test_the_cached_loss_that_trains_is_losses_cached_distill_loss(tiny_cohere2_teacher, student):
+    teacher = tiny_cohere2_teacher
+    batch = _packed_batch(teacher.config.vocab_size)
+    with torch.no_grad():
+        t_values, t_ids, t_tail = topk_teacher(teacher_logits(teacher, batch["input_ids"], batch["doc_ids"]), k=8,
+                                               temperature=2.0)  # what a top-8 cache stores
+        cached = {**batch, "t_values": t_values, "t_ids": t_ids, "t_tail": t_tail}
+        loss, metrics = make_kd_loss(None, kind="forward", temperature=2.0, chunk=16, w_kl=1.0, w_ce=0.0)(student, cached)
+        out = student(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+        kd = cached_distill_loss(t_values, t_ids, t_tail, out.logits, batch["labels"], temperature=2.0)
+    torch.testing.assert_close(loss, kd + out.aux_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(metrics["kl"], kd / 4.0, rtol=1e-5, atol=1e-7)
+
+
+def test_the_dro_loss_is_the_q_weighted_mean_of_per_family_distill_losses(tiny_cohere2_teacher, student):
+    teacher = tiny_cohere2_teacher
+    batch = _packed_batch(teacher.config.vocab_size)
+    dro = FamilyDRO(["a", "b"], step=0.1)
+    dro.q = torch.tensor([0.3, 0.7])
+    loss_fn = make_kd_loss(teacher, kind="forward", temperature=1.0, chunk=16, w_kl=1.0, w_ce=0.0,
+                           lang_family=torch.tensor([0, 1]), dro=dro)
+    with torch.no_grad():
+        loss, metrics = loss_fn(student, batch)
+        out = student(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+        t_logits = teacher_logits(teacher, batch["input_ids"], batch["doc_ids"])
+        per_family = []
+        for f in (0, 1):  # family f's positions only: every other position's next label hidden
+            labels = batch["labels"].clone()
+            labels[:, 1:][batch["lang_ids"][:, :-1] != f] = -100
+            per_family.append(distill_loss(t_logits, out.logits, labels))
+    expected = 0.3 * per_family[0] + 0.7 * per_family[1]
+    torch.testing.assert_close(loss, expected + out.aux_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(metrics["family_kl_sum"] / metrics["family_tokens"], torch.stack(per_family),
+                               rtol=1e-5, atol=1e-7)
+    assert abs(float(per_family[0] - per_family[1])) > 1e-4  # the weights matter

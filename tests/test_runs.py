@@ -509,7 +509,7 @@ def test_a_distillation_stage_stops_on_sigterm_with_a_checkpoint(teacher_dir, st
     assert info.value.step == 2 and info.value.checkpoint == out / "checkpoints" / "step-0000002"
     verify_checkpoint(info.value.checkpoint)
     # The CLI refuses to start a new stage-2 run over it, before the teacher loads.
-    monkeypatch.setattr("aetheris.distill.load_teacher_model", lambda cfg: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr("aetheris.distill.common.load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
     code, err = cli(capsys, "distill", "--config", ROOT / "configs" / "nano-distill.yaml", "--stages", "kl", *overrides)
     assert code == 2 and len(err) == 1 and "already holds 1 checkpoint(s)" in err[0]
 

@@ -50,8 +50,8 @@ def test_replay_keeps_the_student_closer_to_the_teacher(teacher_dir, tmp_path):
         {"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"ok ok {i} {i} {i}"}]}) + "\n"
         for i in range(40)))
     common = [f"teacher.name={teacher_dir}", f"data.languages={langs}", "student.n_pairs=2",
-              "data.sources=[{type: corpus, max_lines_per_language: 40}]", "train.max_steps=6",
-              "train.progress=false", "sft.train.progress=false", "kl.report_rows_per_language=2",
+              "data.sources=[{type: corpus, max_lines_per_language: 40}]", "align.train.max_steps=6",
+              "align.train.progress=false", "sft.train.progress=false", "kl.report_rows_per_language=2",
               f"sft.sources=[{{type: jsonl, path: {chats}}}]", "sft.eval_languages=[en]", "sft.eval_tools_offered=1",
               "sft.seq_len=64", "sft.eval_per_language=1", "sft.max_new_tokens=2", "sft.train.max_steps=24",
               "sft.train.lr=1e-2", "sft.train.warmup_steps=2", "sft.train.micro_batch_size=4", "sft.train.log_every=1"]

@@ -180,8 +180,11 @@ def _sequences(lm, sentences: list[str]) -> list[list[int]]:
 
 
 def kl_per_sequence(teacher, student, id_lists: list[list[int]]) -> list[tuple[float, int]]:
-    """(sum over predicted tokens of KL(p_T || p_S) in nats, number of predicted tokens) per sequence."""
+    """(sum over predicted tokens of KL(p_T || p_S) in nats, number of predicted tokens) per sequence: the
+    per-token KL of ``losses.teacher_divergence``, the one the distillation stages train on and report."""
     import torch
+
+    from aetheris.losses import teacher_divergence
 
     out: list = [None] * len(id_lists)
     order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))
@@ -191,12 +194,12 @@ def kl_per_sequence(teacher, student, id_lists: list[list[int]]) -> list[tuple[f
         batch = [id_lists[i][: student.max_length] for i in idx]
         t_logits = teacher.logits(batch).to(student.device)
         s_logits = student.logits(batch)
+        predicted = torch.tensor([len(r) - 1 for r in batch], device=s_logits.device)
+        mask = torch.arange(s_logits.shape[1], device=s_logits.device)[None] < predicted[:, None]  # (B, T), no padding
+        per_pos, _ = teacher_divergence(t_logits, s_logits, mask)                                  # (B, T)
         for row, i in enumerate(idx):
             n = len(batch[row]) - 1
-            t = torch.log_softmax(t_logits[row, :n], dim=-1)
-            s = torch.log_softmax(s_logits[row, :n], dim=-1)
-            kl = (t.exp() * (t - s)).sum(-1)  # (n,)
-            out[i] = (float(kl.sum()), n)
+            out[i] = (float(per_pos[row, :n].sum()), n)
     return out
 
 
