@@ -51,6 +51,18 @@ WEIGHTS_NAME = "model.safetensors"
 PREFIX = "model."  # AetherisForCausalLM keeps the plain model as .model
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """``safetensors.save_file``, leaving the file readable like any other the process writes.
+
+    safetensors creates its file with mode 0600 whatever the umask, so a checkpoint written by root in a
+    container could not be read by the non-root user that serves it (and looked corrupt); the file gets the
+    mode ``open()`` would give it (0666 minus the umask)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_model(model: Aetheris, folder: str | Path, tokenizer=None, state_dict: dict | None = None) -> Path:
     """Write config.json, model.safetensors and (if given) the tokenizer into ``folder``.
 
@@ -66,7 +78,7 @@ def save_model(model: Aetheris, folder: str | Path, tokenizer=None, state_dict: 
                 config[key] = getattr(tokenizer, key, None)
     state = model.state_dict() if state_dict is None else state_dict
     tensors = {PREFIX + k: v.detach().contiguous() for k, v in state.items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from aetheris.checkpoint import write_safetensors
 from aetheris.losses import topk_teacher
 from aetheris.teacher import teacher_logits
 
@@ -101,7 +102,7 @@ def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, 
                 parts.append({**{key: v.contiguous() for key, v in batch.items()}, **fields})
         if mine:
             blob = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-            save_file(blob, str(tmp / f"shard-{shard:05d}.safetensors"))
+            write_safetensors(blob, tmp / f"shard-{shard:05d}.safetensors")
             if log is not None:
                 log(f"teacher cache: shard {shard} ({done + n_shard}/{rows} rows) written by process {rank}")
         done, shard = done + n_shard, shard + 1
@@ -123,7 +124,7 @@ def write_cache(teacher, stream, folder: str | Path, *, rows: int, k: int = 64, 
             for key in ("labels", "doc_ids", "attention_mask"):  # what the held-out KL masks and separates by
                 if all(key in heldout[lang] for lang in langs):
                     blob[key] = torch.cat([heldout[lang][key] for lang in langs]).long().contiguous()
-            save_file({"input_ids": ids.contiguous(), "lang_index": index, **blob}, str(tmp / "heldout.safetensors"))
+            write_safetensors({"input_ids": ids.contiguous(), "lang_index": index, **blob}, tmp / "heldout.safetensors")
             meta["heldout_languages"] = langs
     barrier()  # every shard is on disk
     if rank == 0:

@@ -58,3 +58,20 @@ def test_save_then_load_training_state_continues_bitwise(tmp_path):
         assert torch.equal(a, b), name
     for a, b in zip(optimizer.state.values(), restored_optimizer.state.values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_weights_are_readable_like_any_file_the_process_writes(tmp_path):
+    """safetensors writes mode 0600 whatever the umask: a checkpoint saved by root in a container was unreadable
+    for the non-root user serving it. Weights get open()'s mode (0666 minus the umask), as config.json does."""
+    import os
+    import stat
+
+    from aetheris.checkpoint import WEIGHTS_NAME, save_model
+
+    old = os.umask(0o022)
+    try:
+        folder = save_model(Aetheris(tiny_config()), tmp_path / "m")
+    finally:
+        os.umask(old)
+    weights = stat.S_IMODE((folder / WEIGHTS_NAME).stat().st_mode)
+    assert weights == 0o644 == stat.S_IMODE((folder / "config.json").stat().st_mode)
