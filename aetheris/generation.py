@@ -149,8 +149,13 @@ class Detokenizer:
 
     Byte-level BPE splits multi-byte characters (Thai, Amharic, CJK) across tokens; decoding tokens one
     at a time yields U+FFFD. We decode a short window ``ids[prefix:]`` and emit only the text past
-    ``ids[prefix:read]``, holding back while the window ends in an incomplete character.
+    ``ids[prefix:read]``, holding back while the window ends in an incomplete character. A character is at
+    most 4 bytes, so a window holding back more than ``MAX_HELD`` tokens is not waiting for one: the model
+    is producing bytes that are not UTF-8 (or only invisible tokens). That text is emitted as it decodes
+    (with U+FFFD), which keeps each push's cost and the stream's latency bounded.
     """
+
+    MAX_HELD = 8
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
@@ -166,7 +171,8 @@ class Detokenizer:
         self.ids.append(token_id)
         done_text = self._decode(self.ids[self.prefix:self.read])
         text = self._decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd") or len(text) <= len(done_text):
+        waiting = text.endswith("\ufffd") or len(text) <= len(done_text)
+        if waiting and len(self.ids) - self.read <= self.MAX_HELD:
             return ""  # incomplete character (or nothing visible yet): wait for more tokens
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(done_text):]

@@ -80,6 +80,19 @@ def test_detokenizer_never_splits_a_character(tiny_tokenizer, text):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_detokenizer_window_stays_bounded_on_bytes_that_are_never_utf8(tiny_tokenizer):
+    """A model emitting lone continuation bytes forever: the detokeniser must not hold (and re-decode) an
+    ever-growing window; the text comes out as it decodes, U+FFFD included, a few tokens behind."""
+    lone = tiny_tokenizer.convert_tokens_to_ids(tiny_tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(
+        "\x80")[0][0][-1])  # the byte-level symbol of byte 0x80
+    assert tiny_tokenizer.decode([lone]) == "\ufffd"
+    detok = Detokenizer(tiny_tokenizer)
+    pieces = [detok.push(lone) for _ in range(200)]
+    assert len(detok.ids) - detok.prefix <= 2 * (Detokenizer.MAX_HELD + 1)  # the window did not grow with the stream
+    assert sum(p.count("\ufffd") for p in pieces) >= 200 - 2 * (Detokenizer.MAX_HELD + 1)  # emitted as it went
+    assert "".join(pieces) + detok.flush() == tiny_tokenizer.decode([lone] * 200)
+
+
 def test_streaming_reassembles_to_the_non_streamed_text(model, tiny_tokenizer):
     for prompt in ["ภาษาไทย", "አማርኛ", "English"]:
         full = generate(model, tiny_tokenizer, prompt, max_new_tokens=25)[0].text
