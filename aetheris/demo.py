@@ -283,6 +283,37 @@ def toolcall_rates(run: Run) -> dict[str, dict[str, float]]:
     return out
 
 
+def toolcall_families(run: Run, report: dict) -> list[dict]:
+    """Per family (worst drop first): the teacher's parse / name / AST-match rates and the student's AST match on
+    the generated set, the drop (teacher - student AST) with its 95% interval; the task's mean over languages last.
+    Rates are means over the family's languages (``aetheris eval`` results; AST and the interval from the report)."""
+    task = report["tasks"].get("toolcall_gen")
+    path = run.eval / "teacher" / "results.json"
+    if not task or not path.exists():
+        return []
+    langs = json.loads(path.read_text(encoding="utf-8"))["tasks"]["toolcall_gen"]["languages"]
+
+    def rate(codes, key):
+        return sum(langs[c]["extra"].get(key, 0.0) for c in codes) / len(codes)
+
+    rows = [{"family": fam, "languages": v["languages"], "parsed": rate(v["languages"], "parsed_rate"),
+             "name": rate(v["languages"], "name_acc"), "teacher": v["teacher"], "student": v["student"],
+             "drop": v["mean_drop"], "drop_ci95": v.get("drop_ci95")}
+            for fam, v in sorted(task["families"].items(), key=lambda kv: -kv[1]["mean_drop"])]
+    every = list(task["languages"])
+    rows.append({"family": "all (mean over languages)", "languages": every, "parsed": rate(every, "parsed_rate"),
+                 "name": rate(every, "name_acc"),
+                 "teacher": sum(v["teacher"] for v in task["languages"].values()) / len(every),
+                 "student": sum(v["student"] for v in task["languages"].values()) / len(every),
+                 "drop": task["mean_drop"], "drop_ci95": task.get("mean_drop_ci95"),
+                 "des": task["des"], "des_ci95": task.get("des_ci95")})
+    return rows
+
+
+def _ci(ci, digits: int = 3) -> str:
+    return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]" if ci else "-"
+
+
 def summary(run: Run) -> str:
     """The per-family table of the 70-language task (bits per byte), the DES of every task, what to run next."""
     report = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
@@ -305,6 +336,17 @@ def summary(run: Run) -> str:
         ci_s = f"[{_f(ci[0], 5)}, {_f(ci[1], 5)}]" if ci else "-"
         lines.append(f"  {name:<16} {t['metric']:<18} {_f(t['mean_drop']):>9} {_f(t['des'], 5):>10} {ci_s:>22}  "
                      f"{t['worst_family']}")
+    families = toolcall_families(run, report)
+    if families:
+        header = f"  {'family':<26} {'langs':>5} {'parsed':>7} {'name':>6} {'AST':>6} {'student':>8} {'drop':>7} {'95% CI':>16}"
+        lines += ["", "Tool calling, generated set (held-out templates, 70 languages): the teacher's rates per family and",
+                  "the student's drop in BFCL AST match (teacher - student; 95% interval: examples and languages resampled):",
+                  "", header]
+        for r in families:
+            lines.append(f"  {r['family']:<26} {len(r['languages']):>5} {r['parsed']:>7.3f} {r['name']:>6.3f} "
+                         f"{r['teacher']:>6.3f} {r['student']:>8.3f} {r['drop']:>+7.3f} {_ci(r['drop_ci95']):>16}")
+        last = families[-1]
+        lines.append(f"  tool-calling DES {_f(last['des'], 5)}, 95% CI {_ci(last['des_ci95'], 5)}")
     tool = toolcall_rates(run)
     if tool:
         lines += ["", "Tool calling, generated set (held-out templates, 70 languages), mean over languages:", "",
@@ -366,6 +408,16 @@ def write_docs(run: Run, folder: Path, config: str) -> Path:
                 reports["sft"]["kl_before"]["mean"], reports["sft"]["kl_after"]["mean"], reports["sft"]["replay_every"])
             if "kl_after" in reports["sft"] else ""),
     ]
+    families = toolcall_families(run, json.loads((run.report / "report.json").read_text(encoding="utf-8")))
+    if families:
+        text += ["", ("Tool calling per family on the generated set (held-out templates, 70 languages): the teacher's "
+                      "parse, function-name and BFCL AST-match rates, the student's AST match and the drop (teacher - "
+                      "student) with its 95% bootstrap interval (examples and languages resampled):"), "",
+                 "| family | languages | teacher parsed | teacher name | teacher AST | student AST | drop | drop 95% CI |",
+                 "|---|---|---|---|---|---|---|---|"]
+        text += [f"| {r['family']} | {len(r['languages'])} | {r['parsed']:.3f} | {r['name']:.3f} | {r['teacher']:.3f} | "
+                 f"{r['student']:.3f} | {r['drop']:+.3f} | {_ci(r['drop_ci95'])} |" for r in families]
+        text += ["", f"Tool-calling DES {_f(families[-1]['des'], 5)}, 95% CI {_ci(families[-1]['des_ci95'], 5)}."]
     tool = toolcall_rates(run)
     if tool:
         text += ["", "Tool calling on the generated set (held-out templates, 70 languages), mean over languages — the "

@@ -718,7 +718,10 @@ def train(
         shard_model(model, accelerator.device)
     # The fused AdamW step updates each tensor in one kernel: no temporaries (the per-tensor step holds two of
     # the largest tensor, 4 GiB for a 262k-vocabulary embedding). Sharded (DTensor) parameters keep the default.
-    optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+    # A model without its own groups (the demo's transformers Cohere2 teacher) decays every trainable parameter.
+    groups = model.param_groups(t.weight_decay) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                   fused=None if sharded else True)
     if start_ckpt is not None:
         blob = torch.load(start_ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
