@@ -18,8 +18,8 @@ Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was m
    out too (same seed, same split), and corpus lines past ``lines_per_language`` are never read, so evaluation
    can score text the teacher never saw.
 2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
-   (their loss averaged with the LM loss, which keeps the languages from being forgotten) from the generated
-   set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only).
+   (their loss weighted ``chat_weight`` against the LM loss, which keeps the languages from being forgotten) from
+   the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only).
    Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a tool call would make the student's
    tool-calling "drop" meaningless. Held-out templates stay unseen.
 
@@ -30,6 +30,7 @@ Writes ``config.json``, ``model.safetensors``, the tokenizer (with the chat temp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -69,6 +70,8 @@ class NanoTeacherConfig:
     chat_lr: float = 2.0e-3
     toolcall_batch_size: int = 4
     """Tool-calling conversations per step in that phase (added to the LM rows)."""
+    chat_weight: float = 0.5
+    """Phase 2's loss: ``chat_weight`` x chat loss + (1 - chat_weight) x LM loss."""
     toolcall_per_language: int = 20
     """Generated tool-calling conversations per language (train templates)."""
     toolcall_tools_offered: int = 3
@@ -90,6 +93,8 @@ class NanoTeacherConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
+        if not 0 < self.chat_weight <= 1:
+            raise ValueError(f"chat_weight={self.chat_weight} must be in (0, 1] (the chat loss's share in phase 2)")
         if self.chat_steps < 0:
             raise ValueError(f"chat_steps={self.chat_steps} must be >= 0 (0 = no tool-calling phase)")
         for name in ("steps", "batch_size", "seq_len", "lines_per_language", "num_hidden_layers"):
@@ -120,9 +125,10 @@ def _trim(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
     return {k: batch[k][:, :width] for k in ("input_ids", "labels")}
 
 
-def cohere2_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def cohere2_loss(model, batch: dict[str, torch.Tensor], chat_weight: float = 0.5) -> tuple[torch.Tensor, dict]:
     """The teacher's ``loss_fn`` for ``train.train``: next-token cross-entropy of a Cohere2 LM batch, and in the
-    chat phase the mean of it and the chat batch's (assistant tokens only), so languages are not forgotten.
+    chat phase ``chat_weight`` x the chat batch's (assistant tokens only) + the rest x the LM batch's, so languages
+    are not forgotten.
 
     transformers shifts labels inside the loss (labels aligned with input_ids, -100 = not trained): the same
     convention as aetheris.data and aetheris.sft."""
@@ -132,7 +138,7 @@ def cohere2_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, d
         return lm, metrics
     chat = model(input_ids=batch["chat_input_ids"], labels=batch["chat_labels"]).loss
     metrics["chat_loss"] = chat.detach()
-    return 0.5 * (lm + chat), metrics
+    return chat_weight * chat + (1 - chat_weight) * lm, metrics
 
 
 class TeacherBatches:
@@ -294,7 +300,7 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
                     + (f", chat loss {row['chat_loss']:.3f}" if "chat_loss" in row else "")
                     + (f", held-out loss {row['heldout_loss']:.3f}" if "heldout_loss" in row else ""))
 
-        train(run_cfg, loss_fn=cohere2_loss, model=model, tokenizer=tokenizer, data=TrainData(batches, {}),
+        train(run_cfg, loss_fn=functools.partial(cohere2_loss, chat_weight=cfg.chat_weight), model=model, tokenizer=tokenizer, data=TrainData(batches, {}),
               hooks=[record], overwrite=True)
         # Its end-of-phase checkpoint is a copy of what is saved below, not resumable (train's resume restores
         # Aetheris models): dropped, metrics.jsonl and config.json kept.

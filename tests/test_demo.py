@@ -205,7 +205,7 @@ def test_write_docs_builds_the_results_page_from_the_run(demo_run, tmp_path):
     run = Run(load_demo_config(QUICK, [f"run_dir={demo_run}"]))
     page = write_docs(run, tmp_path, "configs/demo-quick.yaml").read_text()
     report = json.loads((demo_run / "report" / "report.json").read_text())
-    assert "Scale caveat" in page and "--ppl-start" in page
+    assert "Scale caveat" in page and "--ppl-start" in page and "Machine load" in page
     assert f"| ppl | bits_per_byte | {report['tasks']['ppl']['mean_drop']:.3f} |" in page  # the report's own table
     for png in ("drops_by_language.png", "family_task_heatmap.png"):
         assert f"results/{png}" in page and (tmp_path / "results" / png).is_file()
