@@ -69,6 +69,11 @@ def save_model(model: Aetheris, folder: str | Path, tokenizer=None, state_dict: 
     ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded model's, gathered whole)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, Aetheris) and hasattr(model, "save_pretrained"):  # a transformers model (the nano teacher)
+        model.save_pretrained(folder, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+        return folder
     config = {"model_type": "aetheris", "architectures": ["AetherisForCausalLM"], **model.cfg.to_dict(),
               "tie_word_embeddings": model.cfg.tie_embeddings,
               "dtype": str(model.embed.weight.dtype).removeprefix("torch.")}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -61,8 +62,9 @@ class EvalConfig:
     """Generated tool-calling requests per language, held-out templates (70 languages)."""
     toolcall_tools_offered: int = 2
     """Tool schemas offered per request (the expected one among them)."""
-    toolcall_max_new_tokens: int = 96
-    """Generation cap per request (a call to these schemas takes well under 100 nano-BPE tokens)."""
+    toolcall_max_new_tokens: int = 128
+    """Generation cap per request: a correct call to these schemas takes 80 nano-BPE tokens at the median and up to
+    98 (2,048-token BPE, held-out templates), so 128 leaves slack; a looping model stops here."""
     xcopa_limit: int = 100
     """XCOPA examples per language (12 languages); 0 skips XCOPA."""
     mgsm_limit: int = 8
@@ -124,6 +126,8 @@ class Run:
         self.eval = self.root / "eval"
         self.report = self.root / "report"
         self.seconds: dict[str, float] = {}
+        self.load: dict[str, float] = {}
+        """1-minute load average of the machine when each step (re)started."""
         self._upstream = ""
         self.redo = force
         self.resuming = False
@@ -159,6 +163,7 @@ class Run:
         folder.mkdir(parents=True, exist_ok=True)
         started.write_text(json.dumps({"key": key}))
         self.log(f"\n[{step}] {STEP_TITLES[step]}" + (" (resuming the interrupted run)" if self.resuming else ""))
+        self.load[step] = round(os.getloadavg()[0], 2)  # timings mean little without it (a shared machine)
         start = time.perf_counter()
         work()
         self.seconds[step] = round(time.perf_counter() - start, 1)
@@ -293,6 +298,37 @@ def toolcall_rates(run: Run) -> dict[str, dict[str, float]]:
     return out
 
 
+def toolcall_families(run: Run, report: dict) -> list[dict]:
+    """Per family (worst drop first): the teacher's parse / name / AST-match rates and the student's AST match on
+    the generated set, the drop (teacher - student AST) with its 95% interval; the task's mean over languages last.
+    Rates are means over the family's languages (``aetheris eval`` results; AST and the interval from the report)."""
+    task = report["tasks"].get("toolcall_gen")
+    path = run.eval / "teacher" / "results.json"
+    if not task or not path.exists():
+        return []
+    langs = json.loads(path.read_text(encoding="utf-8"))["tasks"]["toolcall_gen"]["languages"]
+
+    def rate(codes, key):
+        return sum(langs[c]["extra"].get(key, 0.0) for c in codes) / len(codes)
+
+    rows = [{"family": fam, "languages": v["languages"], "parsed": rate(v["languages"], "parsed_rate"),
+             "name": rate(v["languages"], "name_acc"), "teacher": v["teacher"], "student": v["student"],
+             "drop": v["mean_drop"], "drop_ci95": v.get("drop_ci95")}
+            for fam, v in sorted(task["families"].items(), key=lambda kv: -kv[1]["mean_drop"])]
+    every = list(task["languages"])
+    rows.append({"family": "all (mean over languages)", "languages": every, "parsed": rate(every, "parsed_rate"),
+                 "name": rate(every, "name_acc"),
+                 "teacher": sum(v["teacher"] for v in task["languages"].values()) / len(every),
+                 "student": sum(v["student"] for v in task["languages"].values()) / len(every),
+                 "drop": task["mean_drop"], "drop_ci95": task.get("mean_drop_ci95"),
+                 "des": task["des"], "des_ci95": task.get("des_ci95")})
+    return rows
+
+
+def _ci(ci, digits: int = 3) -> str:
+    return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]" if ci else "-"
+
+
 def summary(run: Run) -> str:
     """The per-family table of the 70-language task (bits per byte), the DES of every task, what to run next."""
     report = json.loads((run.report / "report.json").read_text(encoding="utf-8"))
@@ -315,6 +351,17 @@ def summary(run: Run) -> str:
         ci_s = f"[{_f(ci[0], 5)}, {_f(ci[1], 5)}]" if ci else "-"
         lines.append(f"  {name:<16} {t['metric']:<18} {_f(t['mean_drop']):>9} {_f(t['des'], 5):>10} {ci_s:>22}  "
                      f"{t['worst_family']}")
+    families = toolcall_families(run, report)
+    if families:
+        header = f"  {'family':<26} {'langs':>5} {'parsed':>7} {'name':>6} {'AST':>6} {'student':>8} {'drop':>7} {'95% CI':>16}"
+        lines += ["", "Tool calling, generated set (held-out templates, 70 languages): the teacher's rates per family and",
+                  "the student's drop in BFCL AST match (teacher - student; 95% interval: examples and languages resampled):",
+                  "", header]
+        for r in families:
+            lines.append(f"  {r['family']:<26} {len(r['languages']):>5} {r['parsed']:>7.3f} {r['name']:>6.3f} "
+                         f"{r['teacher']:>6.3f} {r['student']:>8.3f} {r['drop']:>+7.3f} {_ci(r['drop_ci95']):>16}")
+        last = families[-1]
+        lines.append(f"  tool-calling DES {_f(last['des'], 5)}, 95% CI {_ci(last['des_ci95'], 5)}")
     tool = toolcall_rates(run)
     if tool:
         lines += ["", "Tool calling, generated set (held-out templates, 70 languages), mean over languages:", "",
@@ -376,6 +423,16 @@ def write_docs(run: Run, folder: Path, config: str) -> Path:
                 reports["sft"]["kl_before"]["mean"], reports["sft"]["kl_after"]["mean"], reports["sft"]["replay_every"])
             if "kl_after" in reports["sft"] else ""),
     ]
+    families = toolcall_families(run, json.loads((run.report / "report.json").read_text(encoding="utf-8")))
+    if families:
+        text += ["", ("Tool calling per family on the generated set (held-out templates, 70 languages): the teacher's "
+                      "parse, function-name and BFCL AST-match rates, the student's AST match and the drop (teacher - "
+                      "student) with its 95% bootstrap interval (examples and languages resampled):"), "",
+                 "| family | languages | teacher parsed | teacher name | teacher AST | student AST | drop | drop 95% CI |",
+                 "|---|---|---|---|---|---|---|---|"]
+        text += [f"| {r['family']} | {len(r['languages'])} | {r['parsed']:.3f} | {r['name']:.3f} | {r['teacher']:.3f} | "
+                 f"{r['student']:.3f} | {r['drop']:+.3f} | {_ci(r['drop_ci95'])} |" for r in families]
+        text += ["", f"Tool-calling DES {_f(families[-1]['des'], 5)}, 95% CI {_ci(families[-1]['des_ci95'], 5)}."]
     tool = toolcall_rates(run)
     if tool:
         text += ["", "Tool calling on the generated set (held-out templates, 70 languages), mean over languages — the "
@@ -384,6 +441,10 @@ def write_docs(run: Run, folder: Path, config: str) -> Path:
         text += [f"| {role} | " + " | ".join(f"{tool[role][k]:.3f}" for k in TOOL_RATES) + " |" for role in tool]
     if timing:
         text += ["", "Wall time per step (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in timing.items()) + "."]
+    load = json.loads((run.root / "load.json").read_text()) if (run.root / "load.json").exists() else {}
+    if load:
+        text += [f"Machine load (1-minute load average on {os.cpu_count()} cores) when each step started: "
+                 + ", ".join(f"{k} {v:.1f}" for k, v in load.items()) + "."]
     text += ["", "![drops by language](results/drops_by_language.png)", "",
              "![family x task heatmap](results/family_task_heatmap.png)", ""]
     body = report_md.split("\n", 1)[1]  # drop its title; keep every table
@@ -419,6 +480,8 @@ def run(args) -> int:
     demo.step("eval", lambda: step_eval(demo))
     demo.step("compare", lambda: step_compare(demo))
     (demo.root / "timing.json").write_text(json.dumps(demo.seconds, indent=1))
+    if demo.load:
+        (demo.root / "load.json").write_text(json.dumps(demo.load, indent=1))
     print(summary(demo))
     print(next_commands(demo))
     if args.write_docs:

@@ -194,14 +194,16 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
             members.setdefault(group_of(code, level), []).append(code)
         return {
             g: {"languages": members[g], "n_languages": len(members[g]), "mean_drop": means[g],
-                "mean_relative_drop": rel_means.get(g)}
+                "mean_relative_drop": rel_means.get(g),
+                "teacher": float(np.mean([per_language[c]["teacher"] for c in members[g]])),
+                "student": float(np.mean([per_language[c]["student"] for c in members[g]]))}
             for g in members
         }
 
     families = grouping("family")
     fam_means = {g: v["mean_drop"] for g, v in families.items()}
     worst = max(fam_means, key=fam_means.get)
-    des_ci, des_corrected = None, None
+    des_ci, des_corrected, mean_drop_ci = None, None, None
     if n_boot > 0:
         rng = np.random.default_rng(seed)
         every = [c for c in t_langs if c in s_langs]
@@ -213,6 +215,17 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
         stats = bootstrap_des(grouped, "family", rng)
         des_ci = [float(np.quantile(stats, 0.025)), float(np.quantile(stats, 0.975))]
         des_corrected = des(drops, "family") - des_noise(grouped, "family")
+        # A family's and the task's mean drop: the same paired example resampling, its languages resampled too
+        # (within each family), so the interval covers which languages stand for the family as well.
+        for v in families.values():
+            m = np.stack([boot[c] for c in v["languages"]])  # (n_f, n_boot)
+            pick = rng.integers(0, len(m), size=m.shape)  # languages drawn per replicate
+            reps = m[pick, np.arange(m.shape[1])].mean(0)  # (n_boot,)
+            v["drop_ci95"] = [float(np.quantile(reps, 0.025)), float(np.quantile(reps, 0.975))]
+        all_reps = np.stack([boot[c] for c in common])  # (n_languages, n_boot)
+        pick = rng.integers(0, len(all_reps), size=all_reps.shape)
+        task_reps = all_reps[pick, np.arange(all_reps.shape[1])].mean(0)
+        mean_drop_ci = [float(np.quantile(task_reps, 0.025)), float(np.quantile(task_reps, 0.975))]
     signal = teacher_signal(name, {c: t_langs[c] for c in t_langs if c in s_langs}, n_boot, seed)
     return {
         "metric": t_langs[common[0]]["metric"],
@@ -232,6 +245,7 @@ def compare_task(teacher: dict, student: dict, n_boot: int = N_BOOT, seed: int =
         "worst_family_mean_drop": fam_means[worst],
         "max_min_gap": max(fam_means.values()) - min(fam_means.values()),
         "mean_drop": float(np.mean(list(drops.values()))),
+        "mean_drop_ci95": mean_drop_ci,
         "mean_relative_drop": _mean_or_none([r for r in rel.values() if r is not None]),
     }
 
@@ -311,13 +325,15 @@ def render_markdown(report: dict) -> str:
     lines += ["", "Drop = teacher - student (positive = the student is worse; for bits per byte, student - teacher). "
               "DES = population variance of the family mean drops (lower = fairer). "
               "Nigerian Pidgin is grouped as its own family (Creole); isolates are their own families.", ""]
-    lines += ["## Summary", "", "| task | metric | mean drop | DES | DES 95% CI | DES (relative) | DES (branch) | "
+    lines += ["## Summary", "", "| task | metric | mean drop | mean drop 95% CI | DES | DES 95% CI | DES (relative) | DES (branch) | "
               "worst family | max-min gap | DES noise-corrected | teacher vs chance |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         ci = t["des_ci95"]
         ci_s = f"[{_fmt(ci[0], 5)}, {_fmt(ci[1], 5)}]" if ci else "-"
-        lines.append(f"| {name} | {t['metric']} | {_fmt(t['mean_drop'])} | {_fmt(t['des'], 5)} | {ci_s} | "
+        mci = t.get("mean_drop_ci95")
+        mci_s = f"[{_fmt(mci[0])}, {_fmt(mci[1])}]" if mci else "-"
+        lines.append(f"| {name} | {t['metric']} | {_fmt(t['mean_drop'])} | {mci_s} | {_fmt(t['des'], 5)} | {ci_s} | "
                      f"{_fmt(t['des_relative'], 5)} | {_fmt(t['des_branch'], 5)} | {t['worst_family']} | "
                      f"{_fmt(t['max_min_gap'])} | {_fmt(t.get('des_corrected'), 5)} | {_signal_text(t)} |")
     quiet = report["summary"].get("no_signal") or []
@@ -329,9 +345,13 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"**Family that loses most overall (mean relative drop across tasks): {worst}.**"]
     for name, t in report["tasks"].items():
         lines += ["", f"## {name} ({t['metric']}, {'higher' if t['higher_is_better'] else 'lower'} is better)", "",
-                  "| family | languages | mean drop | mean relative drop |", "|---|---|---|---|"]
+                  "| family | languages | teacher | student | mean drop | drop 95% CI | mean relative drop |",
+                  "|---|---|---|---|---|---|---|"]
         for fam, v in sorted(t["families"].items(), key=lambda kv: -kv[1]["mean_drop"]):
-            lines.append(f"| {fam} | {', '.join(v['languages'])} | {_fmt(v['mean_drop'])} | {_fmt(v['mean_relative_drop'])} |")
+            ci = v.get("drop_ci95")
+            ci_s = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+            lines.append(f"| {fam} | {', '.join(v['languages'])} | {_fmt(v.get('teacher'))} | {_fmt(v.get('student'))} | "
+                         f"{_fmt(v['mean_drop'])} | {ci_s} | {_fmt(v['mean_relative_drop'])} |")
         lines += ["", "| language | family | n | teacher | student | drop | drop 95% CI | relative drop |",
                   "|---|---|---|---|---|---|---|---|"]
         for code, v in t["languages"].items():

@@ -8,26 +8,33 @@ tied embeddings; ``logit_scale``) -- with a byte-level BPE carrying the Cohere s
 training split of the 70-language offline corpus. So the student downstream meets the same code path, the
 same tokenizer contract and the same chat template as with the real teacher; only the sizes differ.
 
-Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was made), each with its own
-warmup + cosine schedule:
+Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was made), each a ``train.train`` run
+(the loop every Aetheris run uses: warmup + cosine schedule, clipping, the non-finite stop, progress lines,
+``metrics.jsonl`` under ``OUT/train/<phase>/``) with ``cohere2_loss`` as its ``loss_fn``:
 
-1. ``steps`` of language modelling on packed corpus rows (``data.load_documents`` -> ``split_heldout`` -> ``PackedStream``,
-   the student's own data path, languages sampled ``p_l ∝ n_l^(1/language_temperature)``). The held-out documents
-   are the ones distillation holds out too (same seed, same split), and corpus lines past
-   ``lines_per_language`` are never read, so evaluation can score text the teacher never saw.
+1. ``steps`` of language modelling on packed corpus rows (``data.load_documents`` -> ``split_heldout`` ->
+   ``PackedStream``, the student's own data path, languages sampled ``p_l ∝ n_l^(1/language_temperature)``), each corpus
+   line its own document so a batch mixes many languages. The held-out documents are the ones distillation holds
+   out too (same seed, same split), and corpus lines past ``lines_per_language`` are never read, so evaluation
+   can score text the teacher never saw.
 2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
-   (their loss averaged with the LM loss, which keeps the languages from being forgotten) from the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``:
-   loss on assistant tokens only). Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a
-   tool call would make the student's tool-calling "drop" meaningless. Held-out templates stay unseen.
+   (their loss weighted ``chat_weight`` against the LM loss, which keeps the languages from being forgotten) from
+   the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only).
+   Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a tool call would make the student's
+   tool-calling "drop" meaningless. Held-out templates stay unseen.
 
 Writes ``config.json``, ``model.safetensors``, the tokenizer (with the chat template) and
-``nano_teacher.json`` (the settings, per-phase losses and the held-out loss per language).
+``nano_teacher.json`` (the settings, the uniform loss ln V, per-step losses with the held-out loss every
+``eval_every`` steps, and the held-out loss per language at the end).
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +42,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Cohere2Config, Cohere2ForCausalLM
+
+from aetheris.config_io import add_config_help, apply_overrides, build
+from aetheris.data import (
+    Document,
+    PackedStream,
+    split_heldout,
+    tokenize_documents,
+    validation_rows,
+)
+from aetheris.sft import build_sft_data
+from aetheris.sources import load_documents
+from aetheris.tokenizer import train_bpe_tokenizer
+from aetheris.train import RunConfig, TrainConfig, TrainData, train
 
 
 @dataclass
@@ -79,6 +100,8 @@ class NanoTeacherConfig:
     """Phase 2 peak learning rate (its own warmup and cosine decay)."""
     toolcall_batch_size: int = 4
     """Tool-calling conversations per step in that phase (added to the LM rows)."""
+    chat_weight: float = 0.5
+    """Phase 2's loss: ``chat_weight`` x chat loss + (1 - chat_weight) x LM loss."""
     toolcall_per_language: int = 20
     """Generated tool-calling conversations per language (train templates)."""
     toolcall_tools_offered: int = 3
@@ -102,6 +125,8 @@ class NanoTeacherConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
+        if not 0 < self.chat_weight <= 1:
+            raise ValueError(f"chat_weight={self.chat_weight} must be in (0, 1] (the chat loss's share in phase 2)")
         if self.chat_steps < 0:
             raise ValueError(f"chat_steps={self.chat_steps} must be >= 0 (0 = no tool-calling phase)")
         for name in ("steps", "batch_size", "seq_len", "lines_per_language", "num_hidden_layers"):
@@ -111,7 +136,6 @@ class NanoTeacherConfig:
 
 def cohere2_config(cfg: NanoTeacherConfig, tokenizer):
     """The scaled-down Tiny Aya config: every structural choice of the real one, nano sizes."""
-    from transformers import Cohere2Config
 
     pattern = ["sliding_attention"] * 3 + ["full_attention"]  # Tiny Aya: [sliding x3, full] x 9
     return Cohere2Config(
@@ -125,17 +149,51 @@ def cohere2_config(cfg: NanoTeacherConfig, tokenizer):
     )
 
 
-def _trim(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+def _trim(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
     """Drop the all-padding tail columns of right-padded chat rows (a 1024-wide batch is mostly padding)."""
     used = (batch["labels"] != -100) | (batch["input_ids"] != pad_id)
     width = int(used.any(0).nonzero()[0].max()) + 1
-    return {k: torch.as_tensor(batch[k][:, :width]) for k in ("input_ids", "labels")}
+    return {k: batch[k][:, :width] for k in ("input_ids", "labels")}
 
 
-def _lm_batch(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    # transformers shifts labels inside the loss (labels are aligned with input_ids, -100 = not trained),
-    # the same convention as aetheris.data and aetheris.sft.
-    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+def cohere2_loss(model, batch: dict[str, torch.Tensor], chat_weight: float = 0.5) -> tuple[torch.Tensor, dict]:
+    """The teacher's ``loss_fn`` for ``train.train``: next-token cross-entropy of a Cohere2 LM batch, and in the
+    chat phase ``chat_weight`` x the chat batch's (assistant tokens only) + the rest x the LM batch's, so languages
+    are not forgotten.
+
+    transformers shifts labels inside the loss (labels aligned with input_ids, -100 = not trained): the same
+    convention as aetheris.data and aetheris.sft."""
+    lm = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    metrics = {"lm_loss": lm.detach()}
+    if "chat_input_ids" not in batch:
+        return lm, metrics
+    chat = model(input_ids=batch["chat_input_ids"], labels=batch["chat_labels"]).loss
+    metrics["chat_loss"] = chat.detach()
+    return chat_weight * chat + (1 - chat_weight) * lm, metrics
+
+
+class TeacherBatches:
+    """The loop's stream (``next_batch`` / ``state_dict`` / ``load_state_dict``): ``n`` packed LM rows and, in the
+    chat phase, ``chat_rows`` conversations under ``chat_input_ids`` / ``chat_labels`` (trimmed to the longest)."""
+
+    def __init__(self, lm, chat=None, chat_rows: int = 0, pad_id: int = 0):
+        self.lm, self.chat, self.chat_rows, self.pad_id = lm, chat, chat_rows, pad_id
+
+    def next_batch(self, n: int) -> dict[str, np.ndarray]:
+        rows = self.lm.next_batch(n)
+        batch = {"input_ids": rows["input_ids"], "labels": rows["labels"]}  # (n, seq_len)
+        if self.chat is not None:
+            chat = _trim(self.chat.next_batch(self.chat_rows), self.pad_id)  # (chat_rows, longest conversation)
+            batch |= {"chat_input_ids": chat["input_ids"], "chat_labels": chat["labels"]}
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"lm": self.lm.state_dict(), "chat": self.chat.state_dict() if self.chat is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lm.load_state_dict(state["lm"])
+        if self.chat is not None:
+            self.chat.load_state_dict(state["chat"])
 
 
 def estimate_seconds(model, cfg: NanoTeacherConfig, seq_len: int, chat=None) -> float:
@@ -147,9 +205,9 @@ def estimate_seconds(model, cfg: NanoTeacherConfig, seq_len: int, chat=None) -> 
 
     def step_seconds(rows: int, width: int) -> float:
         ids = torch.randint(0, model.config.vocab_size, (rows, width), generator=gen)
-        _lm_batch(model, {"input_ids": ids, "labels": ids}).backward()  # the first call pays one-off setup
+        model(input_ids=ids, labels=ids).loss.backward()  # the first call pays one-off setup
         start = time.perf_counter()
-        _lm_batch(model, {"input_ids": ids, "labels": ids}).backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         seconds = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
         return seconds
@@ -165,22 +223,41 @@ def estimate_seconds(model, cfg: NanoTeacherConfig, seq_len: int, chat=None) -> 
 @torch.no_grad()
 def heldout_loss(model, val: dict[str, dict]) -> dict[str, float]:
     """Mean next-token cross-entropy per language on the held-out rows."""
+    was_training = model.training
     model.eval()
     out = {}
     for lang, rows in sorted(val.items()):
-        out[lang] = float(_lm_batch(model, {k: torch.as_tensor(rows[k]) for k in ("input_ids", "labels")}))
-    model.train()
+        out[lang] = float(model(input_ids=torch.as_tensor(rows["input_ids"]), labels=torch.as_tensor(rows["labels"])).loss)
+    model.train(was_training)
     return out
+
+
+def line_documents(docs: dict[str, list]) -> dict[str, list]:
+    """Each corpus line as its own document. A corpus document is a whole article (~1,700 characters), so packed
+    64-token rows continuing it made every batch one language (one script per step pushed the languages least
+    recently seen above the uniform loss); one line per document mixes ~30 languages into a 16-row batch."""
+
+    return {lang: [Document(line, d.lang, f"{d.doc_id}:{i}") for d in ds
+                   for i, line in enumerate(d.text.split("\n")) if line.strip()]
+            for lang, ds in docs.items()}
+
+
+def phase_config(cfg: NanoTeacherConfig, out: Path, phase: str):
+    """The loop's settings for one phase (``train.TrainConfig``): warmup + cosine to 10 % of the peak, AdamW
+    (0.9, 0.95) without weight decay, gradients clipped at 1; a checkpoint only at the end (the teacher trains
+    in minutes and starts over when interrupted)."""
+
+    steps, lr = (cfg.steps, cfg.lr) if phase == "lm" else (cfg.chat_steps, cfg.chat_lr)
+    return RunConfig(train=TrainConfig(
+        out_dir=str(out / "train" / phase), seed=cfg.seed, max_steps=steps, micro_batch_size=cfg.batch_size, lr=lr,
+        min_lr_ratio=0.1, schedule="cosine", warmup_steps=min(cfg.warmup_steps, steps), weight_decay=0.0,
+        grad_clip=1.0, mixed_precision="no", checkpoint_every=steps, keep_last=1, eval_every=steps,
+        log_every=max(1, min(10, steps)), tracker="none", progress=True, threads=cfg.threads))
 
 
 def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, log=print):
     """Train the nano teacher and save it (model + tokenizer + report) to ``out``; returns (model, tokenizer)."""
-    from transformers import Cohere2ForCausalLM
 
-    from aetheris.data import split_heldout, tokenize_documents, validation_rows, PackedStream
-    from aetheris.sources import load_documents
-    from aetheris.sft import build_sft_data
-    from aetheris.tokenizer import train_bpe_tokenizer
 
     cfg = cfg or NanoTeacherConfig()
     out = Path(out)
@@ -193,8 +270,8 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
     train_docs, val_docs = split_heldout(docs, 0.05, seed=cfg.seed)
     tokenizer = train_bpe_tokenizer([d.text for lang in sorted(train_docs) for d in train_docs[lang]], cfg.vocab_size)
     pad = tokenizer.pad_token_id
-    stream = PackedStream({lang: tokenize_documents(d, tokenizer) for lang, d in train_docs.items()}, cfg.seq_len,
-                          language_temperature=cfg.language_temperature, seed=cfg.seed, pack=True, pad_id=pad)
+    stream = PackedStream({lang: tokenize_documents(d, tokenizer) for lang, d in line_documents(train_docs).items()},
+                          cfg.seq_len, language_temperature=cfg.language_temperature, seed=cfg.seed, pack=True, pad_id=pad)
     val = validation_rows({lang: tokenize_documents(d, tokenizer) for lang, d in val_docs.items()}, cfg.seq_len, 2,
                           pad_id=pad)
     chat = None
@@ -203,20 +280,12 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
                                 "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}],
                               tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
 
-    # 2. Model and optimizer.
+    # 2. Model.
     torch.manual_seed(cfg.seed)
     model = Cohere2ForCausalLM(cohere2_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"nano teacher: Cohere2ForCausalLM, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
         f"vocab {len(tokenizer)}; {cfg.steps} language-modelling steps, then {cfg.chat_steps} with tool-calling chat")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def lr_at(step: int, total: int, peak: float) -> float:  # linear warmup, cosine to 10%
-        if step < cfg.warmup_steps:
-            return peak * (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
     expected = estimate_seconds(model, cfg, stream.seq_len, chat)
     over = cfg.budget_seconds and expected > cfg.budget_seconds
     log(("nano teacher: WARNING: " if over else "nano teacher: ") + f"expected training time ~{expected / 60:.1f} min "
@@ -224,38 +293,37 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
         + (f", over the budget of {cfg.budget_seconds / 60:.1f} min (teacher.budget_seconds): lower teacher.steps, "
            "teacher.chat_steps or teacher.toolcall_batch_size, or raise the budget if this machine is busy" if over else ""))
 
-    # 3. The loop: language modelling, then LM rows + tool-calling conversations, one loss each, averaged.
+    # 3. Two phases through the run loop (train.train: schedule, clipping, non-finite stop, progress, metrics.jsonl
+    # under out/train/<phase>/), each with its own warmup + cosine; the held-out loss per language is measured
+    # every eval_every steps by a hook (the loop's own validation speaks Aetheris' doc_ids).
     before = heldout_loss(model, val)
-    model.train()
-    history = []
-    total = cfg.steps + cfg.chat_steps
-    for step in range(total):
-        chat_phase = step >= cfg.steps
-        for group in opt.param_groups:  # each phase warms up and decays on its own
-            group["lr"] = lr_at(step - cfg.steps, cfg.chat_steps, cfg.chat_lr) if chat_phase else \
-                lr_at(step, cfg.steps, cfg.lr)
-        loss = _lm_batch(model, _trim(stream.next_batch(cfg.batch_size), pad))
-        record = {"step": step + 1, "lm_loss": loss.item()}
-        if chat_phase:
-            chat_loss = _lm_batch(model, _trim(chat.next_batch(cfg.toolcall_batch_size), pad))
-            record["chat_loss"] = chat_loss.item()
-            loss = 0.5 * (loss + chat_loss)
-        if not math.isfinite(record["lm_loss"]) or not math.isfinite(record.get("chat_loss", 0.0)):
-            raise FloatingPointError(f"the nano teacher's loss became non-finite at step {step + 1} ({record}); "
-                                     "nothing was saved: lower lr / chat_lr or raise warmup_steps")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        history.append(record)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
-            record["heldout_loss"] = float(np.mean(list(heldout_loss(model, val).values())))
-        if (step + 1) % 50 == 0 or step + 1 in (cfg.steps, total):
-            log("  teacher step {step}: lm loss {lm_loss:.3f}".format(**record)
-                + (f", chat loss {record['chat_loss']:.3f}" if "chat_loss" in record else "")
-                + (f", held-out loss {record['heldout_loss']:.3f}" if "heldout_loss" in record else ""))
+    history: list[dict] = []
+    phases = [("lm", TeacherBatches(stream))]
+    if cfg.chat_steps:
+        phases.append(("chat", TeacherBatches(stream, chat, cfg.toolcall_batch_size, pad)))
+    for phase, batches in phases:
+        run_cfg = phase_config(cfg, out, phase)
+        offset = len(history)  # steps of the phases before: the report numbers steps over the whole run
+        total = run_cfg.train.max_steps
+
+        def record(r: dict, offset=offset, total=total, phase=phase) -> None:
+            row = {"step": offset + r["step"], "phase": phase, "lm_loss": r["lm_loss"], "lr": r["lr"]}
+            if "chat_loss" in r:
+                row["chat_loss"] = r["chat_loss"]
+            if cfg.eval_every and r["step"] % cfg.eval_every == 0 or r["step"] == total:
+                row["heldout_loss"] = float(np.mean(list(heldout_loss(model, val).values())))
+            history.append(row)
+            if "heldout_loss" in row or r["step"] % 50 == 0:
+                log("  teacher step {step}: lm loss {lm_loss:.3f}".format(**row)
+                    + (f", chat loss {row['chat_loss']:.3f}" if "chat_loss" in row else "")
+                    + (f", held-out loss {row['heldout_loss']:.3f}" if "heldout_loss" in row else ""))
+
+        train(run_cfg, loss_fn=functools.partial(cohere2_loss, chat_weight=cfg.chat_weight), model=model, tokenizer=tokenizer, data=TrainData(batches, {}),
+              hooks=[record], overwrite=True)
+        # Its end-of-phase checkpoint is a copy of what is saved below, not resumable (train's resume restores
+        # Aetheris models): dropped, metrics.jsonl and config.json kept.
+        shutil.rmtree(Path(run_cfg.train.out_dir) / "checkpoints", ignore_errors=True)
     after = heldout_loss(model, val)
-    history[-1]["heldout_loss"] = float(np.mean(list(after.values())))
     model.eval()
 
     # 4. Save: an ordinary HF folder, so `teacher.name` (and AutoModelForCausalLM) can point at it.
@@ -263,6 +331,7 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     report = {"config": asdict(cfg), "parameters": n_params, "seconds": round(time.perf_counter() - start, 1),
+              "uniform_loss": math.log(len(tokenizer)),
               "heldout_loss_before": float(np.mean(list(before.values()))),
               "heldout_loss_after": float(np.mean(list(after.values()))),
               "heldout_loss_per_language": after, "history": history}
@@ -273,9 +342,7 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    from aetheris.config_io import add_config_help, apply_overrides, build
 
     p = argparse.ArgumentParser(prog="python -m aetheris.nano_teacher", description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", default="runs/nano-teacher")

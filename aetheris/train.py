@@ -365,7 +365,10 @@ def _start(cfg: RunConfig, *, model, tokenizer, data, frozen, resume, stateful, 
         shard_model(model, accelerator.device)
     # The fused AdamW step updates each tensor in one kernel: no temporaries (the per-tensor step holds two of
     # the largest tensor, 4 GiB for a 262k-vocabulary embedding). Sharded (DTensor) parameters keep the default.
-    optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+    # A model without its own groups (the demo's transformers Cohere2 teacher) decays every trainable parameter.
+    groups = model.param_groups(t.weight_decay) if hasattr(model, "param_groups") else \
+        [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                   fused=None if sharded else True)
     run = _Run(cfg, accelerator, model, model, optimizer, data, tokenizer, stateful or {}, sharded,
                run_id=uuid.uuid4().hex[:12])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 
-def score_toolcalls(model, tokenizer, per_language: int, tools_offered: int, max_new_tokens: int = 96) -> dict:
+def score_toolcalls(model, tokenizer, per_language: int, tools_offered: int, max_new_tokens: int = 256) -> dict:
     from aetheris.evaluate import LM
     from aetheris.tasks.toolcall import score_examples, score_output
     from aetheris.toolgen import generate_examples
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--per-language", type=int, default=2, help="held-out tool-calling requests per language")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation cap per call (the demo eval's toolcall_max_new_tokens; 256 by default)")
     a = p.parse_intermixed_args(argv)
     cfg = build(NanoTeacherConfig, apply_overrides({}, a.overrides, NanoTeacherConfig))
     model, tokenizer = train_nano_teacher(a.out, cfg)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
                                                 default=None),
            "heldout_loss_after": report["heldout_loss_after"],
            "final_chat_loss": report["history"][-1].get("chat_loss"),
-           "toolcall": score_toolcalls(model, tokenizer, a.per_language, cfg.toolcall_tools_offered)}
+           "toolcall": score_toolcalls(model, tokenizer, a.per_language, cfg.toolcall_tools_offered, a.max_new_tokens)}
     (Path(a.out) / "recipe.json").write_text(json.dumps(row, indent=1, ensure_ascii=False), encoding="utf-8")
     print(json.dumps({k: v for k, v in row.items() if k != "toolcall"} | {"toolcall": row["toolcall"]["overall"]}))
     return 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from aetheris.demo import MARKER, Run, load_demo_config, main as demo_main
+from aetheris.demo import MARKER, Run, load_demo_config, main as demo_main, summary, toolcall_families
 
 QUICK = ROOT / "configs" / "demo-quick.yaml"
 pytestmark = [pytest.mark.needs_data,
@@ -205,7 +205,7 @@ def test_write_docs_builds_the_results_page_from_the_run(demo_run, tmp_path):
     run = Run(load_demo_config(QUICK, [f"run_dir={demo_run}"]))
     page = write_docs(run, tmp_path, "configs/demo-quick.yaml").read_text()
     report = json.loads((demo_run / "report" / "report.json").read_text())
-    assert "Scale caveat" in page and "--ppl-start" in page
+    assert "Scale caveat" in page and "--ppl-start" in page and "Machine load" in page
     assert f"| ppl | bits_per_byte | {report['tasks']['ppl']['mean_drop']:.3f} |" in page  # the report's own table
     for png in ("drops_by_language.png", "family_task_heatmap.png"):
         assert f"results/{png}" in page and (tmp_path / "results" / png).is_file()
@@ -253,3 +253,48 @@ def test_an_interrupted_demo_resumes_at_the_stage_and_step_it_was_in(demo_run, t
     assert (sft / "student" / "model.safetensors").is_file() and (sft / "sft_report.json").is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     assert (run / "report" / "report.json").is_file() and (run / "report" / MARKER).is_file()
+
+
+def test_the_summary_shows_the_teachers_tool_call_rates_per_family_and_the_students_drop_with_ci(demo_run):
+    run = Run(load_demo_config(QUICK, [f"run_dir={demo_run}"]))
+    task = json.loads((demo_run / "report" / "report.json").read_text())["tasks"]["toolcall_gen"]
+    teacher = json.loads((demo_run / "eval" / "teacher" / "results.json").read_text())["tasks"]["toolcall_gen"]["languages"]
+    rows = toolcall_families(run, json.loads((demo_run / "report" / "report.json").read_text()))
+    assert {r["family"] for r in rows[:-1]} == set(task["families"]) and rows[-1]["languages"] == list(task["languages"])
+    for r in rows:
+        codes = r["languages"]
+        # The teacher's rates are the means of its per-language results; AST and the drop come from the report.
+        assert r["parsed"] == pytest.approx(sum(teacher[c]["extra"]["parsed_rate"] for c in codes) / len(codes))
+        assert r["name"] == pytest.approx(sum(teacher[c]["extra"]["name_acc"] for c in codes) / len(codes))
+        assert r["teacher"] == pytest.approx(sum(teacher[c]["score"] for c in codes) / len(codes))
+        assert r["drop"] == pytest.approx(r["teacher"] - r["student"])
+        lo, hi = r["drop_ci95"]
+        assert -1 <= lo <= hi <= 1
+    assert rows[-1]["drop"] == pytest.approx(task["mean_drop"]) and rows[-1]["des"] == task["des"]
+    text = summary(run)
+    table = text[text.index("the teacher's rates per family"):].splitlines()
+    for r in rows:
+        line = next(line for line in table if line.strip().startswith(r["family"]))
+        assert f"{r['parsed']:.3f}" in line and f"{r['teacher']:.3f}" in line and f"{r['drop']:+.3f}" in line
+        assert f"[{r['drop_ci95'][0]:.3f}, {r['drop_ci95'][1]:.3f}]" in line
+    assert f"tool-calling DES {task['des']:.5f}, 95% CI [{task['des_ci95'][0]:.5f}, {task['des_ci95'][1]:.5f}]" in text
+
+
+def test_the_teacher_trains_through_the_run_loop_and_stays_below_the_uniform_loss(demo_run):
+    teacher = demo_run / "teacher"
+    report = json.loads((teacher / "nano_teacher.json").read_text())
+    cfg = report["config"]
+    # Both phases ran through train.train: its metrics.jsonl holds the losses the report's history records.
+    for phase, steps, offset in (("lm", cfg["steps"], 0), ("chat", cfg["chat_steps"], cfg["steps"])):
+        logged = [json.loads(line) for line in (teacher / "train" / phase / "metrics.jsonl").read_text().splitlines()]
+        assert logged[-1]["step"] == steps
+        history = {r["step"]: r for r in report["history"]}
+        for r in logged:
+            assert r["lm_loss"] == pytest.approx(history[offset + r["step"]]["lm_loss"])
+            assert ("chat_loss" in r) == (phase == "chat")
+    # Stable language modelling: no held-out loss above the uniform loss ln V after warmup, in any language at the end.
+    uniform = math.log(json.loads((teacher / "config.json").read_text())["vocab_size"])
+    assert report["uniform_loss"] == pytest.approx(uniform)
+    heldout = [r["heldout_loss"] for r in report["history"] if "heldout_loss" in r and r["step"] > cfg["warmup_steps"]]
+    assert len(heldout) >= 2 and max(heldout) < uniform
+    assert max(report["heldout_loss_per_language"].values()) < uniform

@@ -159,3 +159,23 @@ def test_des_bootstrap_resamples_languages_within_families():
     s = {"tasks": {"xcopa": {"languages": {"en": _scores([1] * 30), "de": _scores([0] * 30), "ja": _scores([1] * 30)}}}}
     lo, hi = build_report(t, s, n_boot=400)["tasks"]["xcopa"]["des_ci95"]
     assert hi - lo > 0.05  # family means 0, 0.5 or 1 -> DES in {0, 0.0625, 0.25}
+
+
+def test_family_rows_carry_both_models_scores_and_a_drop_interval():
+    """A family's teacher / student score is the mean over its languages; its drop interval resamples the
+    languages too, so noise-free languages with equal drops give a zero-width interval at that drop, unequal
+    ones a wide one; a one-language family's interval is that language's own."""
+    t = {"tasks": {"xcopa": {"languages": {"en": _scores([1] * 30), "de": _scores([1] * 30), "sw": _scores([1] * 30),
+                                           "yo": _scores([1] * 30), "ja": _scores([1] * 15 + [0] * 15)}}}}
+    s = {"tasks": {"xcopa": {"languages": {"en": _scores([0] * 30), "de": _scores([0] * 30), "sw": _scores([1] * 30),
+                                           "yo": _scores([0] * 30), "ja": _scores([0] * 15 + [1] * 15)}}}}
+    x = build_report(t, s, n_boot=400)["tasks"]["xcopa"]
+    ie, ac, ja = (x["families"][f] for f in ("Indo-European", "Atlantic-Congo", "Japonic"))
+    assert (ie["teacher"], ie["student"], ie["mean_drop"]) == (1.0, 0.0, 1.0)
+    assert ie["drop_ci95"] == [1.0, 1.0]  # both languages lose everything on every example
+    assert (ac["teacher"], ac["student"]) == (1.0, 0.5)
+    assert ac["drop_ci95"][0] == 0.0 and ac["drop_ci95"][1] == 1.0  # drops 0 and 1: which language counts matters
+    assert ja["drop_ci95"] == x["languages"]["ja"]["drop_ci95"]
+    lo, hi = x["mean_drop_ci95"]
+    assert lo <= x["mean_drop"] <= hi and lo < hi
+    assert "mean drop 95% CI" in render_markdown({"teacher": {}, "student": {}, "summary": {}, "tasks": {"xcopa": x}})
