@@ -1,6 +1,6 @@
 """Teacher vs student: per-language drops and the Degradation Equity Score (``aetheris compare``).
 
-Definitions (DESIGN.md §5):
+Definitions (docs/EVALUATION.md explains them with examples):
 
 - drop per language ``d_l = score_T(l) - score_S(l)`` for higher-is-better metrics and
   ``score_S(l) - score_T(l)`` for lower-is-better ones (bits per byte), so a positive drop always
