@@ -103,7 +103,26 @@ def test_throughput_quick_sections_write_their_keys():
     assert tr["gemm_peak_gflops"]["bfloat16"] > 0
     assert 0 < tr["student_pair"]["fraction_of_bf16_peak"] and tr["teacher_layer"]["tokens_per_s"] > 0
     kd = throughput.kd(quick=True, rounds=1)
-    assert kd["kd_over_ce"] > 0 and kd["kl_memory_plan"]["total"] > 0
+    assert kd["kd_over_ce"] > 0
+    for mem in (kd["memory"], kd["memory_narrow"]):
+        assert mem["kd_step_peak_bytes"] > 0 and mem["ce_step_peak_bytes"] > 0
+        assert mem["plan_kd_step_bytes"] == sum(mem["plan_kd_step_lines"].values()) > 0
+    # the narrow pair's step is mostly its (T, V) logits: at least the student's and teacher's logits are live
+    narrow = kd["memory_narrow"]
+    assert narrow["kd_step_peak_bytes"] > narrow["ce_step_peak_bytes"]
+    assert narrow["kd_step_peak_bytes"] >= narrow["seq_len"] * narrow["vocab_size"] * (2 + 2)
+
+
+def test_allocator_peak_is_the_most_live_bytes_a_function_allocates():
+    import throughput
+
+    def fn():
+        a, b = torch.empty(1_000_000), torch.empty(250_000)  # 4 MB + 1 MB live
+        del a
+        c = torch.empty(500_000)                              # 1 MB + 2 MB live
+        return b, c
+
+    assert throughput.allocator_peak(fn) == 5_000_000
 
 
 def test_models_that_only_fit_one_at_a_time_are_timed_in_two_phases(monkeypatch):
