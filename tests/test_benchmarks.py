@@ -138,3 +138,20 @@ def test_models_that_only_fit_one_at_a_time_are_timed_in_two_phases(monkeypatch)
     out = decode.real_shapes(quick=True, rounds=1, only=["b1_ctx8", "b4_ctx32"])
     assert set(out["points"]) == {"b1_ctx8", "b4_ctx32"} and not out["skipped"]
     assert all(p["timed_in_turns"] is False and p["speedup_vs_teacher"] > 0 for p in out["points"].values())
+
+
+@pytest.mark.parametrize("context", [8, 14, 40])  # below, crossing and above the toy window of 16
+def test_static_teacher_cache_steps_like_the_dynamic_cache(context):
+    """The benchmark's StaticCache (no per-step copy of the cache) gives the teacher the logits the
+    DynamicCache with the same contents gives, step after step, including across the sliding window's edge."""
+    tcfg = rs.teacher_config(tiny=True)
+    torch.manual_seed(0)
+    teacher = rs.build_teacher(tcfg, torch.float32)
+    dynamic = rs.fill_teacher_cache(teacher, 2, context, torch.float32)
+    static = rs.static_teacher_cache(teacher, dynamic, context, context + 6)
+    with torch.no_grad():
+        for step in range(4):
+            token, pos = torch.tensor([[5 + step], [9]]), torch.full((2, 1), context + step)
+            a = teacher(token, past_key_values=dynamic, use_cache=True, position_ids=pos).logits
+            b = teacher(token, past_key_values=static, use_cache=True, position_ids=pos).logits
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
