@@ -155,7 +155,8 @@ def chunked_divergence(t_logits: Tensor, s_logits: Tensor, mask: Tensor, kind: s
         raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(KINDS)}")
     V = s_logits.shape[-1]
     rows = mask.reshape(-1).nonzero().squeeze(1)                          # valid positions of (B*T)
-    block = max(1, min(chunk, _BLOCK_ELEMENTS // V))
+    # On a CPU small blocks stay in cache; a GPU wants large kernels, so it takes ``chunk`` rows at a time.
+    block = max(1, min(chunk, _BLOCK_ELEMENTS // V)) if s_logits.device.type == "cpu" else max(1, chunk)
     div = _ChunkedDivergence.apply(t_logits.detach().reshape(-1, V), s_logits.reshape(-1, V), rows, kind,
                                    float(temperature), block)             # (N,)
     per_pos = div.new_zeros(mask.numel()).index_put((rows,), div)         # zeros at masked positions

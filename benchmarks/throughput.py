@@ -174,7 +174,7 @@ def allocator_peak(fn) -> int:
     return peak
 
 
-def kd_plan_lines(tcfg, scfg, T: int, chunk: int, with_teacher: bool) -> dict:
+def kd_plan_lines(tcfg, scfg, T: int, chunk: int, with_teacher: bool, bf16: bool = True) -> dict:
     """What ``aetheris/plan.py`` says one stage-2 step (batch 1, ``T`` tokens) allocates on top of the weights,
     line by line, for these two models: the lines a step allocates and frees (the AdamW moments and the
     optimizer step are not part of the timed step and are left out)."""
@@ -182,7 +182,7 @@ def kd_plan_lines(tcfg, scfg, T: int, chunk: int, with_teacher: bool) -> dict:
 
     s_count = plan.student_counts(scfg)
     kinds = ["P"] * len(s_count.layers) if scfg.parallel_pairs else list(scfg.layer_kinds)
-    return {"logits and KL chunks": plan._logits(1, T, scfg.vocab_size, 2, chunk, with_teacher),
+    return {"logits and KL chunks": plan._logits(1, T, scfg.vocab_size, 2 if bf16 else 4, with_teacher),
             "gradients": 4 * s_count.total,
             "tied-embedding gradient sum": 4 * s_count.embed if scfg.tie_embeddings else 0,
             "teacher forward": plan._teacher_layer_transient(tcfg, 1, T, 2) if with_teacher else 0,
@@ -195,7 +195,7 @@ def kd_models(tcfg, scfg):
     return teacher, student
 
 
-def kd_step(teacher, student, x, chunk: int, with_kl: bool):
+def kd_step(teacher, student, x, chunk: int, with_kl: bool, bf16: bool = True):
     """One stage-2 step through the project's loss (``distill.make_kd_loss``); ``with_kl=False`` is the same
     step with cross-entropy only, the teacher forward still run (so a ratio isolates what the KL adds)."""
     from aetheris.distill import make_kd_loss
@@ -206,7 +206,7 @@ def kd_step(teacher, student, x, chunk: int, with_kl: bool):
     batch = {"input_ids": x, "labels": x.clone()}
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if not with_kl:
                 with torch.no_grad():
                     teacher_logits(teacher, x, None)
@@ -216,15 +216,17 @@ def kd_step(teacher, student, x, chunk: int, with_kl: bool):
     return run
 
 
-def kd_memory(tcfg, scfg, T: int, chunk: int) -> dict:
-    """Allocator peaks of the KD step and the CE-only step against the plan's lines for the same models."""
+def kd_memory(tcfg, scfg, T: int, chunk: int, bf16: bool = True) -> dict:
+    """Allocator peaks of the KD step and the CE-only step against the plan's lines for the same models
+    (``bf16``: the student under bf16 autocast, as ``mixed_precision: bf16`` trains; else fp32 throughout)."""
     teacher, student = kd_models(tcfg, scfg)
     x = torch.randint(0, tcfg.vocab_size, (1, T))
-    peaks = {name: allocator_peak(kd_step(teacher, student, x, chunk, with_kl=(name == "kd")))
+    peaks = {name: allocator_peak(kd_step(teacher, student, x, chunk, with_kl=(name == "kd"), bf16=bf16))
              for name in ("ce", "kd")}
-    plan_kd, plan_ce = kd_plan_lines(tcfg, scfg, T, chunk, True), kd_plan_lines(tcfg, scfg, T, chunk, False)
+    plan_kd, plan_ce = kd_plan_lines(tcfg, scfg, T, chunk, True, bf16), kd_plan_lines(tcfg, scfg, T, chunk, False, bf16)
     kl_measured, kl_plan = peaks["kd"] - peaks["ce"], sum(plan_kd.values()) - sum(plan_ce.values())
     return {"d_model": scfg.d_model, "vocab_size": scfg.vocab_size, "seq_len": T, "kl_chunk": chunk,
+            "student_precision": "bf16 autocast" if bf16 else "fp32",
             "teacher_layers": tcfg.num_hidden_layers, "student_layers": scfg.n_layer,
             "kd_step_peak_bytes": peaks["kd"], "ce_step_peak_bytes": peaks["ce"],
             "plan_kd_step_lines": plan_kd, "plan_kd_step_bytes": sum(plan_kd.values()),
