@@ -10,13 +10,13 @@ Conventions (DESIGN §4, §9):
   its gradient scale does not shrink as τ grows.
 * With a 262,144-token vocabulary one position's fp32 distribution is 1 MiB. ``chunked_divergence`` never
   upcasts the whole (B, T, V) logits: one autograd function (``_ChunkedDivergence``) walks the valid
-  positions a block of rows at a time (at most ``chunk``, and few enough that a block's fp32 rows stay in
-  the CPU's cache), computes each row's divergence with fused fp32 softmax kernels and in-place ops, and keeps
+  positions a block of rows at a time (at most ``chunk``; on a CPU few enough that a block's fp32 rows stay
+  in cache), computes each row's divergence with fused fp32 softmax kernels and in-place ops, and saves
   nothing per row for forward KL (the divergence for reverse/JSD). Its backward recomputes the block's two
-  softmaxes from the logits and writes the closed-form gradient (forward KL: (softmax(s/τ) - softmax(t/τ)) / τ) straight into the
-  student logits' gradient: no log-softmax is saved, no autograd graph is built over (chunk, V) tensors, masked
-  positions cost nothing. Peak extra memory is O(rows · V) for the loss (plus the (B, T, V) gradient any loss
-  has). ``token_divergence`` is the reference formula the tests hold it to.
+  softmaxes from the logits and writes the closed-form gradient (forward KL: (softmax(s/τ) - softmax(t/τ))
+  / τ) straight into the student logits' gradient: no log-softmax is saved, no autograd graph is built over
+  (chunk, V) tensors, masked positions cost nothing. Extra memory is O(block · V) plus the (B, T, V)
+  gradient any loss has. ``token_divergence`` is the reference formula the tests hold it to.
 
 Kinds: ``forward`` KL(p_T || p_S) (mode-covering; the default, as in Hinton/torchtune), ``reverse``
 KL(p_S || p_T) (mode-seeking, MiniLLM), ``jsd`` 0.5·KL(p_T||M) + 0.5·KL(p_S||M) with M = (p_T + p_S)/2.
