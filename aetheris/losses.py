@@ -32,6 +32,8 @@ The model never imports this file (STYLE: imports point one way; training import
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,9 +83,60 @@ def _log_softmax(z: Tensor) -> Tensor:
     return torch.log_softmax(z, -1, dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """Run the block loop on one thread on a CPU: each op on a 4-row block is ~0.1 ms of work, less than what
+    an OpenMP parallel region costs when other processes hold the cores (measured: ~8 ms per op with two
+    threads on two busy cores, whatever the op). The previous thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _log_mixture(lt: Tensor, ls: Tensor) -> Tensor:
     """log((p + q) / 2) from log p and log q, fresh tensor."""
     return torch.logaddexp(lt, ls).sub_(_LOG2)
+
+
+def _forward_blocks(t2, s2, rows, kind, temperature, block, div, extra) -> None:
+    """Fill ``div`` (N,) with each row's divergence and ``extra`` (N, 1) with JSD's KL(q || m), block by block."""
+    for i in range(0, rows.numel(), block):
+        r = rows[i:i + block]
+        lt = _log_softmax(_scaled_rows(t2, r, temperature))
+        ls = _log_softmax(_scaled_rows(s2, r, temperature))
+        if kind == "forward":      # Σ p (log p - log q)
+            div[i:i + block] = lt.exp().mul_(lt.sub_(ls)).sum(-1)
+        elif kind == "reverse":    # Σ q (log q - log p)
+            div[i:i + block] = ls.exp().mul_(ls.sub_(lt)).sum(-1)
+        else:                      # ½ Σ p (log p - log m) + ½ Σ q (log q - log m)
+            lm = _log_mixture(lt, ls)
+            kl_pm = lt.exp().mul_(lt.sub(lm)).sum(-1)
+            kl_qm = ls.exp().mul_(ls.sub_(lm)).sum(-1)
+            div[i:i + block] = 0.5 * (kl_pm + kl_qm)
+            extra[i:i + block, 0] = kl_qm
+
+
+def _backward_blocks(t2, s2, rows, kind, tau, block, extra, scale, grad) -> None:
+    """Write each row's gradient (closed form, times ``scale`` = upstream gradient / τ) into ``grad``'s row."""
+    for i in range(0, rows.numel(), block):
+        r, sl = rows[i:i + block], slice(i, i + block)
+        zt, zs = _scaled_rows(t2, r, tau), _scaled_rows(s2, r, tau)
+        if kind == "forward":      # q - p
+            g = torch.softmax(zs, -1, dtype=torch.float32).sub_(torch.softmax(zt, -1, dtype=torch.float32))
+        else:
+            lt, ls = _log_softmax(zt), _log_softmax(zs)
+            if kind == "reverse":  # q (log q - log p - KL)
+                g = ls.exp().mul_(ls.sub_(lt).sub_(extra[sl]))
+            else:                  # ½ q (log q - log m - KL(q||m))
+                lm = _log_mixture(lt, ls)
+                g = ls.exp().mul_(ls.sub_(lm).sub_(extra[sl])).mul_(0.5)
+        grad.index_copy_(0, r, g.mul_(scale[sl]).to(grad.dtype))
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -97,20 +150,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         n = rows.numel()
         div = torch.empty(n, dtype=torch.float32, device=s2.device)
         extra = div.new_empty(n, 1)  # reverse: the divergence; JSD: KL(q || m)
-        for i in range(0, n, block):
-            r = rows[i:i + block]
-            lt = _log_softmax(_scaled_rows(t2, r, temperature))
-            ls = _log_softmax(_scaled_rows(s2, r, temperature))
-            if kind == "forward":      # Σ p (log p - log q)
-                div[i:i + block] = lt.exp().mul_(lt.sub_(ls)).sum(-1)
-            elif kind == "reverse":    # Σ q (log q - log p)
-                div[i:i + block] = ls.exp().mul_(ls.sub_(lt)).sum(-1)
-            else:                      # ½ Σ p (log p - log m) + ½ Σ q (log q - log m)
-                lm = _log_mixture(lt, ls)
-                kl_pm = lt.exp().mul_(lt.sub(lm)).sum(-1)
-                kl_qm = ls.exp().mul_(ls.sub_(lm)).sum(-1)
-                div[i:i + block] = 0.5 * (kl_pm + kl_qm)
-                extra[i:i + block, 0] = kl_qm
+        with _one_thread_on_cpu(s2.device):
+            _forward_blocks(t2, s2, rows, kind, temperature, block, div, extra)
         if kind == "reverse":
             extra[:, 0] = div
         ctx.save_for_backward(t2, s2, rows, extra)
@@ -124,19 +165,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         kind, tau, block = ctx.kind, ctx.temperature, ctx.block
         grad = torch.zeros_like(s2)
         scale = grad_div.float().unsqueeze(-1) / tau  # (N, 1): d/ds = d/dz / τ
-        for i in range(0, rows.numel(), block):
-            r, sl = rows[i:i + block], slice(i, i + block)
-            zt, zs = _scaled_rows(t2, r, tau), _scaled_rows(s2, r, tau)
-            if kind == "forward":      # q - p
-                g = torch.softmax(zs, -1, dtype=torch.float32).sub_(torch.softmax(zt, -1, dtype=torch.float32))
-            else:
-                lt, ls = _log_softmax(zt), _log_softmax(zs)
-                if kind == "reverse":  # q (log q - log p - KL)
-                    g = ls.exp().mul_(ls.sub_(lt).sub_(extra[sl]))
-                else:                  # ½ q (log q - log m - KL(q||m))
-                    lm = _log_mixture(lt, ls)
-                    g = ls.exp().mul_(ls.sub_(lm).sub_(extra[sl])).mul_(0.5)
-            grad.index_copy_(0, r, g.mul_(scale[sl]).to(grad.dtype))
+        with _one_thread_on_cpu(s2.device):
+            _backward_blocks(t2, s2, rows, kind, tau, block, extra, scale, grad)
         return None, grad, None, None, None, None
 
 

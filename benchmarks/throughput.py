@@ -236,7 +236,7 @@ def kd_memory(tcfg, scfg, T: int, chunk: int, bf16: bool = True) -> dict:
             "kl_added_over_plan": kl_measured / kl_plan if kl_plan else None}
 
 
-def kd(quick: bool, rounds: int) -> dict:
+def kd(quick: bool, rounds: int, memory: bool = True) -> dict:
     tcfg = rs.teacher_config(tiny=quick, layers=4)  # one [sliding x3, full] period
     scfg = rs.student_cfg(tcfg, n_pairs=1)
     T, chunk = (64, 16) if quick else (512, 256)
@@ -250,6 +250,8 @@ def kd(quick: bool, rounds: int) -> dict:
            "kd_over_ce": median_ratio(times["kd"], times["ce"])}
     print(f"kd: {out}", flush=True)
     del teacher, student
+    if not memory:
+        return out
     # Peak memory (untimed: the profiler's memory events slow the step): the same reduced-depth step, and a
     # narrow pair of models (d_model 64, one teacher layer) at the same vocabulary, where the (T, V) logits and
     # the KL are nearly all of the step.
@@ -265,6 +267,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--only", default="prefill,train,kd", help="comma-separated sections: prefill, train, kd")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per section (default 2, after a warm-up round)")
+    p.add_argument("--no-memory", action="store_true", help="kd: time the steps only, skip the peak-memory runs")
     args = p.parse_args()
     setup(args)
     rounds = args.rounds or 2
@@ -273,7 +276,8 @@ def main() -> None:
     for name in args.only.split(","):
         if name not in sections:
             raise SystemExit(f"unknown section {name!r}; choose from {', '.join(sections)}")
-        results[name] = sections[name](args.quick, rounds)
+        extra = {"memory": not args.no_memory} if name == "kd" else {}
+        results[name] = sections[name](args.quick, rounds, **extra)
     emit(args, results)
 
 
