@@ -78,6 +78,14 @@ def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
              "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
              "expert_gate": [m.w_gate[0] for m in model.modules() if isinstance(m, MoE)],
              "expert_down": [m.w_down[0] for m in model.modules() if isinstance(m, MoE)]}
+    return layout_rates(kinds, n)
+
+
+@torch.no_grad()
+def layout_rates(kinds: dict[str, list[torch.Tensor]], n: int = 5) -> dict:
+    """``matvec_layouts`` over given weights: {kind: {"shape", "gb_per_s": {layout: GB/s}}}."""
+    import torch.nn.functional as F
+
     out = {}
     for kind, ws in kinds.items():
         x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype)
@@ -93,6 +101,22 @@ def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
                 repeats=n) / 1e9
             del packed
         out[kind] = {"shape": list(ws[0].shape), "gb_per_s": rates}
+    return out
+
+
+def student_layouts(quick: bool, n: int = 5) -> dict:
+    """``--layouts``: the layouts of ``matvec_layouts`` on random bf16 weights of the real student's shapes (one
+    matrix per pair and kind, 12 pairs), without building the model (~2.2 GB instead of 7.9 GB)."""
+    scfg = rs.student_cfg(rs.teacher_config(tiny=quick))
+    with torch.device("meta"):
+        mixer = rs.ssm_mixers(Aetheris(scfg))[0]
+    pairs, D, Fh = scfg.layer_kinds.count("M"), scfg.d_model, scfg.d_ff
+    shapes = {"in_proj": tuple(mixer.in_proj.weight.shape), "out_proj": tuple(mixer.out_proj.weight.shape),
+              "expert_gate": (Fh, D), "expert_down": (D, Fh)}
+    out = {"memory_bandwidth_gbs": memory_bandwidth_gbs(), "pairs": pairs}
+    for kind, shape in shapes.items():  # one kind at a time keeps the peak to one kind's matrices
+        out.update(layout_rates({kind: [torch.randn(shape).bfloat16() for _ in range(pairs)]}, n))
+    out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
     return out
 
 
@@ -335,8 +359,13 @@ def main() -> None:
     p.add_argument("--teacher-cache", choices=["static", "dynamic"], default="static",
                    help="--real-shapes: the teacher's transformers cache: static (written in place; default) or "
                         "dynamic (DynamicCache, which copies every layer's cache at each step)")
+    p.add_argument("--layouts", action="store_true",
+                   help="batch-1 matvec GB/s of the real student's weight shapes in three layouts, and the copy bandwidth")
     args = p.parse_args()
     setup(args)
+    if args.layouts:
+        emit(args, {"layouts": student_layouts(args.quick)})
+        return
     if args.real_shapes:
         emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 5),
                               args.points.split(",") if args.points else None, args.teacher_cache))

@@ -155,3 +155,13 @@ def test_static_teacher_cache_steps_like_the_dynamic_cache(context):
             a = teacher(token, past_key_values=dynamic, use_cache=True, position_ids=pos).logits
             b = teacher(token, past_key_values=static, use_cache=True, position_ids=pos).logits
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layouts_quick_measures_every_kind_and_layout():
+    import decode
+
+    torch.set_num_threads(1)
+    out = decode.student_layouts(quick=True, n=1)
+    for kind in ("in_proj", "out_proj", "expert_gate", "expert_down"):
+        assert out[kind]["gb_per_s"]["linear"] > 0 and out[kind]["gb_per_s"]["transposed"] > 0
+    assert out["pairs"] == 4 and out["memory_bandwidth_gbs"] > 0
