@@ -22,6 +22,7 @@ Three sections (``--only`` picks some), each timed in turns (interleaved rounds,
 
     python benchmarks/throughput.py --json bench-results/throughput-real.json [--only prefill,train,kd]
     python benchmarks/throughput.py --quick      # toy widths, seconds (the test runs this)
+    python benchmarks/throughput.py --only kd --threads 1 --clock cpu [--no-memory]   # on a shared machine
 """
 
 from __future__ import annotations
