@@ -13,9 +13,13 @@ arithmetic over the run settings, one line per thing that holds memory:
   more copy) and **AdamW** state (two fp32 moments per trained parameter; 1/N under FSDP). The loop's
   fused AdamW step holds no temporaries; under FSDP the default step does (on GPU the multi-tensor step one
   per parameter shard; on CPU the per-tensor step two of the largest shard).
-* **logits**: stage 2/3 hold the student's (B, T, V) fp32 logits, the log-softmax its cross-entropy keeps,
-  the teacher's logits, two fp32 gradient buffers in backward, and ``kl.chunk`` positions of fp32 softmaxes;
-  a tied embedding's gradient arrives twice (head and lookup), so one (V, D) fp32 sum is added.
+* **logits**: stage 2/3's (B, T, V) tensors peak in the backward pass through the cross-entropy: its fp32
+  log-softmax, the gradient arriving at it and the one it passes on (12 bytes per logit), plus, with a
+  teacher, the KL's gradient to the student logits (their dtype: 2 bytes under bf16 autocast, 4 in fp32),
+  which waits there to be added. The teacher's logits are freed by then, and the KL itself works a few rows
+  at a time (``losses.chunked_divergence``). ``benchmarks/throughput.py`` measures these peaks
+  (docs/BENCHMARKS.md). A tied embedding's gradient arrives twice (head and lookup), so one (V, D) fp32 sum
+  is added.
 * **activations** with gradient checkpointing: every layer's input (B, T, D) plus one layer's internals
   (SSM: in_proj, conv, chunked-scan decays and states; MoE: gathered tokens and the SwiGLU widths);
   without checkpointing every layer's internals. Stage 1 also keeps the teacher's L + 1 hidden states.
@@ -111,11 +115,11 @@ def _teacher_layer_transient(tc, B: int, T: int, tb: int) -> int:
     return B * heads * T * T * (2 * tb + 4) + 3 * B * T * tc.intermediate_size * tb
 
 
-def _logits(B: int, T: int, V: int, tb: int, chunk: int, with_teacher: bool) -> int:
-    """Stage 2/3's (B, T, V) tensors: student logits + CE log-softmax + two backward gradient buffers (fp32),
-    teacher logits, and the fp32 softmaxes of one KL chunk (teacher, student, exp, product, their gradient)."""
+def _logits(B: int, T: int, V: int, student_bytes: int, with_teacher: bool) -> int:
+    """Stage 2/3's (B, T, V) tensors at their peak (see the module docstring): 12 bytes per logit for the
+    cross-entropy's backward, plus the KL's gradient in the student logits' dtype (``student_bytes``)."""
     n = B * T * V
-    return 4 * n * 4 + (tb * n + 5 * B * min(chunk, T) * V * 4 if with_teacher else 0)
+    return 12 * n + (student_bytes * n if with_teacher else 0)
 
 
 def _report_logits(T: int, V: int, tb: int, chunk: int, with_teacher: bool) -> int:
@@ -132,6 +136,11 @@ def plan_distill(cfg, processes: int = 1, device: str = "gpu", teacher_config=No
     scfg, pairs = build_student(cfg, tc)
     t_count, s_count = teacher_counts(tc), student_counts(scfg)
     dtype = cfg.teacher.dtype if cfg.teacher.dtype != "auto" else ("bfloat16" if device == "gpu" else "float32")
+    # The student's logits are bf16 under bf16 autocast (train.mixed_precision: bf16, or auto on a GPU).
+    student_logit_bytes = {"kl": 0, "sft": 0}
+    for stage in student_logit_bytes:
+        precision = getattr(cfg, stage).train.mixed_precision
+        student_logit_bytes[stage] = 2 if precision == "bf16" or (precision == "auto" and device == "gpu") else 4
     tb = DTYPE_BYTES[dtype]
     V, D = scfg.vocab_size, scfg.d_model
     teacher_w = t_count.total * tb
@@ -177,7 +186,7 @@ def plan_distill(cfg, processes: int = 1, device: str = "gpu", teacher_config=No
         train = {"runtime": runtime, "teacher weights": teacher_w if teacher_needed else 0,
                  "student weights (fp32)": weights, "gradients": grads, "AdamW moments": 8 * n // shards,
                  "optimizer step scratch": optimizer_scratch(n, s_count.largest_tensor, shards),
-                 "logits and KL chunks": _logits(B, T, V, tb, chunk, teacher_needed),
+                 "logits and KL chunks": _logits(B, T, V, student_logit_bytes[stage], teacher_needed),
                  "tied-embedding gradient sum": 4 * s_count.embed if scfg.tie_embeddings else 0,
                  "teacher forward": _teacher_layer_transient(tc, B, T, tb) if teacher_needed else 0,
                  "activations": _activations(scfg, B, T, kinds)}
@@ -231,7 +240,7 @@ def check_fits(plan: dict, memory: int, stages=("align", "kl", "sft")) -> None:
         peak = plan[stage]["peak"]
         if peak > memory:
             fix = {"align": "set align.pairs_at_once=1 (one pair's gradients and moments at a time)",
-                   "kl": "set kl.train.fsdp=true with more processes, a smaller kl.train.micro_batch_size or kl.chunk",
+                   "kl": "set kl.train.fsdp=true with more processes or a smaller kl.train.micro_batch_size",
                    "sft": "set sft.train.fsdp=true with more processes or a smaller sft.train.micro_batch_size"}[stage]
             raise PlanError(f"stage {stage} needs {peak / GIB:.1f} GiB per process but --gpu-memory is "
                             f"{memory / GIB:.1f} GiB: {fix} (see aetheris distill --plan)")

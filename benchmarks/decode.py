@@ -78,6 +78,14 @@ def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
              "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
              "expert_gate": [m.w_gate[0] for m in model.modules() if isinstance(m, MoE)],
              "expert_down": [m.w_down[0] for m in model.modules() if isinstance(m, MoE)]}
+    return layout_rates(kinds, n)
+
+
+@torch.no_grad()
+def layout_rates(kinds: dict[str, list[torch.Tensor]], n: int = 5) -> dict:
+    """``matvec_layouts`` over given weights: {kind: {"shape", "gb_per_s": {layout: GB/s}}}."""
+    import torch.nn.functional as F
+
     out = {}
     for kind, ws in kinds.items():
         x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype)
@@ -93,6 +101,22 @@ def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
                 repeats=n) / 1e9
             del packed
         out[kind] = {"shape": list(ws[0].shape), "gb_per_s": rates}
+    return out
+
+
+def student_layouts(quick: bool, n: int = 5) -> dict:
+    """``--layouts``: the layouts of ``matvec_layouts`` on random bf16 weights of the real student's shapes (one
+    matrix per pair and kind, 12 pairs), without building the model (~2.2 GB instead of 7.9 GB)."""
+    scfg = rs.student_cfg(rs.teacher_config(tiny=quick))
+    with torch.device("meta"):
+        mixer = rs.ssm_mixers(Aetheris(scfg))[0]
+    pairs, D, Fh = scfg.layer_kinds.count("M"), scfg.d_model, scfg.d_ff
+    shapes = {"in_proj": tuple(mixer.in_proj.weight.shape), "out_proj": tuple(mixer.out_proj.weight.shape),
+              "expert_gate": (Fh, D), "expert_down": (D, Fh)}
+    out = {"memory_bandwidth_gbs": memory_bandwidth_gbs(), "pairs": pairs}
+    for kind, shape in shapes.items():  # one kind at a time keeps the peak to one kind's matrices
+        out.update(layout_rates({kind: [torch.randn(shape).bfloat16() for _ in range(pairs)]}, n))
+    out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
     return out
 
 
@@ -175,9 +199,13 @@ TINY_POINTS = [(1, 8), (1, 32), (1, 64), (4, 8), (4, 32)]                # toy w
 
 
 @torch.no_grad()
-def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict:
-    """Decode steps of Tiny Aya (bf16, transformers, DynamicCache) and its student (bf16, ``Aetheris.step``),
-    timed in turns at each (batch, context) point.
+def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher_cache: str = "static") -> dict:
+    """Decode steps of Tiny Aya (bf16, transformers) and its student (bf16, ``Aetheris.step``), timed in turns
+    at each (batch, context) point.
+
+    The teacher's cache is a transformers ``StaticCache`` (``teacher_cache="static"``, the default: the new
+    token is written in place) or a ``DynamicCache`` ("dynamic": every step ``torch.cat``s each layer's whole
+    cache into a new tensor, so the teacher's time includes copying its cache once per step).
 
     Contexts are filled by size, not by a prefill: the teacher's cache gets random K/V tensors of the length
     each layer holds after ``context`` tokens (``realshapes.fill_teacher_cache``), the student's fixed-size
@@ -194,7 +222,8 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
         "num_key_value_heads", "head_dim", "sliding_window")},
            "student_config": {k: getattr(scfg, k) for k in ("n_layer", "d_model", "n_heads", "head_dim", "d_state",
                                                           "n_groups", "d_ff", "n_experts", "top_k")},
-           "context_fill": "teacher: DynamicCache built from random K/V tensors of each layer's length; "
+           "teacher_cache": teacher_cache,
+           "context_fill": f"teacher: {teacher_cache} cache holding random K/V tensors of each layer's length; "
                            "student: its fixed-size state with random values (no prefill run)"}
     counts = scfg.param_counts()
     t_weights = 2 * sum(p.numel() for p in _meta_teacher(tcfg).parameters())
@@ -234,6 +263,8 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
     def teacher_step(batch: int, context: int):
         kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
         t_cache = rs.fill_teacher_cache(teacher, batch, context, dtype)
+        if teacher_cache == "static":  # room for the warm-up and timed steps
+            t_cache = rs.static_teacher_cache(teacher, t_cache, context, context + rounds + 8, consume=True)
         token, pos = torch.arange(1, batch + 1)[:, None], [context]
 
         def step():
@@ -268,8 +299,9 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None) -> dict
         name = f"b{batch}_ctx{context}"
         if only and name not in only:
             continue
-        # The cache, plus the copy DynamicCache's torch.cat makes each step, plus the student's state.
-        need = 2 * rs.teacher_kv_bytes(tcfg, context, batch) + rs.student_state_bytes(scfg, batch)
+        # The cache (plus the copy DynamicCache's torch.cat makes each step), plus the student's state.
+        copies = 2 if teacher_cache == "dynamic" else 1
+        need = copies * rs.teacher_kv_bytes(tcfg, context, batch) + rs.student_state_bytes(scfg, batch)
         if teacher is not None and not rs.fits(need):
             t_step, t_cache_bytes = teacher_step(batch, context)
             s_step, used, s_state_bytes = student_step(batch)
@@ -324,11 +356,19 @@ def main() -> None:
                    help="Tiny Aya's config vs its 12-pair student, bf16 (with --quick: the same at toy width)")
     p.add_argument("--rounds", type=int, default=None, help="--real-shapes: timed rounds per point")
     p.add_argument("--points", default=None, help="--real-shapes: only these points, e.g. b1_ctx2048,b16_ctx8192")
+    p.add_argument("--teacher-cache", choices=["static", "dynamic"], default="static",
+                   help="--real-shapes: the teacher's transformers cache: static (written in place; default) or "
+                        "dynamic (DynamicCache, which copies every layer's cache at each step)")
+    p.add_argument("--layouts", action="store_true",
+                   help="batch-1 matvec GB/s of the real student's weight shapes in three layouts, and the copy bandwidth")
     args = p.parse_args()
     setup(args)
+    if args.layouts:
+        emit(args, {"layouts": student_layouts(args.quick)})
+        return
     if args.real_shapes:
         emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 5),
-                              args.points.split(",") if args.points else None))
+                              args.points.split(",") if args.points else None, args.teacher_cache))
         return
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
     n = 20 if args.quick else 40

@@ -133,6 +133,37 @@ def fill_teacher_cache(model, batch: int, context: int, dtype: torch.dtype = tor
     return cache
 
 
+def static_teacher_cache(model, filled, context: int, max_cache_len: int, consume: bool = False):
+    """A transformers ``StaticCache`` holding what the DynamicCache ``filled`` holds after ``context`` tokens,
+    with room for ``max_cache_len`` in full layers. A DynamicCache ``torch.cat``s every full layer's whole cache
+    (and every sliding window) into a new tensor at each step, so its step time grows with the bytes it
+    copies, not only with the bytes attention reads; a StaticCache writes the new token in place (its sliding
+    layers, once full, still roll their window: one window copy per layer and step). Sliding layers hold
+    the whole window here (one token more than DynamicCache keeps: the oldest, which the next token's mask
+    leaves out), filled with random values. ``consume`` frees each of ``filled``'s layers once copied (peak
+    memory: the cache plus one layer, not two caches)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    for layer, src in zip(cache.layers, filled.layers):
+        layer.lazy_initialization(src.keys, src.values)
+        n = src.keys.shape[-2]
+        if getattr(layer, "is_sliding", False):
+            offset = layer.max_cache_len - n if context >= layer.max_cache_len else 0
+            layer.keys[:, :, :offset].normal_()
+            layer.values[:, :, :offset].normal_()
+            layer.cumulative_length_int = context
+            layer.cumulative_length.fill_(min(context, layer.max_cache_len))
+        else:
+            offset = 0
+            layer.cumulative_length.fill_(n)
+        layer.keys[:, :, offset:offset + n] = src.keys
+        layer.values[:, :, offset:offset + n] = src.values
+        if consume:
+            src.keys = src.values = None
+    return cache
+
+
 def cache_tensor_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 

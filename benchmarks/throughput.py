@@ -16,18 +16,18 @@ Three sections (``--only`` picks some), each timed in turns (interleaved rounds,
   full] period of Tiny Aya, bf16; student: one pair, fp32 under bf16 autocast) through the project's own
   loss (``distill.make_kd_loss``: teacher forward, student forward+backward, chunked KL + CE), against the
   same step with cross-entropy only (teacher forward still run, so the ratio is what the KL adds).
-  Target <= 1.15. The KL chunking's extra peak memory is measured (process RSS sampled during the step,
-  minus the CE step's) and compared with the arithmetic in ``kd_memory_plan``.
+  Target <= 1.15. Peak memory (``allocator_peak``: the live bytes of the tensors a step allocates, from the
+  profiler's allocator events) of both steps against ``aetheris/plan.py``'s lines for the same models, at this
+  depth and for a narrow pair (d_model 64) where the (T, V) logits and the KL are nearly the whole step.
 
     python benchmarks/throughput.py --json bench-results/throughput-real.json [--only prefill,train,kd]
     python benchmarks/throughput.py --quick      # toy widths, seconds (the test runs this)
+    python benchmarks/throughput.py --only kd --threads 1 --clock cpu [--no-memory]   # on a shared machine
 """
 
 from __future__ import annotations
 
 import statistics
-import threading
-import time
 
 import realshapes as rs
 import torch
@@ -157,94 +157,118 @@ def _one_layer(tcfg):
 
 # ---------------------------------------------------------------------------------------------------
 
-class PeakRSS:
-    """Largest resident set size of this process while the block runs, sampled every millisecond (big
-    tensors are mmap'd by glibc and returned when freed, so RSS follows them)."""
+def allocator_peak(fn) -> int:
+    """Peak bytes of the CPU tensors ``fn`` allocates that are live at once: the running sum of the allocation
+    and free events that torch.profiler (``profile_memory``) records from PyTorch's CPU allocator. Tensors that
+    existed before (the weights) are not counted; buffers oneDNN allocates itself are not seen."""
+    from torch.profiler import ProfilerActivity, profile
 
-    def __enter__(self):
-        self.start = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            live += e.nbytes()
+            peak = max(peak, live)
+    return peak
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def kd_plan_lines(tcfg, scfg, T: int, chunk: int, with_teacher: bool, bf16: bool = True) -> dict:
+    """What ``aetheris/plan.py`` says one stage-2 step (batch 1, ``T`` tokens) allocates on top of the weights,
+    line by line, for these two models: the lines a step allocates and frees (the AdamW moments and the
+    optimizer step are not part of the timed step and are left out)."""
+    from aetheris import plan
+
+    s_count = plan.student_counts(scfg)
+    kinds = ["P"] * len(s_count.layers) if scfg.parallel_pairs else list(scfg.layer_kinds)
+    return {"logits and KL chunks": plan._logits(1, T, scfg.vocab_size, 2 if bf16 else 4, with_teacher),
+            "gradients": 4 * s_count.total,
+            "tied-embedding gradient sum": 4 * s_count.embed if scfg.tie_embeddings else 0,
+            "teacher forward": plan._teacher_layer_transient(tcfg, 1, T, 2) if with_teacher else 0,
+            "activations": plan._activations(scfg, 1, T, kinds)}
 
 
-def kd_memory_plan(T: int, V: int, chunk: int) -> dict:
-    """What the KL adds to a CE step's peak, in bytes, from the code (``losses.chunked_divergence``):
-    the teacher's logits (T x V, bf16, kept for the whole step) and, for the chunk being computed, its fp32
-    teacher and student log-softmaxes plus the exp and difference temporaries (4 fp32 chunk-sized tensors;
-    recomputed in backward, where the gradient adds about as many). The config comment in
-    configs/tiny-aya-distill.yaml counts one fp32 chunk (chunk x V x 4 B)."""
-    chunk_bytes = min(chunk, T) * V * 4
-    return {"teacher_logits": T * V * 2, "chunk_fp32": chunk_bytes, "chunk_working_set": 4 * chunk_bytes,
-            "total": T * V * 2 + 4 * chunk_bytes}
+def kd_models(tcfg, scfg):
+    teacher = rs.build_teacher(tcfg, torch.bfloat16)
+    student = rs.build_student(scfg, torch.float32).train()
+    return teacher, student
 
 
-def kd(quick: bool, rounds: int) -> dict:
+def kd_step(teacher, student, x, chunk: int, with_kl: bool, bf16: bool = True):
+    """One stage-2 step through the project's loss (``distill.make_kd_loss``); ``with_kl=False`` is the same
+    step with cross-entropy only, the teacher forward still run (so a ratio isolates what the KL adds)."""
     from aetheris.distill import make_kd_loss
+    from aetheris.teacher import teacher_logits
 
+    loss_fn = make_kd_loss(teacher, kind="forward", temperature=1.0, chunk=chunk, w_kl=1.0 if with_kl else 0.0,
+                           w_ce=1.0)
+    batch = {"input_ids": x, "labels": x.clone()}
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if not with_kl:
+                with torch.no_grad():
+                    teacher_logits(teacher, x, None)
+            loss, _ = loss_fn(student, batch)
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+    return run
+
+
+def kd_memory(tcfg, scfg, T: int, chunk: int, bf16: bool = True) -> dict:
+    """Allocator peaks of the KD step and the CE-only step against the plan's lines for the same models
+    (``bf16``: the student under bf16 autocast, as ``mixed_precision: bf16`` trains; else fp32 throughout)."""
+    teacher, student = kd_models(tcfg, scfg)
+    x = torch.randint(0, tcfg.vocab_size, (1, T))
+    peaks = {name: allocator_peak(kd_step(teacher, student, x, chunk, with_kl=(name == "kd"), bf16=bf16))
+             for name in ("ce", "kd")}
+    plan_kd, plan_ce = kd_plan_lines(tcfg, scfg, T, chunk, True, bf16), kd_plan_lines(tcfg, scfg, T, chunk, False, bf16)
+    kl_measured, kl_plan = peaks["kd"] - peaks["ce"], sum(plan_kd.values()) - sum(plan_ce.values())
+    return {"d_model": scfg.d_model, "vocab_size": scfg.vocab_size, "seq_len": T, "kl_chunk": chunk,
+            "student_precision": "bf16 autocast" if bf16 else "fp32",
+            "teacher_layers": tcfg.num_hidden_layers, "student_layers": scfg.n_layer,
+            "kd_step_peak_bytes": peaks["kd"], "ce_step_peak_bytes": peaks["ce"],
+            "plan_kd_step_lines": plan_kd, "plan_kd_step_bytes": sum(plan_kd.values()),
+            "kd_peak_over_plan": peaks["kd"] / sum(plan_kd.values()),
+            "ce_peak_over_plan": peaks["ce"] / sum(plan_ce.values()),
+            "kl_added_bytes": kl_measured, "plan_kl_added_bytes": kl_plan,
+            "kl_added_over_plan": kl_measured / kl_plan if kl_plan else None}
+
+
+def kd(quick: bool, rounds: int, memory: bool = True) -> dict:
     tcfg = rs.teacher_config(tiny=quick, layers=4)  # one [sliding x3, full] period
     scfg = rs.student_cfg(tcfg, n_pairs=1)
     T, chunk = (64, 16) if quick else (512, 256)
-    teacher = rs.build_teacher(tcfg, torch.bfloat16)
-    student = rs.build_student(scfg, torch.float32).train()
+    teacher, student = kd_models(tcfg, scfg)
     x = torch.randint(0, tcfg.vocab_size, (1, T))
-    batch = {"input_ids": x, "labels": x.clone()}
-    losses = {"kd": make_kd_loss(teacher, kind="forward", temperature=1.0, chunk=chunk, w_kl=1.0, w_ce=1.0),
-              "ce": make_kd_loss(teacher, kind="forward", temperature=1.0, chunk=chunk, w_kl=0.0, w_ce=1.0)}
-    peaks = {}
-
-    def step(name):
-        def run():
-            from aetheris.teacher import teacher_logits
-
-            with PeakRSS() as m:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    if name == "ce":  # the teacher forward still runs: the ratio isolates the KL
-                        with torch.no_grad():
-                            teacher_logits(teacher, x, None)
-                    loss, _ = losses[name](student, batch)
-                loss.backward()
-            student.zero_grad(set_to_none=True)
-            peaks.setdefault(name, []).append(m.growth)
-        return run
-
-    times = interleaved_seconds({"kd": step("kd"), "ce": step("ce")}, rounds)
-    plan = kd_memory_plan(T, tcfg.vocab_size, chunk)
-    kl_peak = statistics.median(peaks["kd"]) - statistics.median(peaks["ce"])
+    times = interleaved_seconds({"kd": kd_step(teacher, student, x, chunk, True),
+                                 "ce": kd_step(teacher, student, x, chunk, False)}, rounds)
     out = {"seq_len": T, "vocab_size": tcfg.vocab_size, "kl_chunk": chunk,
            "teacher_layers": tcfg.num_hidden_layers, "student_pairs": 1,
            "kd_step_ms": statistics.median(times["kd"]) * 1e3, "ce_step_ms": statistics.median(times["ce"]) * 1e3,
-           "kd_over_ce": median_ratio(times["kd"], times["ce"]),
-           "peak_rss_growth_kd": statistics.median(peaks["kd"]), "peak_rss_growth_ce": statistics.median(peaks["ce"]),
-           "kl_peak_bytes": kl_peak, "kl_memory_plan": plan, "kl_peak_over_plan": kl_peak / plan["total"]}
+           "kd_over_ce": median_ratio(times["kd"], times["ce"])}
     print(f"kd: {out}", flush=True)
+    del teacher, student
+    if not memory:
+        return out
+    # Peak memory (untimed: the profiler's memory events slow the step): the same reduced-depth step, and a
+    # narrow pair of models (d_model 64, one teacher layer) at the same vocabulary, where the (T, V) logits and
+    # the KL are nearly all of the step.
+    out["memory"] = kd_memory(tcfg, scfg, T, chunk)
+    narrow = rs.teacher_config(tiny=True, layers=1)
+    narrow.vocab_size = tcfg.vocab_size if not quick else 4096
+    out["memory_narrow"] = kd_memory(narrow, rs.student_cfg(narrow, n_pairs=1), T, chunk)
+    print(f"kd memory: {out['memory']}\nkd memory (narrow): {out['memory_narrow']}", flush=True)
     return out
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0], clock=False)
+    p = parser(__doc__.splitlines()[0])
     p.add_argument("--only", default="prefill,train,kd", help="comma-separated sections: prefill, train, kd")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per section (default 2, after a warm-up round)")
+    p.add_argument("--no-memory", action="store_true", help="kd: time the steps only, skip the peak-memory runs")
     args = p.parse_args()
     setup(args)
     rounds = args.rounds or 2
@@ -253,7 +277,8 @@ def main() -> None:
     for name in args.only.split(","):
         if name not in sections:
             raise SystemExit(f"unknown section {name!r}; choose from {', '.join(sections)}")
-        results[name] = sections[name](args.quick, rounds)
+        extra = {"memory": not args.no_memory} if name == "kd" else {}
+        results[name] = sections[name](args.quick, rounds, **extra)
     emit(args, results)
 
 

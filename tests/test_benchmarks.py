@@ -103,7 +103,26 @@ def test_throughput_quick_sections_write_their_keys():
     assert tr["gemm_peak_gflops"]["bfloat16"] > 0
     assert 0 < tr["student_pair"]["fraction_of_bf16_peak"] and tr["teacher_layer"]["tokens_per_s"] > 0
     kd = throughput.kd(quick=True, rounds=1)
-    assert kd["kd_over_ce"] > 0 and kd["kl_memory_plan"]["total"] > 0
+    assert kd["kd_over_ce"] > 0
+    for mem in (kd["memory"], kd["memory_narrow"]):
+        assert mem["kd_step_peak_bytes"] > 0 and mem["ce_step_peak_bytes"] > 0
+        assert mem["plan_kd_step_bytes"] == sum(mem["plan_kd_step_lines"].values()) > 0
+    # the narrow pair's step is mostly its (T, V) logits: at least the student's and teacher's logits are live
+    narrow = kd["memory_narrow"]
+    assert narrow["kd_step_peak_bytes"] > narrow["ce_step_peak_bytes"]
+    assert narrow["kd_step_peak_bytes"] >= narrow["seq_len"] * narrow["vocab_size"] * (2 + 2)
+
+
+def test_allocator_peak_is_the_most_live_bytes_a_function_allocates():
+    import throughput
+
+    def fn():
+        a, b = torch.empty(1_000_000), torch.empty(250_000)  # 4 MB + 1 MB live
+        del a
+        c = torch.empty(500_000)                              # 1 MB + 2 MB live
+        return b, c
+
+    assert throughput.allocator_peak(fn) == 5_000_000
 
 
 def test_models_that_only_fit_one_at_a_time_are_timed_in_two_phases(monkeypatch):
@@ -119,3 +138,30 @@ def test_models_that_only_fit_one_at_a_time_are_timed_in_two_phases(monkeypatch)
     out = decode.real_shapes(quick=True, rounds=1, only=["b1_ctx8", "b4_ctx32"])
     assert set(out["points"]) == {"b1_ctx8", "b4_ctx32"} and not out["skipped"]
     assert all(p["timed_in_turns"] is False and p["speedup_vs_teacher"] > 0 for p in out["points"].values())
+
+
+@pytest.mark.parametrize("context", [8, 14, 40])  # below, crossing and above the toy window of 16
+def test_static_teacher_cache_steps_like_the_dynamic_cache(context):
+    """The benchmark's StaticCache (no per-step copy of the cache) gives the teacher the logits the
+    DynamicCache with the same contents gives, step after step, including across the sliding window's edge."""
+    tcfg = rs.teacher_config(tiny=True)
+    torch.manual_seed(0)
+    teacher = rs.build_teacher(tcfg, torch.float32)
+    dynamic = rs.fill_teacher_cache(teacher, 2, context, torch.float32)
+    static = rs.static_teacher_cache(teacher, dynamic, context, context + 6)
+    with torch.no_grad():
+        for step in range(4):
+            token, pos = torch.tensor([[5 + step], [9]]), torch.full((2, 1), context + step)
+            a = teacher(token, past_key_values=dynamic, use_cache=True, position_ids=pos).logits
+            b = teacher(token, past_key_values=static, use_cache=True, position_ids=pos).logits
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layouts_quick_measures_every_kind_and_layout():
+    import decode
+
+    torch.set_num_threads(1)
+    out = decode.student_layouts(quick=True, n=1)
+    for kind in ("in_proj", "out_proj", "expert_gate", "expert_down"):
+        assert out[kind]["gb_per_s"]["linear"] > 0 and out[kind]["gb_per_s"]["transposed"] > 0
+    assert out["pairs"] == 4 and out["memory_bandwidth_gbs"] > 0
