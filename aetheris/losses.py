@@ -1,7 +1,7 @@
 """Distillation losses: KL / reverse KL / JSD between teacher and student next-token distributions,
 masked to valid tokens, computed in sequence chunks; and the top-k approximation used with a teacher cache.
 
-Conventions (DESIGN §4, §9):
+Conventions:
 * Logits are (B, T, V); position t predicts token t+1, so the valid positions are those whose *next*
   label is not -100 (``valid_positions``): padding, prompt tokens in SFT and the last position never count.
 * Every loss is a **per-token mean over valid positions** — a sum over positions divided by their number,
