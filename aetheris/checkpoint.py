@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from . import runs
 from .config import AetherisConfig
@@ -315,8 +318,6 @@ def _restore_rng(rng: dict, state: dict) -> None:
 def gather_full_state(model, optimizer) -> tuple[dict, dict]:
     """Full model and optimizer state dicts of a sharded model, on process 0's CPU (empty elsewhere).
     Collective: every process must call it. Optimizer state is keyed by parameter name, not index."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
@@ -325,8 +326,6 @@ def gather_full_state(model, optimizer) -> tuple[dict, dict]:
 def load_optimizer_state(model, optimizer, blob: dict, where: Path) -> None:
     """Restore optimizer state saved by index (``optimizer.state_dict()``) or by parameter name (a sharded run's
     gathered state: loads into a sharded or a plain model alike, so such a checkpoint resumes at any process count)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     optimizer = getattr(optimizer, "optimizer", optimizer)
     if blob.get("keys") == "names":
         set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -338,14 +337,11 @@ def load_optimizer_state(model, optimizer, blob: dict, where: Path) -> None:
 
 
 def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def unshard_model(model):
     """A plain (unsharded) copy of a sharded ``Aetheris`` with the full weights, on every process (collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
         plain = Aetheris(model.cfg)

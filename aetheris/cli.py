@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 
-from aetheris import runs  # stdlib only: cheap for every command
+from aetheris import runs  # cheap for every command: its one heavy import, torch, the package has loaded already
 
 DEBUG_ENV = "AETHERIS_DEBUG"
 SIGNAL_COMMANDS = ("train", "distill")  # commands whose loop stops on SIGTERM / SIGINT with a checkpoint

@@ -27,6 +27,7 @@ unchanged: distillation keeps its finished stages and continues the interrupted 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -37,8 +38,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from aetheris.config_io import add_config_help
-from aetheris.nano_teacher import NanoTeacherConfig
+import torch
+
+from aetheris.cli import main as cli_main
+from aetheris.config_io import add_config_help, apply_overrides, build, load_yaml
+from aetheris.nano_teacher import NanoTeacherConfig, train_nano_teacher
+from aetheris.toolgen import generate_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -105,8 +110,6 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | Path | None = None, overrides=()) -> DemoConfig:
-    from aetheris.config_io import apply_overrides, build, load_yaml
-
     raw = load_yaml(path) if path is not None else {}
     return build(DemoConfig, apply_overrides(raw, list(overrides), DemoConfig))
 
@@ -187,10 +190,8 @@ def _resolve(path: str | Path) -> Path:
 
 def _cli(*argv: str, log=print) -> None:
     """Run one ``aetheris`` command in-process, echoing it, and stop the demo if it fails."""
-    from aetheris.cli import main as aetheris
-
     log("$ aetheris " + " ".join(_quote(a) for a in argv))
-    rc = aetheris(list(argv))
+    rc = cli_main(list(argv))
     if rc != 0:
         raise SystemExit(f"demo stopped: `aetheris {argv[0]}` exited with {rc} (see the message above); "
                          "finished steps are kept and reused on the next run")
@@ -210,8 +211,6 @@ def _quote(arg: str) -> str:
 
 
 def step_teacher(run: Run) -> None:
-    from aetheris.nano_teacher import train_nano_teacher
-
     if run.resuming:
         run.log("(the nano teacher saves no mid-training checkpoints -- it trains in minutes -- so it starts over)")
     run.log(f"$ python -m aetheris.nano_teacher {run.teacher}")
@@ -234,8 +233,6 @@ def step_distill(run: Run) -> None:
 
 def toolcall_file(run: Run) -> Path:
     """The generated set's held-out templates for all 70 languages, as an ``--toolcall-file``."""
-    from aetheris.toolgen import generate_examples
-
     e = run.cfg.eval
     path = run.eval / "toolgen-test.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,8 +386,6 @@ def next_commands(run: Run) -> str:
 
 def write_docs(run: Run, folder: Path, config: str) -> Path:
     """``folder/RESULTS.md`` (+ plots under ``folder/results/``) from a finished run's report."""
-    import torch
-
     report_md = (run.report / "report.md").read_text(encoding="utf-8")
     plots = folder / "results"
     plots.mkdir(parents=True, exist_ok=True)
@@ -467,8 +462,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     cfg = load_demo_config(args.config, args.overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -492,8 +485,6 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m aetheris.demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(sys.argv[1:] if argv is None else argv))

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from aetheris.languages import get_language, group_of
+from aetheris.report_html import write_report
 
 
 def in_registry(code: str) -> bool:
@@ -382,7 +383,7 @@ def _family_colors(families: list[str]) -> dict[str, tuple]:
 
 def plot_drops(report: dict, path: Path) -> None:
     """One panel per task: per-language drop bars coloured by family."""
-    import matplotlib
+    import matplotlib  # here, not at the top: pyplot must follow use("Agg"), and ~0.5 s only plotting pays
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -491,8 +492,7 @@ def run(args) -> int:
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
     plot_drops(report, out / "drops_by_language.png")
     plot_heatmap(report, out / "family_task_heatmap.png")
-    from aetheris.report_html import write_report  # report.html: the above in one self-contained file
-    print(f"wrote {write_report(report, out)}")
+    print(f"wrote {write_report(report, out)}")  # report.html: the above in one self-contained file
     print(f"wrote {out / 'report.json'}, {out / 'report.md'}, drops_by_language.png, family_task_heatmap.png")
     for name, t in report["tasks"].items():
         if not t.get("signal", True):

@@ -19,6 +19,7 @@ Holds the model adapter (``LM``: any HF-loadable causal LM, Aetheris checkpoints
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -26,8 +27,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+import transformers
+
+from aetheris import hf
 from aetheris.generation import left_pad
 from aetheris.progress import progress_bar
+from aetheris.tasks import TASK_NAMES, Scores, get_task, select_languages
+from aetheris.tasks.perplexity import check_same_tokenizer, recorded_training
 
 LOGSOFTMAX_DTYPES = ("float32", "model", "bfloat16", "float16")
 CACHE_VERSION = 2  # 2: mGSM prompts/stops/filters equal to lm-eval 0.4.13 (1 differed)
@@ -67,8 +74,6 @@ class LM:
 
     def __init__(self, model, tokenizer, name: str = "model", batch_size: int = 8, max_length: int | None = None,
                  logsoftmax_dtype: str = "float32"):
-        import torch
-
         if logsoftmax_dtype not in LOGSOFTMAX_DTYPES:
             raise ValueError(f"logsoftmax dtype {logsoftmax_dtype!r}: choose one of {', '.join(LOGSOFTMAX_DTYPES)}")
         self.logsoftmax_dtype = logsoftmax_dtype
@@ -94,12 +99,6 @@ class LM:
     def load(cls, name_or_path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
              logsoftmax_dtype: str = "float32") -> "LM":
         """Load with a clear error (before any evaluation work) when the model cannot be loaded."""
-        import torch
-        import transformers
-
-        import aetheris  # noqa: F401  (registers the Aetheris classes with the Auto* factories)
-        from aetheris import hf
-
         hf.register()
         path = Path(name_or_path).expanduser()
         if path.exists() and not (path / "config.json").exists():
@@ -209,7 +208,6 @@ class LM:
         """Greedy continuations, each cut at the first stop string (harness ``generate_until``).
         ``skip_special_tokens=False`` keeps markers such as ``<|START_ACTION|>`` in the text."""
         torch = self._torch
-        import transformers
 
         encoded = [self.encode(p)[-(self.max_length - max_new_tokens):] for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
@@ -259,8 +257,6 @@ class _StopOnStrings:
         self.skip = skip_special_tokens
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         done = []
         for row in input_ids[:, self.prompt_len:].tolist():
             text = self.tokenizer.decode(row, skip_special_tokens=self.skip)
@@ -306,8 +302,6 @@ def evaluate(lm: LM, tasks: list[str], output: Path, languages: list[str] | None
              options: dict | None = None, overwrite: bool = False, teacher: LM | None = None,
              plan: list | None = None) -> dict:
     """Run (or resume) the tasks and write ``output/results.json``; returns the results dict."""
-    from aetheris.tasks import Scores
-
     options = dict(options or {})
     plan = plan or make_plan(tasks, languages, options)
     output.mkdir(parents=True, exist_ok=True)
@@ -373,8 +367,6 @@ def evaluate(lm: LM, tasks: list[str], output: Path, languages: list[str] | None
 
 def make_plan(tasks: list[str], languages: list[str] | None, options: dict) -> list:
     """(task, module, options, lang, data files) for every unit of work; checks names and data first."""
-    from aetheris.tasks import TASK_NAMES, get_task, select_languages
-
     if not tasks:
         raise ValueError(f"no task given; valid tasks: {', '.join(TASK_NAMES)}")
     plan = []
@@ -401,10 +393,6 @@ def make_plan(tasks: list[str], languages: list[str] | None, options: dict) -> l
 
 
 def add_arguments(parser) -> None:
-    import argparse
-
-    from aetheris.tasks import TASK_NAMES
-
     parser.add_argument("--model", required=True, help="model folder (Aetheris checkpoint or any HF causal LM) or hub name")
     parser.add_argument("--tasks", default="xcopa,mgsm,toolcall,ppl", help=f"comma-separated, from: {', '.join(TASK_NAMES)}")
     parser.add_argument("--output", required=True, help="folder for results.json and the per-language cache")
@@ -467,8 +455,6 @@ def run(args) -> int:
     languages = [c.strip() for c in args.languages.split(",")] if args.languages else None
     options = options_from_args(args)
     if "ppl" in tasks:
-        from aetheris.tasks.perplexity import recorded_training
-
         # The checkpoint's own training data: its split is the default held-out split, and scored
         # sentences are checked against it (a leak stops the run before anything is cached).
         recorded = recorded_training(args.model)
@@ -486,7 +472,6 @@ def run(args) -> int:
     if args.teacher:
         teacher = LM.load(args.teacher, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                           logsoftmax_dtype=args.logsoftmax_dtype)
-        from aetheris.tasks.perplexity import check_same_tokenizer
 
         check_same_tokenizer(teacher, lm)
     results = evaluate(lm, tasks, Path(args.output), languages, args.limit, options, args.overwrite, teacher, plan)

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import chat
+from .checkpoint import load_model
 from .model import Aetheris
-
+from .tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # Sampling
@@ -384,9 +386,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
-
     model = load_model(args.model).eval()
     tokenizer = load_tokenizer(args.model)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -410,8 +409,6 @@ def run(args: argparse.Namespace) -> int:
 def chat_prompts(tokenizer, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
     """Each text as one user turn, rendered by ``aetheris.chat`` and opened as a text answer
     (``<|START_RESPONSE|>``); stop on the end-of-answer / end-of-turn markers. Returns (token ids, stop ids)."""
-    from . import chat
-
     missing = [t for t in (chat.START_RESPONSE, chat.END_RESPONSE, chat.END_TURN)
                if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if missing:

@@ -15,6 +15,7 @@ import sys
 import time
 
 from tqdm import tqdm
+from tqdm.auto import tqdm as auto_tqdm
 
 LINE_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
@@ -78,9 +79,7 @@ def progress_bar(total: int | None = None, desc: str = "", *, file=None, disable
     (``initial``, ``unit``, ``leave``, ...)."""
     file = sys.stderr if file is None else file
     if is_terminal(file):
-        from tqdm.auto import tqdm as live
-
-        return live(total=total, desc=desc, file=file, disable=disable, dynamic_ncols=True, **kwargs)
+        return auto_tqdm(total=total, desc=desc, file=file, disable=disable, dynamic_ncols=True, **kwargs)
     kwargs.pop("leave", None)  # a written line cannot be taken back
     return LineProgress(total=total, desc=desc, file=file, disable=disable, every_fraction=every_fraction,
                         every_seconds=every_seconds, **kwargs)

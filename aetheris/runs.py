@@ -34,6 +34,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3
 EXIT_IO = 4
@@ -264,9 +267,6 @@ class SignalGuard:
         several processes: every rank must call it at the same point of the loop."""
         signum = self.signum or 0
         if accelerator is not None and accelerator.num_processes > 1:
-            import torch
-            import torch.distributed as dist
-
             flag = torch.tensor([signum], device=accelerator.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             signum = int(flag.item())

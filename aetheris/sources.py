@@ -374,7 +374,7 @@ def open_dataset(name: str | None = None, *, path: str | None = None, config: st
     false, so reading the first rows downloads only those) or a local copy (``path``: a folder written by
     ``save_to_disk``, or JSON/JSONL/Parquet files or a glob; not streamed unless asked). ``offline_hint`` says
     what to do when the hub cannot be reached."""
-    import datasets
+    import datasets  # here, not at the top: ~1 s that train/distill/eval startup skips unless a source needs it
 
     if path:
         folder = Path(str(path))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 DEFAULT_TEACHER = "CohereLabs/tiny-aya-global"
 
@@ -71,8 +72,6 @@ def _hub_help(name: str, err: Exception) -> TeacherError:
 
 def load_teacher_config(name_or_path: str):
     """The teacher's HF config (no weights read), checked to be a supported architecture."""
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as err:
@@ -91,8 +90,6 @@ def freeze(model: nn.Module) -> nn.Module:
 def load_teacher(name_or_path: str = DEFAULT_TEACHER, dtype: str | torch.dtype = "float32",
                  device: str | torch.device = "cpu") -> nn.Module:
     """Load a supported causal LM by hub id or local folder, frozen, in eval mode, in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
     config = load_teacher_config(name_or_path)
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     try:

@@ -16,6 +16,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from .chat import install_chat_template
 
 BOS_TOKEN = "<BOS_TOKEN>"
@@ -52,9 +55,6 @@ def train_bpe_tokenizer(
     Byte-level means every string in every script encodes (no unknown token); the 256 byte symbols
     are always in the vocabulary, so ``vocab_size`` must exceed 256 + the special tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     floor = 256 + len(SPECIAL_TOKENS)
     if vocab_size <= floor:
         raise ValueError(
@@ -106,8 +106,6 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     Offline (no network, or ``HF_HUB_OFFLINE=1``) a hub name that is not in the local cache fails
     with a message saying what to do, instead of a long network traceback.
     """
-    from transformers import AutoTokenizer
-
     path = Path(name_or_path).expanduser()
     if path.exists():
         if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):

@@ -27,10 +27,18 @@ What is native and what is not (be careful reading scores):
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import random
+import sys
 import zlib
+
+from babel import Locale
+from babel.dates import format_date
+from babel.numbers import format_decimal
+
+from aetheris.sources import resolve_languages
 
 TOOLS = [
     {"name": "get_weather", "description": "Weather forecast for a city on a date (ISO).",
@@ -114,7 +122,6 @@ QUERY_LANGUAGES = ["sw", "yo", "ta", "mt", "eu", "km", "lo", "cy", "ha", "my"]
 
 def _locale(code: str):
     """babel Locale for a registry code, or None (values then stay English)."""
-    from babel import Locale
     try:
         return Locale.parse(code.replace("-", "_"))
     except Exception:  # babel raises several types for unknown locales
@@ -123,9 +130,6 @@ def _locale(code: str):
 
 def _values(lang: str, rng: random.Random) -> dict:
     """Localised surface strings and the normalised arguments they stand for."""
-    from babel.dates import format_date
-    from babel.numbers import format_decimal
-
     loc = _locale(lang)
     name = str(loc) if loc is not None else "en"
     zone = rng.choice(ZONES)
@@ -162,8 +166,6 @@ def generate_examples(languages="all", split: str = "train", per_language: int =
                       tools_offered: int = TOOLS_OFFERED) -> list[dict]:
     """Deterministic tool-call examples; ``languages`` is ``all`` or a list of registry codes;
     ``tools_offered`` (1-5) schemas in each system turn, the expected one among them."""
-    from aetheris.sources import resolve_languages
-
     if not 1 <= tools_offered <= len(TOOLS):
         raise ValueError(f"tools_offered={tools_offered} must be between 1 and {len(TOOLS)}")
     if split not in ("train", "test"):
@@ -186,9 +188,6 @@ def generate_examples(languages="all", split: str = "train", per_language: int =
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
-
     p = argparse.ArgumentParser(description="write the generated multilingual tool-calling set as JSONL")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--per-language", type=int, default=20)

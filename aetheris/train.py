@@ -49,6 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from torch.distributed.fsdp import fully_shard
 
 from aetheris import runs
 from aetheris.checkpoint import (  # noqa: F401 (verify_checkpoint: re-exported)
@@ -192,8 +193,6 @@ def make_accelerator(t: TrainConfig, **ddp_options) -> Any:
 
 def shard_model(model, device) -> None:
     """Shard an ``Aetheris`` in place over the default process group: one FSDP unit per layer + the root."""
-    from torch.distributed.fsdp import fully_shard
-
     model.to(device)
     for layer in model.layers:
         fully_shard(layer)

@@ -18,9 +18,12 @@ examples the same way for every task.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from aetheris.languages import unknown_language_message
 
 TASK_NAMES = ("xcopa", "xcopa_fixed", "mgsm", "toolcall", "bfcl", "ppl")
 # task name -> (module, options it sets); xcopa_fixed is XCOPA on the corrected-question copy.
@@ -113,8 +116,6 @@ def bootstrap_ci(values, weights=None, n_boot: int = 1000, seed: int = 0, alpha:
 
 def get_task(name: str):
     """(task module, options the name sets); an unknown name lists the valid ones."""
-    import importlib
-
     if name not in _MODULES:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
     module, options = _MODULES[name]
@@ -125,7 +126,6 @@ def select_languages(requested: list[str] | None, available: list[str], task: st
     """The requested languages that the task covers (all when None); unknown names list the valid ones."""
     if not requested:
         return list(available)
-    from aetheris.languages import unknown_language_message
 
     lowered = {code.lower(): code for code in available}
     bad = [code for code in requested if code.lower() not in lowered]

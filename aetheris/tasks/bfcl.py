@@ -25,7 +25,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from aetheris.tasks import Scores
+from aetheris.tasks import Scores, toolcall
 
 NAME = "bfcl"
 CATEGORIES = {"simple": ("simple_python", "simple"), "multiple": ("multiple",)}  # file stems, v4 then v3
@@ -108,8 +108,6 @@ def _check_record(q: dict, a: dict, qpath: Path, apath: Path) -> None:
 
 def load(category: str, options: dict) -> list[dict]:
     """The category's records as tool-calling examples with their possible answers."""
-    from aetheris.tasks import toolcall
-
     qpath, apath = _find(data_dir(options), category)
     answers = {a["id"]: a for a in _json_lines(apath)}
     examples = []
@@ -132,7 +130,5 @@ def load(category: str, options: dict) -> list[dict]:
 
 
 def run(lm, lang: str, options: dict, limit: int | None = None) -> dict[str, Scores]:
-    from aetheris.tasks import toolcall
-
     return {f"bfcl_{category}": toolcall.score_examples(lm, load(category, options)[:limit], f"bfcl {category}", options)
             for category in CATEGORIES}

@@ -40,8 +40,11 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from aetheris.data import is_heldout, split_heldout
 from aetheris.languages import CODES
+from aetheris.losses import teacher_divergence
 from aetheris.paths import data_path
 from aetheris.sources import PCM_BLOCK_LINES, load_documents
 from aetheris.tasks import Scores
@@ -182,10 +185,6 @@ def _sequences(lm, sentences: list[str]) -> list[list[int]]:
 def kl_per_sequence(teacher, student, id_lists: list[list[int]]) -> list[tuple[float, int]]:
     """(sum over predicted tokens of KL(p_T || p_S) in nats, number of predicted tokens) per sequence: the
     per-token KL of ``losses.teacher_divergence``, the one the distillation stages train on and report."""
-    import torch
-
-    from aetheris.losses import teacher_divergence
-
     out: list = [None] * len(id_lists)
     order = sorted(range(len(id_lists)), key=lambda i: -len(id_lists[i]))
     bs = student.batch_size

@@ -39,6 +39,7 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import torch
 
 from aetheris.chat import END_ACTION, END_TURN, EOS, render_assistant, render_messages
@@ -464,8 +465,6 @@ def _json_schema(schema):
 
 
 def schema_valid(call: dict | None, tools: list[dict]) -> bool:
-    import jsonschema
-
     if call is None:
         return False
     schema = next((normalize_tool(t) for t in tools if normalize_tool(t)["name"] == call["name"]), None)
