@@ -24,8 +24,8 @@ against proportional sampling on the same bootstrap draws (paired). Target: DES 
 proportional with the mean drop at most 5 % higher.
 
 Resumable: each finished unit (``OUT/units/ARM/sSEED/unit.json``) is skipped on a rerun. With ``--lock`` the
-script takes that lock file (``flock``) around each unit only, so other jobs interleave; do not wrap the whole
-script in ``flock`` as well. Writes ``OUT/equity_sampling.json``, ``OUT/equity_sampling.md`` and the plot.
+script takes that lock file (``flock``) for a few units at a time (``--hold-seconds``), so other jobs interleave;
+do not wrap the whole script in ``flock`` as well. Writes ``OUT/equity_sampling.json``, ``OUT/equity_sampling.md`` and the plot.
 """
 
 from __future__ import annotations
@@ -205,22 +205,34 @@ def choose_dro_step(tuning: dict[float, dict], base: dict) -> float:
 # Running the units
 
 
-@contextlib.contextmanager
-def cpu_lock(path: str | None):
-    """Hold ``path`` (flock) for one unit of work, so other jobs' experiments interleave between units."""
-    if not path:
-        yield
-        return
-    with open(path, "a") as fh:
-        t0 = time.perf_counter()
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        waited = time.perf_counter() - t0
-        if waited > 1:
-            print(f"(waited {waited:.0f} s for {path})", flush=True)
+class CpuLock:
+    """A lock file (``flock``) held across a few units of work at a time: taken before a unit when not held,
+    let go after the unit that brings the hold past ``hold_seconds``, so other jobs' experiments interleave
+    between chunks of this study. No path: no locking."""
+
+    def __init__(self, path: str | None, hold_seconds: float):
+        self.path, self.hold_seconds, self.fh, self.since = path, hold_seconds, None, 0.0
+
+    @contextlib.contextmanager
+    def unit(self):
+        if self.path and self.fh is None:
+            self.fh = open(self.path, "a")
+            t0 = time.perf_counter()
+            fcntl.flock(self.fh, fcntl.LOCK_EX)
+            self.since = time.perf_counter()
+            if self.since - t0 > 1:
+                print(f"(waited {self.since - t0:.0f} s for {self.path})", flush=True)
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            if self.fh is not None and time.perf_counter() - self.since >= self.hold_seconds:
+                self.release()
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
 
 
 class Study:
@@ -239,6 +251,7 @@ class Study:
             "toolcall_file": str((self.out / "toolgen-test.jsonl").resolve()),
         }
         self._teacher_lm = None
+        self.lock = CpuLock(args.lock, args.hold_seconds)
 
     def config(self, *overrides: str):
         from aetheris.distill import load_distill_config
@@ -259,13 +272,13 @@ class Study:
             tool_file.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in examples), encoding="utf-8")
         align = self.out / "align"
         if not (align / "align_report.json").is_file():
-            with cpu_lock(self.args.lock):
+            with self.lock.unit():
                 t0 = time.perf_counter()
                 run_align(self.config(ov("align_out", align), ov("align_threads", 1), ov("align_progress", False)),
                           overwrite=True)
                 (align / "seconds.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
         if not (self.out / "teacher-eval" / "results.json").is_file():
-            with cpu_lock(self.args.lock):
+            with self.lock.unit():
                 self.evaluate(Path(self.teacher), self.out / "teacher-eval", ["ppl", "toolcall"], teacher=False)
 
     def teacher_lm(self):
@@ -289,7 +302,7 @@ class Study:
         done = folder / f"unit-{part}.json"
         if done.is_file():
             return json.loads(done.read_text())
-        with cpu_lock(self.args.lock):
+        with self.lock.unit():
             print(f"== {arm} seed {seed}: stage {'2' if part == 'kl' else '3'}", flush=True)
             t0 = time.perf_counter()
             if part == "kl":
@@ -339,6 +352,21 @@ class Study:
             {"seed": TUNE_SEED, "ema": DRO_EMA, "proportional": base, "steps": {f"{s:g}": r for s, r in tuning.items()},
              "chosen": chosen, "rule": "lowest KL DES with mean KL within 5 % of proportional"}, indent=1))
         return chosen
+
+
+def stage2_winner(study: Study, names: list[str], seeds: list[int]) -> str:
+    """The arm whose stage-2 KL comes closest to the target: meets it with the lowest DES, else the lowest DES
+    among the arms within the mean-drop slack, else the lowest DES."""
+    base = aggregate({s: study.drops(BASELINE, s, "kl")["kl"] for s in seeds})
+    scored = {}
+    for arm in names:
+        if arm != BASELINE:
+            agg = aggregate({s: study.drops(arm, s, "kl")["kl"] for s in seeds})
+            scored[arm] = (agg["des"], against(agg, base))
+    pools = ([a for a, (_, v) in scored.items() if v["meets_target"]],
+             [a for a, (_, v) in scored.items() if v["mean_drop_change"] <= TARGET_MEAN_SLACK], list(scored))
+    pool = next(p for p in pools if p)
+    return min(pool, key=lambda a: scored[a][0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -448,12 +476,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="whose distill overrides (stage settings) and eval settings the study uses")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=None, help="a subset of the arms (default: all)")
+    p.add_argument("--final-arms", nargs="+", default=None,
+                   help="run stage 3 and the tool-call evaluation for these arms only (default: every arm); auto: "
+                        "proportional and the stage-2 winner (stage2_winner)")
     p.add_argument("--dro-steps", type=float, nargs="+", default=[0.01, 0.03, 0.1],
                    help="DRO step sizes tried on the tuning seed")
     p.add_argument("--dro-step", type=float, default=None, help="skip tuning and use this DRO step")
     p.add_argument("--rows-per-language", type=int, default=8, help="held-out sentences per language (bits per byte, KL)")
     p.add_argument("--toolcalls-per-language", type=int, default=2, help="held-out tool-call requests per language")
     p.add_argument("--lock", default=None, help="a lock file taken (flock) around each unit, e.g. /tmp/aetheris-cpu.lock")
+    p.add_argument("--hold-seconds", type=float, default=240,
+                   help="with --lock: keep the lock across units for about this long, then let others take a turn")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--plot", default=None, help="PNG path of the plot (default OUT/equity_sampling.png)")
     p.add_argument("--summarize-only", action="store_true", help="write the summary from the finished units only")
@@ -473,15 +506,22 @@ def main(argv: list[str] | None = None) -> int:
         step = study.tune_dro()
     chosen = arms(step)
     names = args.arms or list(chosen)
-    for bad in set(names) - set(chosen):
+    for bad in (set(names) | set(args.final_arms or ())) - set(chosen) - {"auto"}:
         p.error(f"unknown arm {bad!r}; choose from {', '.join(chosen)}")
     if not args.summarize_only:
         # stage 2 for every arm and seed first (where the sampling acts), then stage 3 (tool calls), seed by
         # seed: a study stopped early still compares every arm on the seeds it finished
-        for part in ("kl", "sft"):
-            for seed in args.seeds:
-                for arm in names:
-                    study.unit(arm, chosen[arm], seed, part)
+        for seed in args.seeds:
+            for arm in names:
+                study.unit(arm, chosen[arm], seed, "kl")
+        final = args.final_arms or names
+        if final == ["auto"]:
+            final = [BASELINE, stage2_winner(study, names, args.seeds)]
+            print(f"stage 3 for {', '.join(final)} (proportional and the stage-2 winner)", flush=True)
+        for seed in args.seeds:
+            for arm in final:
+                study.unit(arm, chosen[arm], seed, "sft")
+        study.lock.release()
     result = summarize(study, names, args.seeds, args.n_boot)
     result["dro_step"] = step
     result["command"] = "python experiments/equity_sampling.py " + " ".join(sys.argv[1:] if argv is None else argv)
