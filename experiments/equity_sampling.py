@@ -437,10 +437,11 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("final", "bpb"), ("final", "kl"), ("final", "tool_name"), ("kl", "kl")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8))
+    metrics = [("kl", "bpb"), ("kl", "kl"), ("final", "kl"), ("final", "tool_name")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
     colors = plt.get_cmap("tab10")
-    for ax, (stage, m) in zip(axes, metrics):
+    handles = {}
+    for ax, (stage, m) in zip(axes.flat, metrics):
         for i, (arm, entry) in enumerate(result["arms"].items()):
             r = entry.get(stage, {}).get(m)
             if r is None:
@@ -448,15 +449,15 @@ def plot(result: dict, path: Path) -> None:
             x, y = r["mean_drop"], r["des"]
             xe = [[x - r["mean_drop_ci95"][0]], [r["mean_drop_ci95"][1] - x]]
             ye = [[y - r["des_ci95"][0]], [r["des_ci95"][1] - y]]
-            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colors(i), capsize=3, label=arm)
-        ax.set_title(f"{METRICS[m][0]}\n({'after stage 3' if stage == 'final' else 'after stage 2'})", fontsize=9)
+            handles[arm] = ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colors(i), capsize=3, label=arm)
+        ax.set_title(f"{METRICS[m][0]}, {'after stage 3' if stage == 'final' else 'after stage 2'}", fontsize=9)
         ax.set_xlabel(f"mean drop ({METRICS[m][1]})", fontsize=8)
-        ax.set_ylabel("DES (variance of family means)", fontsize=8)
+        ax.set_ylabel("DES (variance of family mean drops)", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=7)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("Stage-2 sampling: mean drop vs DES (lower-left is better; 95 % bootstrap intervals over seeds and languages)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
