@@ -374,7 +374,7 @@ def stage2_winner(study: Study, names: list[str], seeds: list[int]) -> str:
 
 
 def summarize(study: Study, arm_names: list[str], seeds: list[int], n_boot: int) -> dict:
-    result = {"arms": {}, "target": {"des_cut": TARGET_DES_CUT, "mean_slack": TARGET_MEAN_SLACK},
+    result = {"arms": {arm: {} for arm in arm_names}, "target": {"des_cut": TARGET_DES_CUT, "mean_slack": TARGET_MEAN_SLACK},
               "seeds": seeds, "rows_per_language": study.args.rows_per_language}
     for stage, metrics in (("final", ("bpb", "kl", "tool_name", "tool_parsed")), ("kl", ("bpb", "kl"))):
         per_arm = {}
@@ -390,6 +390,7 @@ def summarize(study: Study, arm_names: list[str], seeds: list[int], n_boot: int)
                 if arm != BASELINE and BASELINE in per_arm and per_arm[BASELINE][m]["seeds"] == agg["seeds"]:
                     row["vs_proportional"] = against(agg, per_arm[BASELINE][m])
                 entry.setdefault(stage, {})[m] = row
+    result["arms"] = {arm: entry for arm, entry in result["arms"].items() if entry}
     for arm in result["arms"]:
         for part in ("kl", "sft"):
             units = [json.loads(f.read_text()) for s in seeds
@@ -427,9 +428,16 @@ def markdown(result: dict) -> str:
                           if v and v.get(key + "_ci95") else "—")
                 lines.append(f"| {arm} | {METRICS[m][0]} | {_fmt_ci(r['mean_drop'], r['mean_drop_ci95'], 4)} | "
                              f"{_fmt_ci(r['des'], r['des_ci95'], digits)} | {change('mean_drop_change')} | "
-                             f"{change('des_change')} | {'**met**' if v and v['meets_target'] else ('—' if arm == BASELINE else 'no')} |")
+                             f"{change('des_change')} | {verdict(arm, r, v)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def verdict(arm: str, row: dict, v: dict | None) -> str:
+    if arm == BASELINE or v is None:
+        return "—"
+    met = "**met**" if v["meets_target"] else "no"
+    return met + (" (1 seed)" if len(row["seeds"]) < 2 else "")
 
 
 def plot(result: dict, path: Path) -> None:
