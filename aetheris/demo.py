@@ -444,8 +444,22 @@ def write_docs(run: Run, folder: Path, config: str) -> Path:
              "![family x task heatmap](results/family_task_heatmap.png)", ""]
     body = report_md.split("\n", 1)[1]  # drop its title; keep every table
     out = folder / "RESULTS.md"
-    out.write_text("\n".join(text) + body.replace("\n## ", "\n### ").replace("\n# ", "\n## "), encoding="utf-8")
+    kept = kept_sections(out.read_text(encoding="utf-8")) if out.exists() else ""
+    out.write_text("\n".join(text) + body.replace("\n## ", "\n### ").replace("\n# ", "\n## ") + kept,
+                   encoding="utf-8")
     return out
+
+
+# Sections of RESULTS.md that other commands write (the equity-sampling study): a rewrite of the demo's part
+# keeps them, from their heading to the end of the file.
+KEPT_HEADINGS = ("## The equity-sampling study",)
+
+
+def kept_sections(results_md: str) -> str:
+    """The tail of an existing RESULTS.md that ``write_docs`` must not drop (from the first ``KEPT_HEADINGS``)."""
+    starts = [results_md.find("\n" + h) for h in KEPT_HEADINGS]
+    starts = [i for i in starts if i >= 0]
+    return results_md[min(starts):] if starts else ""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM
+
+from aetheris.model import Aetheris
+from aetheris.teacher import decoder_layers, load_teacher_config
 
 GIB = 1 << 30
 RUNTIME = {"cpu": int(0.8 * GIB), "gpu": int(1.0 * GIB)}
@@ -69,18 +73,12 @@ def _counts(model: torch.nn.Module, layers) -> Counts:
 
 
 def teacher_counts(teacher_config) -> Counts:
-    from transformers import AutoModelForCausalLM
-
-    from aetheris.teacher import decoder_layers
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(teacher_config)
     return _counts(model, decoder_layers(model))
 
 
 def student_counts(scfg) -> Counts:
-    from aetheris.model import Aetheris
-
     with torch.device("meta"):
         model = Aetheris(scfg)
     c = _counts(model, model.layers)
@@ -129,8 +127,7 @@ def _report_logits(T: int, V: int, tb: int, chunk: int, with_teacher: bool) -> i
 
 def plan_distill(cfg, processes: int = 1, device: str = "gpu", teacher_config=None) -> dict:
     """``{stage: {"train": {component: bytes}, "report": {component: bytes}, "peak": bytes}}`` per process."""
-    from aetheris.distill import build_student, cache_ready
-    from aetheris.teacher import load_teacher_config
+    from aetheris.distill import build_student, cache_ready  # local: aetheris.distill's CLI imports this module
 
     tc = teacher_config or load_teacher_config(cfg.teacher.name)
     scfg, pairs = build_student(cfg, tc)

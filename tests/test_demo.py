@@ -298,3 +298,13 @@ def test_the_teacher_trains_through_the_run_loop_and_stays_below_the_uniform_los
     heldout = [r["heldout_loss"] for r in report["history"] if "heldout_loss" in r and r["step"] > cfg["warmup_steps"]]
     assert len(heldout) >= 2 and max(heldout) < uniform
     assert max(report["heldout_loss_per_language"].values()) < uniform
+
+
+def test_rewriting_results_keeps_the_equity_study_section():
+    """``--write-docs`` regenerates the demo's part of RESULTS.md; the study's section (written by
+    experiments/equity_sampling.py's run, not by the demo) must survive it, and nothing else is carried over."""
+    from aetheris.demo import kept_sections
+
+    old = "# Results\n\nold demo tables\n\n## The equity-sampling study (x)\n\n| arm | DES |\n|---|---|\n"
+    assert kept_sections(old) == "\n## The equity-sampling study (x)\n\n| arm | DES |\n|---|---|\n"
+    assert kept_sections("# Results\n\nonly the demo\n") == ""

@@ -166,6 +166,9 @@ class KLConfig:
     """Group-DRO over language families: the loss weights families by q_f, q_f ∝ q_f·exp(dro_step·KL_f)."""
     dro_step: float = 0.1
     """Exponentiated-gradient step size of the DRO weights."""
+    dro_ema: float = 0.0
+    """0: plain group-DRO (each step's per-family KL, families in the step only). In (0, 1]: stabilised --
+    per-family running means of the KL at this rate, and every family seen so far steps every step."""
     init: str | None = None
     """Student to start from; unset: ``<align.train.out_dir>/student``."""
     report_rows_per_language: int = 2

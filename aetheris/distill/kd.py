@@ -38,6 +38,7 @@ from torch import Tensor
 
 from aetheris.checkpoint import load_model
 from aetheris.config_io import to_dict
+from aetheris.data import StreamingDocs, language_weights
 from aetheris.distill.common import (check_same_vocabulary, device_and_rank, heldout_kl, load_teacher_model,
                                      previous_student, report_rows, write_stage)
 from aetheris.distill.config import DistillConfig
@@ -51,14 +52,9 @@ from aetheris.tokenizer import load_tokenizer
 from aetheris.train import RunConfig, TrainData, build_data, multi_process_cpu, rows_per_run, train
 
 
-def family_balanced_probs(stream, temperature: float) -> "np.ndarray":
+def family_balanced_probs(stream, temperature: float) -> np.ndarray:
     """Language sampling probabilities balanced by family: p_f ∝ n_f^(1/temperature) over families, then
     proportional to size within a family (n = tokens, or a stream's stand-in weight)."""
-    import numpy as np
-
-    from aetheris.data import StreamingDocs, language_weights
-    from aetheris.languages import group_of
-
     sizes = {lang: len(d) if isinstance(d, StreamingDocs) else sum(len(x) for x in d) for lang, d in stream.docs.items()}
     fam_sizes: dict[str, int] = {}
     for lang, n in sizes.items():
@@ -80,17 +76,31 @@ def family_summary(per_language: dict[str, float]) -> dict:
 class FamilyDRO:
     """Group-DRO weights over language families (the online algorithm of Sagawa et al. 2020, ICLR).
 
-    The loss of a step weights each family's token-mean KL by ``q_f``; after the optimizer step
-    ``q_f ← q_f·exp(step·KL_f)`` (families present in the step), renormalised. ``KL_f`` is the family's mean
-    over the whole global batch: the loss reports per-family KL sums and token counts, and the training loop
+    The loss of a step weights each family's token-mean KL by ``q_f``. ``KL_f`` is the family's mean over
+    the whole global batch: the loss reports per-family KL sums and token counts, and the training loop
     all-reduces every metric across micro-batches and processes before the hooks run, so every process
     takes the same step and holds identical weights (2 processes == 1 process with grad_accum 2). The
     weights used at step s therefore come from steps < s. Saved in checkpoints (``train(stateful=...)``).
+
+    Two update rules, after each optimizer step:
+
+    - ``ema=0`` (plain): ``q_f <- q_f·exp(step·KL_f)`` for the families present in the step, renormalised.
+      Every update raises a present family's weight, so a family that is in most batches (a large one
+      under proportional sampling) gains weight from being frequent, not from being worse, and a family
+      seen in one small batch moves on one noisy estimate.
+    - ``ema>0`` (stabilised): each present family updates its running mean ``m_f <- (1-ema)·m_f +
+      ema·KL_f`` (its first observation sets it), then **every family seen so far** takes
+      ``q_f <- q_f·exp(step·m_f)``, renormalised: each family moves once per step whether or not it was
+      sampled, by a smoothed estimate of its KL, so the weights follow which families are worse.
     """
 
-    def __init__(self, families: list[str], step: float):
-        self.families, self.step = list(families), step
+    def __init__(self, families: list[str], step: float, ema: float = 0.0):
+        if not 0.0 <= ema <= 1.0:
+            raise ValueError(f"kl.dro_ema={ema}: the running-mean rate must be in [0, 1] (0 = the plain update)")
+        self.families, self.step, self.ema = list(families), step, ema
         self.q = torch.full((len(families),), 1.0 / len(families))
+        self.mean = torch.zeros(len(families), dtype=torch.float64)   # running mean KL per family (ema > 0)
+        self.seen = torch.zeros(len(families), dtype=torch.bool)
 
     def update(self, record: dict) -> None:
         """The exponentiated-gradient step from a training record (the hook ``train.train`` calls)."""
@@ -98,16 +108,24 @@ class FamilyDRO:
         counts = torch.tensor(record["family_tokens"], dtype=torch.float64)
         present = counts > 0
         means = sums / counts.clamp_min(1e-12)
+        if self.ema > 0:
+            rate = torch.where(self.seen, torch.full_like(means, self.ema), torch.ones_like(means))
+            self.mean = torch.where(present, (1 - rate) * self.mean + rate * means, self.mean)
+            self.seen = self.seen | present
+            means, present = self.mean, self.seen
         q = torch.where(present, self.q.double() * torch.exp(self.step * means), self.q.double())
         self.q = (q / q.sum()).float()
 
     def state_dict(self) -> dict:
-        return {"q": self.q.tolist(), "families": self.families}
+        return {"q": self.q.tolist(), "families": self.families, "mean": self.mean.tolist(), "seen": self.seen.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("families", self.families) != self.families:
             raise ValueError(f"the checkpoint's DRO families {state['families']} differ from this run's {self.families}")
         self.q = torch.tensor(state["q"], dtype=torch.float32)
+        if "mean" in state:  # checkpoints written before the running means carry q only
+            self.mean = torch.tensor(state["mean"], dtype=torch.float64)
+            self.seen = torch.tensor(state["seen"], dtype=torch.bool)
 
 
 def make_kd_loss(teacher, *, kind: str, temperature: float, chunk: int, w_kl: float, w_ce: float,
@@ -223,7 +241,7 @@ def run_kl(cfg: DistillConfig, *, teacher=None, resume=None, log=print, hooks=()
     languages = data.stream.languages
     families = sorted({group_of(lang) for lang in languages})
     lang_family = torch.tensor([families.index(group_of(lang)) for lang in languages])
-    dro = FamilyDRO(families, kc.dro_step) if kc.dro else None
+    dro = FamilyDRO(families, kc.dro_step, kc.dro_ema) if kc.dro else None
     rows = report_rows(data.val, kc.report_rows_per_language)
     if teacher is not None and cfg.data.pack:
         check_documents_kept_apart(teacher)  # packed rows: the teacher must score each document alone
