@@ -71,8 +71,6 @@ def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
     (out, in) through ``F.linear`` (what the model runs), a transposed (in, out) copy (``x @ w.T``), and
     oneDNN's prepacked weight (``mkldnn._linear_pointwise``, what inductor's freezing uses). One pass reads
     the kind's matrix of every layer, so each comes from memory, not cache."""
-    import torch.nn.functional as F
-
     from aetheris.model import SSMMixer
     kinds = {"in_proj": [m.in_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
              "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
@@ -93,13 +91,13 @@ def layout_rates(kinds: dict[str, list[torch.Tensor]], n: int = 5) -> dict:
         rates = {"linear": nbytes / median_seconds(lambda: [F.linear(x, w) for w in ws], repeats=n) / 1e9}
         wt = [w.t().contiguous() for w in ws]
         rates["transposed"] = nbytes / median_seconds(lambda: [x @ w for w in wt], repeats=n) / 1e9
-        del wt
+        wt.clear()  # free the copies before packing (the lambda above keeps the list itself alive)
         if torch.backends.mkldnn.is_available():
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
             rates["mkldnn_packed"] = nbytes / median_seconds(
                 lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
                 repeats=n) / 1e9
-            del packed
+            packed.clear()
         out[kind] = {"shape": list(ws[0].shape), "gb_per_s": rates}
     return out
 
