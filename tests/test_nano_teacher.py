@@ -1,0 +1,92 @@
+"""The nano teacher's data options: copying rows in the LM stream and the chat format in the tokenizer."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aetheris.data import PackedStream, split_heldout
+from aetheris.nano_teacher import NanoTeacherConfig, TeacherBatches, teacher_tokenizer
+from aetheris.sources import load_documents
+from aetheris.tasks.toolcall import render_prompt
+from aetheris.toolgen import generate_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stream(seed=0):
+    rng = np.random.default_rng(0)
+    docs = {lang: [list(rng.integers(5, 500, size=int(n))) for n in rng.integers(20, 90, size=12)]
+            for lang in ("en", "fr", "sw")}
+    return PackedStream(docs, 16, seed=seed, pack=True, pad_id=0)
+
+
+def test_copying_rows_repeat_their_first_half_and_the_rest_are_untouched():
+    plain, copying = TeacherBatches(_stream()), TeacherBatches(_stream(), copy_fraction=0.5, seed=3)
+    chosen = 0
+    for _ in range(6):
+        a, b = plain.next_batch(8), copying.next_batch(8)
+        same = (a["input_ids"] == b["input_ids"]).all(1)
+        for i in np.nonzero(~same)[0]:  # a copying row: [first half, first half], labels alike
+            np.testing.assert_array_equal(b["input_ids"][i, 8:], a["input_ids"][i, :8])
+            np.testing.assert_array_equal(b["labels"][i, 8:], a["labels"][i, :8])
+            np.testing.assert_array_equal(b["input_ids"][i, :8], a["input_ids"][i, :8])
+        np.testing.assert_array_equal(b["labels"][same], a["labels"][same])
+        chosen += int((~same).sum())
+    assert 12 <= chosen <= 36  # about half of 48 rows
+
+
+def test_a_restored_stream_draws_the_same_copying_rows():
+    first = TeacherBatches(_stream(), copy_fraction=0.5, seed=1)
+    first.next_batch(8)
+    state = first.state_dict()
+    expected = [first.next_batch(8) for _ in range(3)]
+    resumed = TeacherBatches(_stream(), copy_fraction=0.5, seed=1)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = resumed.next_batch(8)
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(got["labels"], want["labels"])
+
+
+def test_the_chat_format_in_the_tokenizer_shortens_tool_prompts():
+    docs, _ = split_heldout(load_documents([{"type": "corpus", "max_lines_per_language": 20}],
+                                           ["en", "fr", "ja", "ar", "sw", "hi"]), 0.05)
+    examples = generate_examples(["en", "ja", "sw"], "test", 5, tools_offered=2)
+
+    def prompt_tokens(copies):
+        tok = teacher_tokenizer(docs, NanoTeacherConfig(vocab_size=1024, tokenizer_format_copies=copies))
+        return np.mean([len(tok(render_prompt(e["tools"], e["user"]))["input_ids"]) for e in examples])
+
+    assert prompt_tokens(30) < 0.7 * prompt_tokens(0)
+
+
+@pytest.mark.parametrize("key, value", [("copy_fraction", 1.5), ("tokenizer_format_copies", -1)])
+def test_bad_data_options_are_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        NanoTeacherConfig(**{key: value})
+
+
+def _recipes():
+    spec = importlib.util.spec_from_file_location("teacher_recipes", ROOT / "experiments" / "teacher_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_copy_ceiling_counts_only_arguments_written_in_the_request():
+    recoverable = _recipes().recoverable
+    assert recoverable("東京", "What time is it in 東京?") and recoverable("Sao Paulo", "Hora em São-Paulo? sao paulo")
+    assert recoverable(15000, "Convert 15 000 рублей") and recoverable(1200, "১,২০০ টাকা")  # separators, Bengali digits
+    assert recoverable("2026-03-05", "Weather in ソウル on 2026年3月5日?")
+    assert not recoverable("2026-03-05", "Weather in Berlin on 5 Machi 2026?")  # the month name must be known
+    assert not recoverable("JPY", "How much is 5 日本円?") and recoverable("JPY", "How much is 5 JPY?")
+    examples = [{"lang": "ja", "user": "What time is it in 東京?", "expected": {"name": "get_time", "arguments": {"city": "東京"}}},
+                {"lang": "ja", "user": "Convert 5 日本円 to ユーロ.", "expected": {"name": "convert_currency", "arguments":
+                 {"amount": 5, "from_currency": "JPY", "to_currency": "EUR"}}},
+                {"lang": "en", "user": "Convert 5 JPY to EUR.", "expected": {"name": "convert_currency", "arguments":
+                 {"amount": 5, "from_currency": "JPY", "to_currency": "EUR"}}}]
+    ceiling = _recipes().copy_ceiling(examples)
+    assert ceiling["ast"] == pytest.approx((0.5 + 1.0) / 2)  # mean over languages
+    assert ceiling["per_function"] == {"convert_currency": 0.5, "get_time": 1.0}
