@@ -80,6 +80,7 @@ METRICS = {  # name -> (title, unit); the drop is always "positive = the student
     "kl": ("KL(teacher || student)", "nats/token"),
     "tool_name": ("tool calls: function name", "teacher - student accuracy"),
     "tool_parsed": ("tool calls: parsed", "teacher - student rate"),
+    "tool_ast": ("tool calls: AST match", "teacher - student rate"),
 }
 
 
@@ -141,6 +142,7 @@ def per_language_drops(teacher: dict, student: dict) -> dict[str, dict[str, floa
         tl, sl = t["toolcall_gen"]["languages"], s["toolcall_gen"]["languages"]
         for name, key in (("tool_name", "name_acc"), ("tool_parsed", "parsed_rate")):
             out[name] = {c: drop(v["extra"][key], sl[c]["extra"][key]) for c, v in tl.items() if c in sl}
+        out["tool_ast"] = {c: drop(v["score"], sl[c]["score"]) for c, v in tl.items() if c in sl}
     return out
 
 
@@ -375,7 +377,7 @@ def stage2_winner(study: Study, names: list[str], seeds: list[int]) -> str:
 def summarize(study: Study, arm_names: list[str], seeds: list[int], n_boot: int) -> dict:
     result = {"arms": {arm: {} for arm in arm_names}, "target": {"des_cut": TARGET_DES_CUT, "mean_slack": TARGET_MEAN_SLACK},
               "seeds": seeds, "rows_per_language": study.args.rows_per_language}
-    for stage, metrics in (("final", ("bpb", "kl", "tool_name", "tool_parsed")), ("kl", ("bpb", "kl"))):
+    for stage, metrics in (("final", ("bpb", "kl", "tool_name", "tool_parsed", "tool_ast")), ("kl", ("bpb", "kl"))):
         per_arm = {}
         part = "sft" if stage == "final" else "kl"
         for arm in arm_names:
@@ -411,7 +413,7 @@ def _fmt_ci(x, ci, digits) -> str:
 
 def markdown(result: dict) -> str:
     lines = []
-    for stage, title, metrics in (("final", "after stage 3 (the student the demo ships)", ("bpb", "kl", "tool_name", "tool_parsed")),
+    for stage, title, metrics in (("final", "after stage 3 (the student the demo ships)", ("bpb", "kl", "tool_name", "tool_parsed", "tool_ast")),
                                   ("kl", "after stage 2 (where the sampling acts)", ("bpb", "kl"))):
         lines += [f"**{title}** — mean drop and DES (population variance of family mean drops), bootstrap 95 % "
                   "intervals over seeds and languages; change against proportional on the same draws:", ""]
