@@ -53,8 +53,8 @@ from aetheris.data import (
     validation_rows,
 )
 from aetheris.sft import build_sft_data
-from aetheris.tasks.toolcall import render_prompt
 from aetheris.sources import load_documents
+from aetheris.tasks.toolcall import render_prompt
 from aetheris.tokenizer import train_bpe_tokenizer
 from aetheris.toolgen import TOOLS
 from aetheris.train import RunConfig, TrainConfig, TrainData, train
