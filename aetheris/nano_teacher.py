@@ -114,6 +114,9 @@ class NanoTeacherConfig:
     """Copies of each tool's rendered system turn (the chat format with one schema) added to the BPE's training
     texts, as real tokenizers also learn code and JSON; 0 = corpus only. 30 shortens a two-tool prompt from ~485 to
     ~256 tokens at a 0.6 % cost in corpus bytes per token (measured on the demo's corpus)."""
+    tokenizer_isolate_spaces: bool = False
+    """Whitespace as tokens of its own in the BPE (``tokenizer.train_bpe_tokenizer``): a city is the same tokens in
+    the request and in the call's JSON, so it can be copied by token identity."""
     copy_fraction: float = 0.0
     """Share of the language-modelling rows (both phases) made of their first half written twice: a synthetic
     copying task that grows induction heads, which copying arguments from a request into a call needs."""
@@ -277,7 +280,7 @@ def teacher_tokenizer(train_docs: dict[str, list], cfg: NanoTeacherConfig):
     turn: without them the chat format's JSON costs ~190 tokens per schema, most of every chat step's compute."""
     format_texts = [render_prompt([tool], "") for tool in TOOLS] * cfg.tokenizer_format_copies
     return train_bpe_tokenizer([d.text for lang in sorted(train_docs) for d in train_docs[lang]] + format_texts,
-                               cfg.vocab_size)
+                               cfg.vocab_size, isolate_spaces=cfg.tokenizer_isolate_spaces)
 
 
 def phase_config(cfg: NanoTeacherConfig, out: Path, phase: str):

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .chat import install_chat_template
@@ -49,11 +49,17 @@ def train_bpe_tokenizer(
     *,
     min_frequency: int = 2,
     show_progress: bool = False,
+    isolate_spaces: bool = False,
 ):
     """Train a byte-level BPE on ``texts`` and wrap it as a ``transformers`` fast tokenizer.
 
     Byte-level means every string in every script encodes (no unknown token); the 256 byte symbols
     are always in the vocabulary, so ``vocab_size`` must exceed 256 + the special tokens.
+
+    ``isolate_spaces``: whitespace becomes tokens of its own instead of the first byte of the next word, so a
+    word is the same tokens after a space (``in Berlin``) and after a quote (``"city": "Berlin"``). A model then
+    copies a value from a request into JSON by token identity; with the usual ``ĠBerlin`` vs ``Berlin`` it must
+    learn that pair for every word. Costs ~13 % more tokens on the 70-language corpus.
     """
     floor = 256 + len(SPECIAL_TOKENS)
     if vocab_size <= floor:
@@ -63,6 +69,8 @@ def train_bpe_tokenizer(
         )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if isolate_spaces:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s+"), "isolated"), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -64,3 +64,20 @@ def test_offline_hub_name_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="local folder"):
         load_tokenizer("CohereLabs/tiny-aya-base-not-cached")
+
+
+def test_isolated_spaces_make_a_word_the_same_tokens_after_a_space_and_after_a_quote(tmp_path):
+    texts = [f"What time is it in {c}? {{\"city\": \"{c}\"}}" for c in ("Berlin", "Москва", "Nairobi", "東京")] * 30 + SAMPLES
+    usual, isolated = train_bpe_tokenizer(texts, 400), train_bpe_tokenizer(texts, 400, isolate_spaces=True)
+    isolated.save_pretrained(tmp_path)
+    isolated = load_tokenizer(tmp_path)  # the pre-tokenizer survives a save
+
+    def ids(tok, text):
+        return tok(text, add_special_tokens=False).input_ids
+
+    for word in ("Berlin", "Москва", "Kampala"):
+        assert ids(isolated, f" {word}") == ids(isolated, " ") + ids(isolated, word)
+        assert ids(isolated, f'"{word}') == ids(isolated, '"') + ids(isolated, word)
+        assert ids(usual, f" {word}") != ids(usual, " ") + ids(usual, word)  # the usual BPE: "ĠBerlin", not "Ġ" "Berlin"
+    for text in SAMPLES + ["two  spaces\n\n tab\tend ", '{"city": "Nairobi"}']:
+        assert isolated.decode(ids(isolated, text)) == text
