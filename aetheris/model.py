@@ -568,16 +568,17 @@ def pack_for_decode(model: Aetheris, tied_head: bool = False) -> str | None:
     reason = kernels.packed_linear_unsupported(model.embed.weight)
     if reason is not None:
         return reason
-    if model.decode_layout != "linear":
+    if model.decode_layout == "packed-head" or (model.decode_layout == "packed" and not tied_head):
         return f"the model is already packed ({model.decode_layout})"
-    model.eval()
-    for mixer in [m for m in model.modules() if isinstance(m, SSMMixer)]:
-        mixer.in_proj, mixer.out_proj = PackedLinear(mixer.in_proj), PackedLinear(mixer.out_proj)
-    for moe in [m for m in model.modules() if isinstance(m, MoE)]:
-        moe.pack()
-    if model.lm_head is not None:
-        model.lm_head = PackedLinear(model.lm_head)
-    elif tied_head:
+    if model.decode_layout == "linear":  # ("packed" asked for tied_head: only the head is left to add)
+        model.eval()
+        for mixer in [m for m in model.modules() if isinstance(m, SSMMixer)]:
+            mixer.in_proj, mixer.out_proj = PackedLinear(mixer.in_proj), PackedLinear(mixer.out_proj)
+        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+            moe.pack()
+        if model.lm_head is not None:
+            model.lm_head = PackedLinear(model.lm_head)
+    if tied_head and model.lm_head is None:
         model.packed_head = kernels.pack_weight(model.embed.weight)
     model.decode_layout = "packed-head" if tied_head else "packed"
     return None

@@ -131,6 +131,10 @@ def test_a_packed_model_refuses_training_gradients_moves_and_loading():
     with pytest.raises(RuntimeError, match="unpacked model"):
         packed.load_state_dict(model.state_dict())
     assert pack_for_decode(packed) == "the model is already packed (packed-head)"
+    body_only = packed_copy(model, tied_head=False)
+    assert pack_for_decode(body_only) == "the model is already packed (packed)" and body_only.packed_head is None
+    assert pack_for_decode(body_only, tied_head=True) is None and body_only.decode_layout == "packed-head"
+    assert torch.equal(body_only.packed_head.to_dense(), model.embed.weight)
     with torch.no_grad():  # and it still decodes after every refusal
         torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
