@@ -52,6 +52,13 @@ def memory_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
+def read_bandwidth_gbs() -> float:
+    """Streaming read bandwidth (bytes read per second): summing a 256 MiB buffer, which reads it and writes
+    nothing, as a matvec streams its weights. The copy above counts read + written bytes."""
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32).uniform_()
+    return src.numel() * 4 / median_seconds(lambda: src.sum(), repeats=7) / 1e9
+
+
 @torch.no_grad()
 def matvec_ms(model: Aetheris, n: int) -> float:
     """The weight matmuls of one batch-1 step alone (projections, router, top-k experts, logits), without
@@ -279,6 +286,7 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
     out["teacher_weight_bytes"] = t_weights
     bandwidth = memory_bandwidth_gbs()
     out["memory_bandwidth_gbs"] = bandwidth
+    out["memory_read_bandwidth_gbs"] = read_bandwidth_gbs()
     out["student_matvec_ms"] = matvec_ms(student, 8)
     out["student_matvec_layouts"] = matvec_layouts(student)
     teacher = rs.build_teacher(tcfg, dtype) if both else None
@@ -403,6 +411,7 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
             record(name, batch, context, t_times, s_times, t_cache_bytes, s_bytes, experts_used, s_state_bytes, False)
             del t_step
     out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
+    out["memory_read_bandwidth_gbs_end"] = read_bandwidth_gbs()
     out["points"], out["skipped"] = points, skipped
     if points:
         out["min_speedup_over_bound"] = min(p["speedup_over_bound"] for p in points.values())

@@ -83,7 +83,7 @@ def test_decode_real_shapes_quick_writes_every_key():
         for layout in ("packed", "packed_head")[:len(layouts)]:  # the same bytes over the packed step's time
             assert p[f"student_vs_bandwidth_bound_{layout}"] == p[f"student_ms_{layout}"] / p["student_bound_ms"]
     assert out["min_speedup_over_bound"] == min(p["speedup_over_bound"] for p in out["points"].values())
-    assert out["memory_bandwidth_gbs"] > 0 and out["student_vs_bandwidth_bound_b1"] > 0
+    assert out["memory_bandwidth_gbs"] > 0 and out["memory_read_bandwidth_gbs"] > 0 and out["student_vs_bandwidth_bound_b1"] > 0
     for layout in layouts:
         key = layout.replace("-", "_")
         assert out[f"student_vs_bandwidth_bound_b1_{key}"] == max(
