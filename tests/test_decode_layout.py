@@ -183,3 +183,27 @@ def test_generate_and_serve_take_the_decode_layout_flag(tiny_tokenizer, tmp_path
     assert served.decode_layout == "packed-head" and not served.training
     served, _ = load_checkpoint(str(tmp_path), dtype="float16", decode_layout="packed")
     assert served.decode_layout == "linear" and "float32 and bfloat16" in capsys.readouterr().err
+
+
+@needs_onednn
+def test_a_server_with_the_packed_layout_answers_like_the_default_one(tiny_tokenizer, tmp_path):
+    """Through the HTTP server (its decode worker thread, batched prefill and steps): the same completions."""
+    import openai
+    from serve_helpers import LiveServer, tiny_checkpoint
+
+    from aetheris.serve import create_app, load_checkpoint
+
+    checkpoint = tiny_checkpoint(tiny_tokenizer, tmp_path / "tiny")
+    answers = {}
+    for layout in ("linear", "packed-head"):
+        model, tokenizer = load_checkpoint(str(checkpoint), decode_layout=layout)
+        assert model.decode_layout == layout
+        server = LiveServer(create_app(model, tokenizer, model_name="tiny"))
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hola"}],
+                                               max_tokens=12, temperature=0, n=2)
+            answers[layout] = [c.message.content for c in r.choices]
+        finally:
+            server.stop()
+    assert len(answers["linear"]) == 2 and answers["packed-head"] == answers["linear"]
