@@ -556,7 +556,7 @@ def pack_for_decode(model: Aetheris, tied_head: bool = False) -> str | None:
     Packed: every SSM mixer's in_proj / out_proj, every expert's gate / up / down matrices, and an untied
     lm_head. Each packed copy *replaces* its weight (no extra memory), and ``state_dict`` writes the weights
     back in their usual layout, so saving a packed model writes a normal checkpoint. Not packed: the router
-    (E x D in fp32, a few KB) and the embedding (a lookup). A tied head is the embedding itself, which the
+    (E x D: 16 KB at Tiny Aya's width) and the embedding (a lookup). A tied head is the embedding itself, which the
     lookup still needs in its own layout: ``tied_head=True`` adds a packed copy of it (V x D more bytes;
     docs/BENCHMARKS.md measures what it buys). Prefill (``forward``) and batched steps run on the packed
     weights too: oneDNN's packed layout is at least as fast as ``F.linear`` for matrix-matrix products.
