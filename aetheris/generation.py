@@ -389,8 +389,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_decode_layout_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-layout", choices=DECODE_LAYOUTS, default="linear",
                         help="weight layout for decoding on CPU: linear (nn.Linear's, default); packed (oneDNN's "
-                             "prepacked layout, ~1.5x faster batch-1 matvecs, no extra memory, inference only); "
-                             "packed-head (also a packed copy of a tied LM head: vocab x d_model more bytes)")
+                             "prepacked layout: faster batch-1 steps for wide models, slower for tiny ones, no extra "
+                             "memory, inference only); packed-head (also a packed copy of a tied LM head: "
+                             "vocab x d_model more bytes)")
 
 
 def use_decode_layout(model: Aetheris, layout: str, prog: str) -> None:
