@@ -1,8 +1,15 @@
-"""Optional fused kernels, import-guarded. CPU never needs them; each is tested against ``ssd_reference``.
+"""Optional fused kernels, import-guarded. CPU never needs them; each is tested against its reference.
 
 ``mamba-ssm`` (pip extra ``aetheris[kernels]``) ships Triton kernels for the chunked SSD scan on CUDA.
 Its ``mamba_chunk_scan_combined`` takes x and B per group exactly like our layout, with dt already
-softplus'ed here (``dt_softplus=False``) and the D skip applied by the mixer (``D=None``).
+softplus'ed here (``dt_softplus=False``) and the D skip applied by the mixer (``D=None``); tested against
+``ssd_reference``.
+
+oneDNN's prepacked linear weights (in every CPU build of torch; what ``torch.compile``'s freezing uses):
+``pack_weight`` reorders an (out, in) weight into oneDNN's blocked layout once, and ``packed_linear``
+multiplies by it. Batch-1 decode steps are matrix-vector products bound by streaming the weights, and
+this layout streams them ~1.5x faster than ``F.linear`` on ``nn.Linear``'s layout on one thread
+(docs/BENCHMARKS.md). Inference only; tested against ``F.linear`` (tests/test_decode_layout.py).
 """
 
 from __future__ import annotations
@@ -45,3 +52,35 @@ def ssd_mamba_ssm(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_
         seq_idx=seg.int() if seg is not None else None, initial_states=initial_state,
         return_final_states=True)
     return y, state
+
+
+PACKED_INFERENCE_ONLY = ("this model's weights are packed for decoding (aetheris.model.pack_for_decode), which is "
+                         "inference only: run it under torch.no_grad(), or load the checkpoint again without "
+                         "--decode-layout packed to train or fine-tune it")
+
+
+def packed_linear_unsupported(weight: Tensor) -> str | None:
+    """Why ``weight`` cannot be packed here (one line), or None when it can."""
+    if weight.device.type != "cpu":
+        return f"the packed decode layout is CPU-only (oneDNN) and the model is on {weight.device}"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (torch.backends.mkldnn.is_available() is False)"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"the packed decode layout supports float32 and bfloat16 weights, not {str(weight.dtype)[6:]}"
+    if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bfloat16 kernels for this CPU (they need AVX-512 or newer)"
+    return None
+
+
+def pack_weight(weight: Tensor) -> Tensor:
+    """An (out, in) weight -> oneDNN's prepacked copy for batch-1 inputs (an opaque mkldnn tensor of the
+    same shape and dtype; ``.to_dense()`` gives the (out, in) weight back exactly)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+def packed_linear(x: Tensor, packed: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` for x (..., in) with the weight packed by ``pack_weight``: (..., out)."""
+    if torch.is_grad_enabled():
+        # The packed copy is no parameter: gradients would never reach the weights a checkpoint saves.
+        raise RuntimeError(PACKED_INFERENCE_ONLY)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

@@ -174,6 +174,7 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, Fh, D))
         self.w_down = nn.Parameter(torch.empty(E, D, Fh))
         self.last_load: Tensor | None = None  # (E,) fraction of routed assignments per expert, last forward
+        self.packed_experts: list[tuple[Tensor, Tensor, Tensor]] | None = None  # (gate, up, down) per expert
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (M, D) -> router logits (M, E) fp32, combine weights (M, K), expert indices (M, K)."""
@@ -211,13 +212,17 @@ class MoE(nn.Module):
 
     def experts(self, xs: Tensor, counts: list[int]) -> Tensor:
         """Run tokens already sorted by expert: xs (M*K, D), counts per expert -> (M*K, D)."""
-        outs = []
-        for e, x_e in enumerate(xs.split(counts)):
-            if x_e.shape[0] == 0:
-                continue
-            h = F.silu(F.linear(x_e, self.w_gate[e])) * F.linear(x_e, self.w_up[e])  # (m_e, F)
-            outs.append(F.linear(h, self.w_down[e]))                                 # (m_e, D)
+        outs = [self.expert(e, x_e) for e, x_e in enumerate(xs.split(counts)) if x_e.shape[0] > 0]
         return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """SwiGLU expert e: x (m, D) -> (m, D)."""
+        if self.packed_experts is not None:  # the decode layout (``pack_for_decode``)
+            gate, up, down = self.packed_experts[e]
+            h = F.silu(kernels.packed_linear(x, gate)) * kernels.packed_linear(x, up)  # (m, F)
+            return kernels.packed_linear(h, down)
+        h = F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e])           # (m, F)
+        return F.linear(h, self.w_down[e])
 
     def dispatch(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (M, D) -> output (M, D), router logits (M, E), expert indices (M, K). valid (M,) bool marks the
@@ -261,10 +266,26 @@ class MoE(nn.Module):
         _, weights, top_i = self.route(x)
         out = None
         for k, e in enumerate(top_i[0].tolist()):
-            h = F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e])          # (1, F)
-            y = F.linear(h, self.w_down[e]) * weights[:, k:k + 1].to(x.dtype)          # (1, D)
+            y = self.expert(e, x) * weights[:, k:k + 1].to(x.dtype)                     # (1, D)
             out = y if out is None else out + y
         return out
+
+    def pack(self) -> None:
+        """Replace the stacked expert weights by one oneDNN-packed copy per expert matrix (``pack_for_decode``)."""
+        self.packed_experts = [tuple(kernels.pack_weight(w[e]) for w in (self.w_gate, self.w_up, self.w_down))
+                               for e in range(self.cfg.n_experts)]
+        del self.w_gate, self.w_up, self.w_down  # the packed copies are the weights now: no second copy
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed_experts is not None:  # a packed model still saves the stacked (E, F, D) / (E, D, F) weights
+            for i, name in enumerate(("w_gate", "w_up", "w_down")):
+                destination[prefix + name] = torch.stack([p[i].to_dense() for p in self.packed_experts])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if self.packed_experts is not None:
+            raise RuntimeError(PACKED_LOAD)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -357,6 +378,8 @@ class Aetheris(nn.Module):
             self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.decode_layout = "linear"      # or "packed" / "packed-head" after ``pack_for_decode``
+        self.packed_head: Tensor | None = None  # the tied head's packed copy ("packed-head"), next to the embedding
         self.init_weights()
         self.tag_no_weight_decay()
 
@@ -414,8 +437,24 @@ class Aetheris(nn.Module):
     # --- forward -----------------------------------------------------------------------------------
     def logits(self, h: Tensor) -> Tensor:
         h = self.norm_f(h)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w) * self.cfg.logit_scale
+        if self.packed_head is not None:
+            return kernels.packed_linear(h, self.packed_head) * self.cfg.logit_scale
+        if self.lm_head is not None:
+            return self.lm_head(h) * self.cfg.logit_scale  # an nn.Linear, or its PackedLinear once packed
+        return F.linear(h, self.embed.weight) * self.cfg.logit_scale
+
+    # --- a packed model (``pack_for_decode``) is inference only ----------------------------------------
+    def train(self, mode: bool = True) -> Aetheris:
+        if mode and self.decode_layout != "linear":
+            raise RuntimeError(kernels.PACKED_INFERENCE_ONLY)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .float(), .cuda() reach parameters and buffers only, never the packed copies.
+        if self.decode_layout != "linear":
+            raise RuntimeError("this model's weights are packed for decoding (aetheris.model.pack_for_decode); "
+                               "move or cast the model (.to(), .float(), ...) before packing it, not after")
+        return super()._apply(fn, recurse)
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, doc_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, logits_to_keep: int = 0) -> AetherisOutput:
@@ -473,3 +512,73 @@ class Aetheris(nn.Module):
             has_ssm = isinstance(layer, ParallelPair) or layer.kind == "S"
             h = layer.step(h, next(states) if has_ssm else None)
         return self.logits(h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode weight layout (inference only)
+# ---------------------------------------------------------------------------------------------------
+
+DECODE_LAYOUTS = ("linear", "packed", "packed-head")
+PACKED_LOAD = ("this model's weights are packed for decoding (aetheris.model.pack_for_decode): load weights into an "
+               "unpacked model, then pack it")
+
+
+class PackedLinear(nn.Module):
+    """A bias-free ``nn.Linear`` whose weight is held only in oneDNN's prepacked layout (``kernels.pack_weight``).
+
+    Same call, same state-dict key (``weight``, written back in (out, in) layout), so a packed model still
+    saves normal checkpoints. Inference only: calling it with gradients enabled is an error.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("PackedLinear packs bias-free linears only (every Aetheris projection is bias-free)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = kernels.pack_weight(linear.weight)  # a plain attribute: not a parameter, not a buffer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.packed_linear(x, self.packed)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.packed.to_dense()
+
+    def _load_from_state_dict(self, *args):
+        raise RuntimeError(PACKED_LOAD)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False, layout=oneDNN-packed"
+
+
+def pack_for_decode(model: Aetheris, tied_head: bool = False) -> str | None:
+    """Put the weights that batch-1 decoding streams into oneDNN's prepacked layout, in place.
+
+    Packed: every SSM mixer's in_proj / out_proj, every expert's gate / up / down matrices, and an untied
+    lm_head. Each packed copy *replaces* its weight (no extra memory), and ``state_dict`` writes the weights
+    back in their usual layout, so saving a packed model writes a normal checkpoint. Not packed: the router
+    (E x D: 16 KB at Tiny Aya's width) and the embedding (a lookup). A tied head is the embedding itself, which the
+    lookup still needs in its own layout: ``tied_head=True`` adds a packed copy of it (V x D more bytes;
+    docs/BENCHMARKS.md measures what it buys). Prefill (``forward``) and batched steps run on the packed
+    weights too: oneDNN's packed layout is at least as fast as ``F.linear`` for matrix-matrix products.
+
+    Afterwards the model is inference only: it is put in eval mode, and training, gradients, ``.to()`` and
+    ``load_state_dict`` are errors that say so. Returns None when packed, else why the model was left
+    unpacked (one line: not on CPU, no oneDNN, or a dtype other than float32 / bfloat16).
+    """
+    reason = kernels.packed_linear_unsupported(model.embed.weight)
+    if reason is not None:
+        return reason
+    if model.decode_layout == "packed-head" or (model.decode_layout == "packed" and not tied_head):
+        return f"the model is already packed ({model.decode_layout})"
+    if model.decode_layout == "linear":  # ("packed" asked for tied_head: only the head is left to add)
+        model.eval()
+        for mixer in [m for m in model.modules() if isinstance(m, SSMMixer)]:
+            mixer.in_proj, mixer.out_proj = PackedLinear(mixer.in_proj), PackedLinear(mixer.out_proj)
+        for moe in [m for m in model.modules() if isinstance(m, MoE)]:
+            moe.pack()
+        if model.lm_head is not None:
+            model.lm_head = PackedLinear(model.lm_head)
+    if tied_head and model.lm_head is None:
+        model.packed_head = kernels.pack_weight(model.embed.weight)
+    model.decode_layout = "packed-head" if tied_head else "packed"
+    return None

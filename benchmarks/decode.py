@@ -20,6 +20,10 @@ bandwidth-bound speedup (bytes the teacher must read per step / bytes the studen
 
     python benchmarks/decode.py --real-shapes --json bench-results/decode-real.json   # ~16 GB of memory
     python benchmarks/decode.py --real-shapes --quick                                  # toy widths, seconds
+
+``--decode-layouts packed,packed-head`` (with ``--real-shapes``) then packs the student's weights
+(``aetheris.model.pack_for_decode``: oneDNN's prepacked layout; ``packed-head`` adds a packed copy of the tied
+head) and times it again with the teacher in turns at every point timed in turns, layout after layout.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import torch
 import realshapes as rs
 from common import clock, emit, interleaved_seconds, median_ratio, median_seconds, parser, setup
 
+from aetheris import kernels
 from aetheris.config import AetherisConfig
-from aetheris.model import Aetheris, MoE
+from aetheris.model import Aetheris, MoE, PackedLinear, SSMMixer, pack_for_decode
 
 BATCH = 8  # the second batch size timed besides 1
 
@@ -47,13 +52,19 @@ def memory_bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / seconds / 1e9
 
 
+def read_bandwidth_gbs() -> float:
+    """Streaming read bandwidth (bytes read per second): summing a 256 MiB buffer, which reads it and writes
+    nothing, as a matvec streams its weights. The copy above counts read + written bytes."""
+    src = torch.empty(64 * 1024 * 1024, dtype=torch.float32).uniform_()
+    return src.numel() * 4 / median_seconds(lambda: src.sum(), repeats=7) / 1e9
+
+
 @torch.no_grad()
 def matvec_ms(model: Aetheris, n: int) -> float:
     """The weight matmuls of one batch-1 step alone (projections, router, top-k experts, logits), without
     anything else the step does: the floor for this step on this machine with these kernels."""
     import torch.nn.functional as F
 
-    from aetheris.model import SSMMixer
     weights = []
     for m in model.modules():
         if isinstance(m, SSMMixer):
@@ -66,12 +77,40 @@ def matvec_ms(model: Aetheris, n: int) -> float:
 
 
 @torch.no_grad()
+def packed_matvec_ms(model: Aetheris, n: int) -> float:
+    """``matvec_ms`` for a model packed by ``pack_for_decode``: the same products through the packed weights
+    (the router and an unpacked tied head through ``F.linear``, as the packed step runs them)."""
+    import torch.nn.functional as F
+
+    products = []  # (weight, the product it goes through)
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            products.append((m.packed, kernels.packed_linear))
+        elif isinstance(m, MoE):
+            products.append((m.router.weight, F.linear))
+            products += [(p, kernels.packed_linear) for e in range(m.cfg.top_k) for p in m.packed_experts[e]]
+    if model.lm_head is None:
+        products.append((model.embed.weight, F.linear) if model.packed_head is None
+                        else (model.packed_head, kernels.packed_linear))
+    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w, _ in products]
+    return time_steps(lambda: [mul(x, w) for x, (w, mul) in zip(inputs, products)], n)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+    except OSError:
+        return 0
+
+
+@torch.no_grad()
 def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
     """GB/s of batch-1 matvecs over the student's weights, per weight kind, in three layouts: ``nn.Linear``'s
     (out, in) through ``F.linear`` (what the model runs), a transposed (in, out) copy (``x @ w.T``), and
     oneDNN's prepacked weight (``mkldnn._linear_pointwise``, what inductor's freezing uses). One pass reads
     the kind's matrix of every layer, so each comes from memory, not cache."""
-    from aetheris.model import SSMMixer
     kinds = {"in_proj": [m.in_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
              "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
              "expert_gate": [m.w_gate[0] for m in model.modules() if isinstance(m, MoE)],
@@ -197,7 +236,8 @@ TINY_POINTS = [(1, 8), (1, 32), (1, 64), (4, 8), (4, 32)]                # toy w
 
 
 @torch.no_grad()
-def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher_cache: str = "static") -> dict:
+def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher_cache: str = "static",
+                decode_layouts: tuple[str, ...] = ()) -> dict:
     """Decode steps of Tiny Aya (bf16, transformers) and its student (bf16, ``Aetheris.step``), timed in turns
     at each (batch, context) point.
 
@@ -211,6 +251,13 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
     teacher reads all its weights plus its KV cache; the student its non-expert weights, the experts its
     rows were routed to in the timed steps, and its state. The bound is bytes / the copy bandwidth measured
     in this run. A point whose caches do not fit the available memory is skipped with the reason.
+
+    ``decode_layouts`` ("packed", "packed-head", in that order): afterwards the student is packed in place
+    (``pack_for_decode``) and timed again with the teacher in turns at each point timed in turns; per point
+    ``student_ms_<layout>``, ``speedup_vs_teacher_<layout>`` and ``student_vs_bandwidth_bound_<layout>`` (the
+    same bytes per step: the packed weights replace the originals), at the top level
+    ``student_vs_bandwidth_bound_b1_<layout>`` and under ``decode_layouts`` the packed matvecs alone and the
+    resident memory the packing added.
     """
     tcfg = rs.teacher_config(tiny=quick)
     scfg = rs.student_cfg(tcfg)
@@ -239,6 +286,7 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
     out["teacher_weight_bytes"] = t_weights
     bandwidth = memory_bandwidth_gbs()
     out["memory_bandwidth_gbs"] = bandwidth
+    out["memory_read_bandwidth_gbs"] = read_bandwidth_gbs()
     out["student_matvec_ms"] = matvec_ms(student, 8)
     out["student_matvec_layouts"] = matvec_layouts(student)
     teacher = rs.build_teacher(tcfg, dtype) if both else None
@@ -313,6 +361,34 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
             reason = rs.fits(need + t_weights)
             skipped[name] = f"batch {batch}, context {context}: teacher and its cache {reason}"
             print(f"skipping {skipped[name]}", flush=True)
+    def time_layout(layout: str) -> dict:
+        """Pack the student into ``layout`` and time it again, with the teacher in turns, at the in-turns points."""
+        gc.collect()
+        before = rss_bytes()
+        reason = pack_for_decode(student, tied_head=layout == "packed-head")
+        if reason is not None:
+            print(f"decode layout {layout} skipped: {reason}", flush=True)
+            return {"skipped": reason}
+        gc.collect()
+        info = {"rss_added_bytes": rss_bytes() - before, "matvec_ms": packed_matvec_ms(student, 8)}
+        info["matvec_vs_bandwidth_bound"] = info["matvec_ms"] / (
+            out["student_active_weight_bytes"] / (bandwidth * 1e9) * 1e3)
+        key = layout.replace("-", "_")
+        for name, p in points.items():
+            if not p["timed_in_turns"]:
+                continue
+            t_step, _ = teacher_step(p["batch"], p["context"])
+            s_step, _, _ = student_step(p["batch"])
+            times = interleaved_seconds({"teacher": t_step, "student": s_step}, rounds)
+            s_ms = statistics.median(times["student"]) * 1e3
+            p[f"student_ms_{key}"] = s_ms
+            p[f"speedup_vs_teacher_{key}"] = median_ratio(times["teacher"], times["student"])
+            p[f"student_vs_bandwidth_bound_{key}"] = s_ms / p["student_bound_ms"]
+            print(f"{name} ({layout}): teacher {statistics.median(times['teacher']) * 1e3:.0f} ms, student "
+                  f"{s_ms:.0f} ms, student / its bound {s_ms / p['student_bound_ms']:.2f}", flush=True)
+            del t_step, s_step
+        return info
+
     if deferred:
         # Phase 1: the student alone at each deferred point; phase 2: the teacher alone (students freed).
         student_times = {}
@@ -321,6 +397,9 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
             s_times = interleaved_seconds({"student": s_step}, rounds)["student"]
             student_times[name] = (s_times, *student_bytes(used, s_state_bytes), s_state_bytes)
             del s_step
+    if decode_layouts and teacher is not None:
+        out["decode_layouts"] = {layout: time_layout(layout) for layout in decode_layouts}
+    if deferred:
         student = None
         gc.collect()
         if teacher is None:
@@ -332,11 +411,16 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
             record(name, batch, context, t_times, s_times, t_cache_bytes, s_bytes, experts_used, s_state_bytes, False)
             del t_step
     out["memory_bandwidth_gbs_end"] = memory_bandwidth_gbs()
+    out["memory_read_bandwidth_gbs_end"] = read_bandwidth_gbs()
     out["points"], out["skipped"] = points, skipped
     if points:
         out["min_speedup_over_bound"] = min(p["speedup_over_bound"] for p in points.values())
         b1 = [p["student_vs_bandwidth_bound"] for p in points.values() if p["batch"] == 1]
         out["student_vs_bandwidth_bound_b1"] = max(b1) if b1 else None
+        for layout in decode_layouts:
+            key = f"student_vs_bandwidth_bound_{layout.replace('-', '_')}"
+            b1 = [p[key] for p in points.values() if p["batch"] == 1 and key in p]
+            out[f"student_vs_bandwidth_bound_b1_{layout.replace('-', '_')}"] = max(b1) if b1 else None
         out["student_matvec_vs_bandwidth_bound"] = out["student_matvec_ms"] / (
             out["student_active_weight_bytes"] / (bandwidth * 1e9) * 1e3)
     return out
@@ -357,6 +441,8 @@ def main() -> None:
     p.add_argument("--teacher-cache", choices=["static", "dynamic"], default="static",
                    help="--real-shapes: the teacher's transformers cache: static (written in place; default) or "
                         "dynamic (DynamicCache, which copies every layer's cache at each step)")
+    p.add_argument("--decode-layouts", default="",
+                   help="--real-shapes: then time the student again packed in these layouts, e.g. packed,packed-head")
     p.add_argument("--layouts", action="store_true",
                    help="batch-1 matvec GB/s of the real student's weight shapes in three layouts, and the copy bandwidth")
     args = p.parse_args()
@@ -365,8 +451,11 @@ def main() -> None:
         emit(args, {"layouts": student_layouts(args.quick)})
         return
     if args.real_shapes:
+        layouts = tuple(x for x in args.decode_layouts.split(",") if x)
+        if any(x not in ("packed", "packed-head") for x in layouts):
+            p.error(f"--decode-layouts {args.decode_layouts}: give packed, packed-head or both (in that order)")
         emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 5),
-                              args.points.split(",") if args.points else None, args.teacher_cache))
+                              args.points.split(",") if args.points else None, args.teacher_cache, layouts))
         return
     contexts = [256, 1024] if args.quick else [512, 2048, 8192]
     n = 20 if args.quick else 40

@@ -71,7 +71,8 @@ def test_decode_real_shapes_quick_writes_every_key():
     import decode
 
     torch.set_num_threads(1)
-    out = decode.real_shapes(quick=True, rounds=2)
+    layouts = ("packed", "packed-head") if torch.backends.mkldnn.is_available() else ()
+    out = decode.real_shapes(quick=True, rounds=2, decode_layouts=layouts)
     assert set(out["points"]) | set(out["skipped"]) == {f"b{b}_ctx{c}" for b, c in decode.TINY_POINTS}
     assert out["points"], out["skipped"]
     for p in out["points"].values():
@@ -79,8 +80,15 @@ def test_decode_real_shapes_quick_writes_every_key():
                     "byte_ratio_bound", "student_vs_bandwidth_bound"):
             assert p[key] > 0, key
         assert p["teacher_bytes"] == out["teacher_weight_bytes"] + p["teacher_kv_bytes"]
+        for layout in ("packed", "packed_head")[:len(layouts)]:  # the same bytes over the packed step's time
+            assert p[f"student_vs_bandwidth_bound_{layout}"] == p[f"student_ms_{layout}"] / p["student_bound_ms"]
     assert out["min_speedup_over_bound"] == min(p["speedup_over_bound"] for p in out["points"].values())
-    assert out["memory_bandwidth_gbs"] > 0 and out["student_vs_bandwidth_bound_b1"] > 0
+    assert out["memory_bandwidth_gbs"] > 0 and out["memory_read_bandwidth_gbs"] > 0 and out["student_vs_bandwidth_bound_b1"] > 0
+    for layout in layouts:
+        key = layout.replace("-", "_")
+        assert out[f"student_vs_bandwidth_bound_b1_{key}"] == max(
+            p[f"student_vs_bandwidth_bound_{key}"] for p in out["points"].values() if p["batch"] == 1)
+        assert out["decode_layouts"][layout]["matvec_ms"] > 0
 
 
 def test_a_point_that_does_not_fit_is_skipped_with_the_reason(monkeypatch):

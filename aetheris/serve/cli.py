@@ -12,6 +12,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..checkpoint import load_model
+from ..generation import add_decode_layout_argument, use_decode_layout
 from ..tokenizer import load_tokenizer
 from .app import create_app
 from .limits import add_limit_arguments, limits_from_args
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log-level", default="info")
+    add_decode_layout_argument(parser)
     add_limit_arguments(parser)
 
 
@@ -48,8 +50,9 @@ def api_key_from(args: argparse.Namespace) -> str | None:
     return key.strip() if key is not None else None
 
 
-def load_checkpoint(path: str, device: str = "cpu", dtype: str | None = None):
-    """Model + tokenizer from a checkpoint folder; every problem is a clear error (never random weights)."""
+def load_checkpoint(path: str, device: str = "cpu", dtype: str | None = None, decode_layout: str = "linear"):
+    """Model + tokenizer from a checkpoint folder; every problem is a clear error (never random weights).
+    ``decode_layout``: "packed" / "packed-head" put the weights in oneDNN's layout (``--decode-layout``)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {path}: no such folder. Pass a checkpoint folder (config.json + "
@@ -59,7 +62,9 @@ def load_checkpoint(path: str, device: str = "cpu", dtype: str | None = None):
     if len(tokenizer) > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model only "
                          f"{model.cfg.vocab_size}; they do not belong together")
-    return model.eval(), tokenizer
+    model.eval()
+    use_decode_layout(model, decode_layout, "aetheris serve")
+    return model, tokenizer
 
 
 def _h11_protocol(header_timeout_s: float):
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     api_key = api_key_from(args)
     # Fail fast: load (strictly) before binding, so a bad checkpoint never becomes a running server.
-    model, tokenizer = load_checkpoint(args.model, args.device, args.dtype)
+    model, tokenizer = load_checkpoint(args.model, args.device, args.dtype, args.decode_layout)
     sock = bind(args.host, args.port)
     name = args.served_model_name or Path(args.model).expanduser().resolve().name
     # Grammar tables (TokenizerInfo over the vocabulary) build in the background while /health says 503.

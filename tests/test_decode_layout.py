@@ -1,0 +1,209 @@
+"""The packed decode weight layout (``model.pack_for_decode``, ``--decode-layout``): packed == unpacked for the
+recurrent step, the prefill and generation; inference-only errors; the fallbacks; packed models save normal
+checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from aetheris import kernels
+from aetheris.checkpoint import load_model, save_model
+from aetheris.generation import decode_ids, generate, use_decode_layout
+from aetheris.model import Aetheris, MoE, PackedLinear, pack_for_decode
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                  reason="this torch build has no oneDNN (torch.backends.mkldnn.is_available())")
+needs_bf16 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                                reason="oneDNN has no bfloat16 kernels on this CPU")
+
+# Tied and untied heads, alternating and Cohere2-style parallel (S, M) pairs, top-1 and top-2 routing.
+VARIANTS = {"tied": {}, "untied": dict(tie_embeddings=False), "parallel_top2": dict(parallel_pairs=True, top_k=2)}
+
+
+def tiny(dtype=torch.float32, **overrides) -> Aetheris:
+    torch.manual_seed(0)
+    return Aetheris(tiny_config(max_seq_len=64, **overrides)).to(dtype).eval()
+
+
+def packed_copy(model: Aetheris, tied_head: bool = True) -> Aetheris:
+    packed = copy.deepcopy(model)
+    assert pack_for_decode(packed, tied_head=tied_head) is None
+    return packed
+
+
+def step_logits(model: Aetheris, tokens: torch.Tensor) -> torch.Tensor:
+    """Prefill the first half of each row, then one recurrent step per remaining token: (B, steps, V)."""
+    half = tokens.shape[1] // 2
+    out = model(tokens[:, :half], logits_to_keep=1)
+    logits, cache = [out.logits[:, -1]], out.cache
+    for t in range(half, tokens.shape[1]):
+        logits.append(model.step(tokens[:, t], cache))
+    return torch.stack(logits, 1)
+
+
+@needs_onednn
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_decoding_equals_unpacked_in_float32(variant):
+    model = tiny(**VARIANTS[variant])
+    packed = packed_copy(model)
+    assert packed.decode_layout == "packed-head"
+    # Every linear but the routers is packed, and so is every expert.
+    routers = [m.router for m in packed.modules() if isinstance(m, MoE)]
+    assert [m for m in packed.modules() if type(m) is torch.nn.Linear] == routers
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * model.cfg.layer_kinds.count("S") + (
+        model.lm_head is not None)
+    assert all(m.packed_experts is not None and not hasattr(m, "w_gate") for m in packed.modules() if isinstance(m, MoE))
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = step_logits(model, tokens), step_logits(packed, tokens)
+        # Batch-1 steps take the MoE's direct top-k path, batch 3 the sorted dispatch: test both.
+        expected1, got1 = step_logits(model, tokens[:1]), step_logits(packed, tokens[:1])
+    # Same products, only oneDNN's summation order differs from MKL's: float32 rounding.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got1, expected1, rtol=1e-5, atol=1e-5)
+    prompt = tokens[:1, :5]
+    assert decode_ids(packed, prompt, max_new_tokens=12) == decode_ids(model, prompt, max_new_tokens=12)
+
+
+@needs_bf16
+@pytest.mark.parametrize("variant", ["tied", "parallel_top2"])
+def test_packed_decoding_in_bfloat16_is_as_close_to_float32_as_nn_linear(variant):
+    """bf16 products round their outputs, so packed and unpacked bf16 may differ by a rounding step per layer.
+    The tolerance is nn.Linear's own: the packed model is no further from the float32 computation with the same
+    (bf16-rounded) weights than the unpacked bf16 model is, within a factor 2."""
+    model = tiny(torch.bfloat16, **VARIANTS[variant])
+    reference = copy.deepcopy(model).float()
+    packed = packed_copy(model)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = step_logits(reference, tokens)
+        linear_err = (step_logits(model, tokens).float() - exact).abs().max()
+        packed_err = (step_logits(packed, tokens).float() - exact).abs().max()
+    assert packed_err <= 2 * linear_err + 1e-3 * exact.abs().max()
+    prompt = tokens[:, :5]
+    assert decode_ids(packed, prompt, max_new_tokens=12) == decode_ids(model, prompt, max_new_tokens=12)
+
+
+@needs_onednn
+def test_packed_generate_equals_unpacked_generate(tiny_tokenizer):
+    model = Aetheris(tiny_config(tiny_tokenizer, max_seq_len=64)).eval()
+    prompts = ["Hello world, this is a longer prompt", "สวัสดี", "ሰላም ለዓለም"]
+    expected = generate(model, tiny_tokenizer, prompts, max_new_tokens=10)
+    for tied_head in (False, True):
+        got = generate(packed_copy(model, tied_head), tiny_tokenizer, prompts, max_new_tokens=10)
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+        assert [r.text for r in got] == [r.text for r in expected]
+
+
+@needs_onednn
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_a_packed_model_saves_a_normal_checkpoint(variant, tmp_path):
+    model = tiny(torch.bfloat16, **VARIANTS[variant])
+    packed = packed_copy(model)
+    expected = model.state_dict()
+    state = packed.state_dict()
+    assert set(state) == set(expected)
+    assert all(torch.equal(state[k], expected[k]) and state[k].layout == torch.strided for k in expected)
+    save_model(packed, tmp_path)
+    loaded = load_model(tmp_path).eval()
+    assert loaded.decode_layout == "linear"
+    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@needs_onednn
+def test_a_packed_model_refuses_training_gradients_moves_and_loading():
+    model = tiny()
+    packed = packed_copy(model)
+    x = torch.randint(0, model.cfg.vocab_size, (1, 6))
+    with pytest.raises(RuntimeError, match="inference only"):
+        packed.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        packed(x, labels=x)  # gradients enabled: the packed copies would never be trained
+    with pytest.raises(RuntimeError, match="before packing"):
+        packed.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unpacked model"):
+        packed.load_state_dict(model.state_dict())
+    assert pack_for_decode(packed) == "the model is already packed (packed-head)"
+    body_only = packed_copy(model, tied_head=False)
+    assert pack_for_decode(body_only) == "the model is already packed (packed)" and body_only.packed_head is None
+    assert pack_for_decode(body_only, tied_head=True) is None and body_only.decode_layout == "packed-head"
+    assert torch.equal(body_only.packed_head.to_dense(), model.embed.weight)
+    with torch.no_grad():  # and it still decodes after every refusal
+        torch.testing.assert_close(packed(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_models_keep_the_default_layout_with_a_one_line_reason(capsys, monkeypatch):
+    half = tiny(torch.float16)
+    assert "float32 and bfloat16" in pack_for_decode(half)
+    assert half.decode_layout == "linear" and not any(isinstance(m, PackedLinear) for m in half.modules())
+    use_decode_layout(half, "packed", "aetheris generate")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not used" in err and "default layout" in err
+    with torch.device("meta"):  # any device but the CPU (CUDA included) keeps its layout
+        assert "CPU-only" in pack_for_decode(Aetheris(tiny_config()))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = tiny()
+    assert "no oneDNN" in pack_for_decode(model)
+    assert model.decode_layout == "linear"
+    with pytest.raises(ValueError, match="not one of linear, packed, packed-head"):
+        use_decode_layout(model, "transposed", "aetheris generate")
+
+
+@needs_onednn
+def test_packed_linear_refuses_gradients():
+    w, x = torch.randn(8, 4), torch.randn(3, 2, 4)
+    with pytest.raises(RuntimeError, match="inference only"):
+        kernels.packed_linear(x, kernels.pack_weight(w))
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.packed_linear(x, kernels.pack_weight(w)), x @ w.T)
+        assert torch.equal(kernels.pack_weight(w).to_dense(), w)
+
+
+@needs_onednn
+def test_generate_and_serve_take_the_decode_layout_flag(tiny_tokenizer, tmp_path, capsys):
+    from aetheris.cli import main
+    from aetheris.serve import load_checkpoint
+
+    model = Aetheris(tiny_config(tiny_tokenizer, max_seq_len=64)).eval()
+    save_model(model, tmp_path, tokenizer=tiny_tokenizer)
+    args = ["generate", "--model", str(tmp_path), "--prompt", "Hola", "--max-new-tokens", "8", "--no-stream"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    assert main(args + ["--decode-layout", "packed"]) == 0
+    out = capsys.readouterr()
+    assert out.out == expected and out.err == ""
+    served, _ = load_checkpoint(str(tmp_path), decode_layout="packed-head")
+    assert served.decode_layout == "packed-head" and not served.training
+    served, _ = load_checkpoint(str(tmp_path), dtype="float16", decode_layout="packed")
+    assert served.decode_layout == "linear" and "float32 and bfloat16" in capsys.readouterr().err
+
+
+@needs_onednn
+def test_a_server_with_the_packed_layout_answers_like_the_default_one(tiny_tokenizer, tmp_path):
+    """Through the HTTP server (its decode worker thread, batched prefill and steps): the same completions."""
+    import openai
+    from serve_helpers import LiveServer, tiny_checkpoint
+
+    from aetheris.serve import create_app, load_checkpoint
+
+    checkpoint = tiny_checkpoint(tiny_tokenizer, tmp_path / "tiny")
+    answers = {}
+    for layout in ("linear", "packed-head"):
+        model, tokenizer = load_checkpoint(str(checkpoint), decode_layout=layout)
+        assert model.decode_layout == layout
+        server = LiveServer(create_app(model, tokenizer, model_name="tiny"))
+        try:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hola"}],
+                                               max_tokens=12, temperature=0, n=2)
+            answers[layout] = [c.message.content for c in r.choices]
+        finally:
+            server.stop()
+    assert len(answers["linear"]) == 2 and answers["packed-head"] == answers["linear"]
