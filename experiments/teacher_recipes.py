@@ -5,7 +5,8 @@
 Prints and writes ``OUT/recipe.json``: the settings, wall time, the highest training and held-out LM loss after
 warmup (against the uniform loss ln V), and greedy tool calls on the generated set's *held-out* templates in all
 70 languages -- parsed / function name / BFCL AST match, each a mean over languages, as the demo's eval scores
-them (``tasks.toolcall.score_examples``). The table of recipes tried is in docs/DISTILLATION.md.
+them (``tasks.toolcall.score_examples``). The recipes tried, and the copy-only AST ceiling (``copy_ceiling``),
+are in docs/notes/distillation.md (the demo's nano teacher).
 """
 
 from __future__ import annotations
