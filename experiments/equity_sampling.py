@@ -82,6 +82,7 @@ METRICS = {  # name -> (title, unit); the drop is always "positive = the student
     "tool_parsed": ("tool calls: parsed", "teacher - student rate"),
     "tool_ast": ("tool calls: AST match", "teacher - student rate"),
 }
+STAGE_METRICS = {"final": tuple(METRICS), "kl": ("bpb", "kl")}  # after stage 3 every metric; after stage 2 no tool calls
 
 
 def ov(name: str, value) -> str:
@@ -377,7 +378,7 @@ def stage2_winner(study: Study, names: list[str], seeds: list[int]) -> str:
 def summarize(study: Study, arm_names: list[str], seeds: list[int], n_boot: int) -> dict:
     result = {"arms": {arm: {} for arm in arm_names}, "target": {"des_cut": TARGET_DES_CUT, "mean_slack": TARGET_MEAN_SLACK},
               "seeds": seeds, "rows_per_language": study.args.rows_per_language}
-    for stage, metrics in (("final", ("bpb", "kl", "tool_name", "tool_parsed", "tool_ast")), ("kl", ("bpb", "kl"))):
+    for stage, metrics in STAGE_METRICS.items():
         per_arm = {}
         part = "sft" if stage == "final" else "kl"
         for arm in arm_names:
@@ -413,8 +414,9 @@ def _fmt_ci(x, ci, digits) -> str:
 
 def markdown(result: dict) -> str:
     lines = []
-    for stage, title, metrics in (("final", "after stage 3 (the student the demo ships)", ("bpb", "kl", "tool_name", "tool_parsed", "tool_ast")),
-                                  ("kl", "after stage 2 (where the sampling acts)", ("bpb", "kl"))):
+    titles = {"final": "after stage 3 (the student the demo ships)", "kl": "after stage 2 (where the sampling acts)"}
+    for stage, metrics in STAGE_METRICS.items():
+        title = titles[stage]
         lines += [f"**{title}** — mean drop and DES (population variance of family mean drops), bootstrap 95 % "
                   "intervals over seeds and languages; change against proportional on the same draws:", ""]
         lines += ["| arm | metric | mean drop | DES | mean drop vs prop. | DES vs prop. | target |", "|---|---|---|---|---|---|---|"]
