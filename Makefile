@@ -56,14 +56,14 @@ bench: install
 	$(PY) benchmarks/scan.py --quick --json bench-results/scan.json
 	$(PY) benchmarks/moe.py --quick --json bench-results/moe.json
 	$(PY) benchmarks/decode.py --quick --json bench-results/decode.json
-	$(PY) benchmarks/decode.py --real-shapes --quick --decode-layouts packed,packed-head --json bench-results/decode-real-quick.json
+	$(PY) benchmarks/decode.py --real-shapes --quick --decode-layouts compiled,packed,packed-head --json bench-results/decode-real-quick.json
 	$(PY) benchmarks/throughput.py --quick --json bench-results/throughput-quick.json
 
 # Real shapes: bf16 Tiny Aya (6.7 GB) and its student (7.9 GB) in one process, plus caches; points that do
 # not fit the free memory are skipped with the reason.
 bench-real: install
 	mkdir -p bench-results
-	$(PY) benchmarks/decode.py --real-shapes --decode-layouts packed,packed-head --json bench-results/decode-real.json
+	$(PY) benchmarks/decode.py --real-shapes --decode-layouts compiled,packed,packed-head --json bench-results/decode-real.json
 	$(PY) benchmarks/throughput.py --json bench-results/throughput-real.json
 
 bench-fullwidth: install

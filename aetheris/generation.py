@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import chat
 from .checkpoint import load_model
-from .model import DECODE_LAYOUTS, Aetheris, pack_for_decode
+from .model import DECODE_LAYOUTS, Aetheris, compile_for_decode, pack_for_decode
 from .tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,17 +391,24 @@ def add_decode_layout_argument(parser: argparse.ArgumentParser) -> None:
                         help="weight layout for decoding on CPU: linear (nn.Linear's, default); packed (oneDNN's "
                              "prepacked layout: faster batch-1 steps for wide models, slower for tiny ones, no extra "
                              "memory, inference only); packed-head (also a packed copy of a tied LM head: "
-                             "vocab x d_model more bytes)")
+                             "vocab x d_model more bytes); compiled (nn.Linear's layout, batch-1 steps through a "
+                             "torch.compile'd matvec that streams the weights at memory speed, the tied head "
+                             "included: no extra memory, seconds to compile at load; the fastest batch-1 decoding "
+                             "for wide models, docs/BENCHMARKS.md)")
 
 
 def use_decode_layout(model: Aetheris, layout: str, prog: str) -> None:
-    """Apply ``--decode-layout`` (``model.pack_for_decode``); where it cannot apply (not CPU, no oneDNN, a dtype
-    other than float32/bfloat16) say why in one line on stderr and keep the default layout."""
+    """Apply ``--decode-layout`` (``model.pack_for_decode`` / ``model.compile_for_decode``); where it cannot apply
+    (not CPU, no oneDNN or C++ compiler, a dtype other than float32/bfloat16) say why in one line on stderr and
+    keep the default layout."""
     if layout not in DECODE_LAYOUTS:
         raise ValueError(f"decode layout {layout!r} is not one of {', '.join(DECODE_LAYOUTS)}")
     if layout == "linear":
         return
-    reason = pack_for_decode(model, tied_head=layout == "packed-head")
+    if layout == "compiled":
+        reason = compile_for_decode(model)
+    else:
+        reason = pack_for_decode(model, tied_head=layout == "packed-head")
     if reason is not None:
         print(f"{prog}: note: --decode-layout {layout} not used: {reason}; decoding with the default layout",
               file=sys.stderr)

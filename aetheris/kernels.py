@@ -10,11 +10,22 @@ oneDNN's prepacked linear weights (in every CPU build of torch; what ``torch.com
 multiplies by it. Batch-1 decode steps are matrix-vector products bound by streaming the weights, and
 this layout streams them ~1.5x faster than ``F.linear`` on ``nn.Linear``'s layout on one thread
 (docs/BENCHMARKS.md). Inference only; tested against ``F.linear`` (tests/test_decode_layout.py).
+
+The compiled matvec (``decode_linear``): a batch-1 product written as ``(weight * x).sum(-1)`` in fp32 and
+compiled by ``torch.compile`` (Inductor's C++ backend) into one fused loop that reads each bf16 weight once,
+widens it in registers and accumulates in fp32, split over rows by OpenMP. It reads ``nn.Linear``'s own
+layout, so it needs no copy of any weight (the tied 262k head included) and leaves training untouched: more
+than one row, autograd, or a device other than the CPU go through ``F.linear``. Compiled once per dtype
+(dynamic shapes; a few seconds, done up front by ``aetheris.model.compile_for_decode``); needs the C++
+compiler Inductor uses. Tested against ``F.linear`` (tests/test_decode_layout.py).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:  # pragma: no cover - only on machines with CUDA and mamba-ssm
@@ -84,3 +95,42 @@ def packed_linear(x: Tensor, packed: Tensor) -> Tensor:
         # The packed copy is no parameter: gradients would never reach the weights a checkpoint saves.
         raise RuntimeError(PACKED_INFERENCE_ONLY)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """x (K,), weight (N, K) -> (N,) in x's dtype: products summed in fp32. The formula ``decode_linear``
+    compiles; run eagerly it would materialise an fp32 copy of the weight."""
+    return (weight.float() * x.float()).sum(-1).to(x.dtype)
+
+
+@functools.cache
+def _compiled_matvec():
+    # dynamic=True: one kernel serves every weight shape of a model (and stays under dynamo's recompile limit).
+    return torch.compile(_matvec, dynamic=True, fullgraph=True)
+
+
+def decode_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` (bias-free) for decode steps: one row on the CPU without autograd runs the
+    compiled matvec; anything else (a batch, training, CUDA) runs ``F.linear``."""
+    if x.numel() == x.shape[-1] and x.device.type == "cpu" and not torch.is_grad_enabled():
+        # Plain tensors, so that one compiled graph serves every shape: dynamo gives parameters static shapes
+        # (detach), and guards on the base of a view (clone: a row of K elements).
+        return _compiled_matvec()(x.reshape(-1).clone(), weight.detach()).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+def compiled_matvec_unsupported(weight: Tensor) -> str | None:
+    """Why ``decode_linear`` cannot compile its kernel for ``weight``'s device and dtype (one line), or None
+    after compiling it (the first call builds the C++ kernel: seconds, once per process and dtype)."""
+    if weight.device.type != "cpu":
+        return f"the compiled decode layout is CPU-only (Inductor's C++ backend) and the model is on {weight.device}"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"the compiled decode layout supports float32 and bfloat16 weights, not {str(weight.dtype)[6:]}"
+    try:
+        with torch.no_grad():
+            x = torch.ones(8, dtype=weight.dtype)
+            decode_linear(x[None], torch.ones(4, 8, dtype=weight.dtype))
+    except Exception as e:  # no C++ compiler, a broken Inductor install, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"torch.compile could not build the matvec kernel ({type(e).__name__}: {first})"
+    return None

@@ -70,6 +70,7 @@ class SSMMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(H))
         self.norm = nn.RMSNorm(H * P, eps=cfg.norm_eps) if cfg.ssm_norm else None
         self.out_proj = nn.Linear(H * P, cfg.d_model, bias=False)
+        self.matvec = False  # decode steps through the compiled matvec (``compile_for_decode``)
 
     def _act(self, xbc: Tensor) -> Tensor:
         return F.silu(xbc) if self.cfg.xbc_activation == "silu" else xbc
@@ -128,7 +129,7 @@ class SSMMixer(nn.Module):
         cfg = self.cfg
         Bsz = u.shape[0]
         H, P, N, G = cfg.n_heads, cfg.head_dim, cfg.d_state, cfg.n_groups
-        z, xbc, dt = self.in_proj(u).split([self.split_sizes[0], cfg.d_xbc, H], dim=-1)
+        z, xbc, dt = self._project(self.in_proj, u).split([self.split_sizes[0], cfg.d_xbc, H], dim=-1)
         # Conv over the window [last K-1 inputs, this input]: one multiply-add per tap, in place.
         conv, w = state.conv, self.conv_weight                                # (B, K-1, C), (C, K)
         K = w.shape[1]
@@ -144,7 +145,11 @@ class SSMMixer(nn.Module):
         y, _ = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.float()), B.view(Bsz, G, N), C.view(Bsz, H, N))
         # D skip (x is shared by the heads of its group): y (B, G, R, P) += D (G, R, 1) * x (B, G, 1, P).
         y = y.to(u.dtype).view(Bsz, G, H // G, P).addcmul_(self.D.view(G, H // G, 1), x[:, :, None])
-        return self.out_proj(self._gate(y.view(Bsz, H * P), z))
+        return self._project(self.out_proj, self._gate(y.view(Bsz, H * P), z))
+
+    def _project(self, linear: nn.Module, x: Tensor) -> Tensor:
+        # An nn.Linear, or its PackedLinear once packed; or nn.Linear's weight through the compiled matvec.
+        return kernels.decode_linear(x, linear.weight) if self.matvec else linear(x)
 
     def empty_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> SSMState:
         cfg = self.cfg
@@ -175,6 +180,7 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, D, Fh))
         self.last_load: Tensor | None = None  # (E,) fraction of routed assignments per expert, last forward
         self.packed_experts: list[tuple[Tensor, Tensor, Tensor]] | None = None  # (gate, up, down) per expert
+        self.matvec = False  # batch-1 steps through the compiled matvec (``compile_for_decode``)
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (M, D) -> router logits (M, E) fp32, combine weights (M, K), expert indices (M, K)."""
@@ -221,8 +227,9 @@ class MoE(nn.Module):
             gate, up, down = self.packed_experts[e]
             h = F.silu(kernels.packed_linear(x, gate)) * kernels.packed_linear(x, up)  # (m, F)
             return kernels.packed_linear(h, down)
-        h = F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e])           # (m, F)
-        return F.linear(h, self.w_down[e])
+        linear = kernels.decode_linear if self.matvec else F.linear
+        h = F.silu(linear(x, self.w_gate[e])) * linear(x, self.w_up[e])                 # (m, F)
+        return linear(h, self.w_down[e])
 
     def dispatch(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (M, D) -> output (M, D), router logits (M, E), expert indices (M, K). valid (M,) bool marks the
@@ -378,7 +385,7 @@ class Aetheris(nn.Module):
             self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds)
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.decode_layout = "linear"      # or "packed" / "packed-head" after ``pack_for_decode``
+        self.decode_layout = "linear"      # "packed" / "packed-head" (``pack_for_decode``), "compiled" (``compile_for_decode``)
         self.packed_head: Tensor | None = None  # the tied head's packed copy ("packed-head"), next to the embedding
         self.init_weights()
         self.tag_no_weight_decay()
@@ -439,19 +446,22 @@ class Aetheris(nn.Module):
         h = self.norm_f(h)
         if self.packed_head is not None:
             return kernels.packed_linear(h, self.packed_head) * self.cfg.logit_scale
+        if self.decode_layout == "compiled":
+            head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            return kernels.decode_linear(h, head) * self.cfg.logit_scale
         if self.lm_head is not None:
             return self.lm_head(h) * self.cfg.logit_scale  # an nn.Linear, or its PackedLinear once packed
         return F.linear(h, self.embed.weight) * self.cfg.logit_scale
 
     # --- a packed model (``pack_for_decode``) is inference only ----------------------------------------
     def train(self, mode: bool = True) -> Aetheris:
-        if mode and self.decode_layout != "linear":
+        if mode and self.decode_layout in PACKED_LAYOUTS:
             raise RuntimeError(kernels.PACKED_INFERENCE_ONLY)
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
         # .to(), .float(), .cuda() reach parameters and buffers only, never the packed copies.
-        if self.decode_layout != "linear":
+        if self.decode_layout in PACKED_LAYOUTS:
             raise RuntimeError("this model's weights are packed for decoding (aetheris.model.pack_for_decode); "
                                "move or cast the model (.to(), .float(), ...) before packing it, not after")
         return super()._apply(fn, recurse)
@@ -518,7 +528,8 @@ class Aetheris(nn.Module):
 # Decode weight layout (inference only)
 # ---------------------------------------------------------------------------------------------------
 
-DECODE_LAYOUTS = ("linear", "packed", "packed-head")
+DECODE_LAYOUTS = ("linear", "packed", "packed-head", "compiled")
+PACKED_LAYOUTS = ("packed", "packed-head")
 PACKED_LOAD = ("this model's weights are packed for decoding (aetheris.model.pack_for_decode): load weights into an "
                "unpacked model, then pack it")
 
@@ -568,6 +579,8 @@ def pack_for_decode(model: Aetheris, tied_head: bool = False) -> str | None:
     reason = kernels.packed_linear_unsupported(model.embed.weight)
     if reason is not None:
         return reason
+    if model.decode_layout == "compiled":  # the packed weights replace what the compiled matvec read
+        _set_matvec(model, False)
     if model.decode_layout == "packed-head" or (model.decode_layout == "packed" and not tied_head):
         return f"the model is already packed ({model.decode_layout})"
     if model.decode_layout == "linear":  # ("packed" asked for tied_head: only the head is left to add)
@@ -581,4 +594,41 @@ def pack_for_decode(model: Aetheris, tied_head: bool = False) -> str | None:
     if tied_head and model.lm_head is None:
         model.packed_head = kernels.pack_weight(model.embed.weight)
     model.decode_layout = "packed-head" if tied_head else "packed"
+    return None
+
+
+def _set_matvec(model: Aetheris, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, (SSMMixer, MoE)):
+            m.matvec = on
+    model.decode_layout = "compiled" if on else "linear"
+
+
+def compile_for_decode(model: Aetheris) -> str | None:
+    """Run batch-1 decode steps' weight products through the compiled matvec (``kernels.decode_linear``).
+
+    Covers what ``pack_for_decode`` packs (the SSM projections, the experts, the head) and, unlike it, the tied
+    head too at no memory cost: the kernel reads ``nn.Linear``'s own layout, so no weight is copied or moved and
+    the model stays a normal model (``.to()``, ``state_dict``, training: batches and autograd run ``F.linear``).
+    Compiles the kernel for every weight shape now (seconds; Inductor caches the C++ on disk) rather than
+    inside the first request. Returns None when on, else why the model was left as it was (one line: not on
+    the CPU, a dtype other than float32 / bfloat16, no C++ compiler for Inductor, or already packed).
+    """
+    if model.decode_layout in PACKED_LAYOUTS:
+        return (f"the model's weights are packed ({model.decode_layout}); load it again to use the compiled "
+                "layout instead")
+    reason = kernels.compiled_matvec_unsupported(model.embed.weight)
+    if reason is not None:
+        return reason
+    _set_matvec(model, True)
+    with torch.no_grad():  # every weight shape once, so no compile waits for a request
+        seen = set()
+        for m in model.modules():
+            for w in ([m.in_proj.weight, m.out_proj.weight] if isinstance(m, SSMMixer) else
+                      [m.w_gate[0], m.w_up[0], m.w_down[0]] if isinstance(m, MoE) else []):
+                if w.shape not in seen:
+                    seen.add(w.shape)
+                    kernels.decode_linear(w.new_zeros(1, w.shape[1]), w)
+        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        kernels.decode_linear(head.new_zeros(1, head.shape[1]), head)
     return None

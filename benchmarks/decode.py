@@ -21,9 +21,11 @@ bandwidth-bound speedup (bytes the teacher must read per step / bytes the studen
     python benchmarks/decode.py --real-shapes --json bench-results/decode-real.json   # ~16 GB of memory
     python benchmarks/decode.py --real-shapes --quick                                  # toy widths, seconds
 
-``--decode-layouts packed,packed-head`` (with ``--real-shapes``) then packs the student's weights
-(``aetheris.model.pack_for_decode``: oneDNN's prepacked layout; ``packed-head`` adds a packed copy of the tied
-head) and times it again with the teacher in turns at every point timed in turns, layout after layout.
+``--decode-layouts compiled,packed,packed-head`` (with ``--real-shapes``) then times the student again with the
+teacher in turns at every point timed in turns, layout after layout (in that order): ``compiled`` runs its
+batch-1 products through the compiled matvec (``aetheris.model.compile_for_decode``; ``nn.Linear``'s layout, no
+copy), ``packed`` packs its weights (``aetheris.model.pack_for_decode``: oneDNN's prepacked layout) and
+``packed-head`` adds a packed copy of the tied head.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from common import clock, emit, interleaved_seconds, median_ratio, median_second
 
 from aetheris import kernels
 from aetheris.config import AetherisConfig
-from aetheris.model import Aetheris, MoE, PackedLinear, SSMMixer, pack_for_decode
+from aetheris.model import Aetheris, MoE, PackedLinear, SSMMixer, compile_for_decode, pack_for_decode
 
 BATCH = 8  # the second batch size timed besides 1
 
@@ -60,11 +62,13 @@ def read_bandwidth_gbs() -> float:
 
 
 @torch.no_grad()
-def matvec_ms(model: Aetheris, n: int) -> float:
+def matvec_ms(model: Aetheris, n: int, linear=None) -> float:
     """The weight matmuls of one batch-1 step alone (projections, router, top-k experts, logits), without
-    anything else the step does: the floor for this step on this machine with these kernels."""
+    anything else the step does: the floor for this step on this machine with these kernels. ``linear``: the
+    product (``F.linear``, or ``kernels.decode_linear`` for the compiled layout; the router always ``F.linear``)."""
     import torch.nn.functional as F
 
+    linear = linear or F.linear
     weights = []
     for m in model.modules():
         if isinstance(m, SSMMixer):
@@ -73,7 +77,9 @@ def matvec_ms(model: Aetheris, n: int) -> float:
             weights += [m.router.weight] + [w[e] for e in range(m.cfg.top_k) for w in (m.w_gate, m.w_up, m.w_down)]
     weights.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)
     inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
-    return time_steps(lambda: [F.linear(x, w) for x, w in zip(inputs, weights)], n)
+    routers = {id(m.router.weight) for m in model.modules() if isinstance(m, MoE)}
+    products = [F.linear if id(w) in routers else linear for w in weights]
+    return time_steps(lambda: [mul(x, w) for x, w, mul in zip(inputs, weights, products)], n)
 
 
 @torch.no_grad()
@@ -107,9 +113,10 @@ def rss_bytes() -> int:
 
 @torch.no_grad()
 def matvec_layouts(model: Aetheris, n: int = 5) -> dict:
-    """GB/s of batch-1 matvecs over the student's weights, per weight kind, in three layouts: ``nn.Linear``'s
-    (out, in) through ``F.linear`` (what the model runs), a transposed (in, out) copy (``x @ w.T``), and
-    oneDNN's prepacked weight (``mkldnn._linear_pointwise``, what inductor's freezing uses). One pass reads
+    """GB/s of batch-1 matvecs over the student's weights, per weight kind, in four layouts: ``nn.Linear``'s
+    (out, in) through ``F.linear`` (what the model runs), a transposed (in, out) copy (``x @ w.T``), the compiled
+    matvec on ``nn.Linear``'s layout (``kernels.decode_linear``), and oneDNN's prepacked weight
+    (``mkldnn._linear_pointwise``, what inductor's freezing uses). One pass reads
     the kind's matrix of every layer, so each comes from memory, not cache."""
     kinds = {"in_proj": [m.in_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
              "out_proj": [m.out_proj.weight for m in model.modules() if isinstance(m, SSMMixer)],
@@ -131,6 +138,9 @@ def layout_rates(kinds: dict[str, list[torch.Tensor]], n: int = 5) -> dict:
         wt = [w.t().contiguous() for w in ws]
         rates["transposed"] = nbytes / median_seconds(lambda: [x @ w for w in wt], repeats=n) / 1e9
         wt.clear()  # free the copies before packing (the lambda above keeps the list itself alive)
+        if kernels.compiled_matvec_unsupported(ws[0]) is None:
+            rates["compiled"] = nbytes / median_seconds(lambda: [kernels.decode_linear(x, w) for w in ws],
+                                                        repeats=n) / 1e9
         if torch.backends.mkldnn.is_available():
             packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
             rates["mkldnn_packed"] = nbytes / median_seconds(
@@ -252,12 +262,12 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
     rows were routed to in the timed steps, and its state. The bound is bytes / the copy bandwidth measured
     in this run. A point whose caches do not fit the available memory is skipped with the reason.
 
-    ``decode_layouts`` ("packed", "packed-head", in that order): afterwards the student is packed in place
-    (``pack_for_decode``) and timed again with the teacher in turns at each point timed in turns; per point
-    ``student_ms_<layout>``, ``speedup_vs_teacher_<layout>`` and ``student_vs_bandwidth_bound_<layout>`` (the
-    same bytes per step: the packed weights replace the originals), at the top level
-    ``student_vs_bandwidth_bound_b1_<layout>`` and under ``decode_layouts`` the packed matvecs alone and the
-    resident memory the packing added.
+    ``decode_layouts`` ("compiled", "packed", "packed-head", in that order): afterwards the student is put in
+    each layout in place (``compile_for_decode``, ``pack_for_decode``) and timed again with the teacher in turns
+    at each point timed in turns; per point ``student_ms_<layout>``, ``speedup_vs_teacher_<layout>`` and
+    ``student_vs_bandwidth_bound_<layout>`` (the same bytes per step: neither layout adds a weight the step
+    reads), at the top level ``student_vs_bandwidth_bound_b1_<layout>`` and under ``decode_layouts`` the
+    layout's matvecs alone and the resident memory it added.
     """
     tcfg = rs.teacher_config(tiny=quick)
     scfg = rs.student_cfg(tcfg)
@@ -362,15 +372,20 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
             skipped[name] = f"batch {batch}, context {context}: teacher and its cache {reason}"
             print(f"skipping {skipped[name]}", flush=True)
     def time_layout(layout: str) -> dict:
-        """Pack the student into ``layout`` and time it again, with the teacher in turns, at the in-turns points."""
+        """Put the student in ``layout`` and time it again, with the teacher in turns, at the in-turns points."""
         gc.collect()
         before = rss_bytes()
-        reason = pack_for_decode(student, tied_head=layout == "packed-head")
+        if layout == "compiled":
+            reason = compile_for_decode(student)
+        else:
+            reason = pack_for_decode(student, tied_head=layout == "packed-head")
         if reason is not None:
             print(f"decode layout {layout} skipped: {reason}", flush=True)
             return {"skipped": reason}
         gc.collect()
-        info = {"rss_added_bytes": rss_bytes() - before, "matvec_ms": packed_matvec_ms(student, 8)}
+        info = {"rss_added_bytes": rss_bytes() - before,
+                "matvec_ms": (matvec_ms(student, 8, kernels.decode_linear) if layout == "compiled"
+                              else packed_matvec_ms(student, 8))}
         info["matvec_vs_bandwidth_bound"] = info["matvec_ms"] / (
             out["student_active_weight_bytes"] / (bandwidth * 1e9) * 1e3)
         key = layout.replace("-", "_")
@@ -442,9 +457,10 @@ def main() -> None:
                    help="--real-shapes: the teacher's transformers cache: static (written in place; default) or "
                         "dynamic (DynamicCache, which copies every layer's cache at each step)")
     p.add_argument("--decode-layouts", default="",
-                   help="--real-shapes: then time the student again packed in these layouts, e.g. packed,packed-head")
+                   help="--real-shapes: then time the student again in these decode layouts, e.g. "
+                        "compiled,packed,packed-head")
     p.add_argument("--layouts", action="store_true",
-                   help="batch-1 matvec GB/s of the real student's weight shapes in three layouts, and the copy bandwidth")
+                   help="batch-1 matvec GB/s of the real student's weight shapes in four layouts, and the copy bandwidth")
     args = p.parse_args()
     setup(args)
     if args.layouts:
@@ -452,8 +468,10 @@ def main() -> None:
         return
     if args.real_shapes:
         layouts = tuple(x for x in args.decode_layouts.split(",") if x)
-        if any(x not in ("packed", "packed-head") for x in layouts):
-            p.error(f"--decode-layouts {args.decode_layouts}: give packed, packed-head or both (in that order)")
+        order = ("compiled", "packed", "packed-head")
+        if any(x not in order for x in layouts) or list(layouts) != sorted(layouts, key=order.index):
+            p.error(f"--decode-layouts {args.decode_layouts}: give some of compiled, packed, packed-head, in that "
+                    "order (packing is done in place, after the compiled layout is timed)")
         emit(args, real_shapes(args.quick, args.rounds or (3 if args.quick else 5),
                               args.points.split(",") if args.points else None, args.teacher_cache, layouts))
         return

@@ -71,8 +71,9 @@ def test_decode_real_shapes_quick_writes_every_key():
     import decode
 
     torch.set_num_threads(1)
-    layouts = ("packed", "packed-head") if torch.backends.mkldnn.is_available() else ()
+    layouts = ("compiled",) + (("packed", "packed-head") if torch.backends.mkldnn.is_available() else ())
     out = decode.real_shapes(quick=True, rounds=2, decode_layouts=layouts)
+    assert "skipped" not in out["decode_layouts"]["compiled"], out["decode_layouts"]["compiled"]
     assert set(out["points"]) | set(out["skipped"]) == {f"b{b}_ctx{c}" for b, c in decode.TINY_POINTS}
     assert out["points"], out["skipped"]
     for p in out["points"].values():
@@ -80,7 +81,7 @@ def test_decode_real_shapes_quick_writes_every_key():
                     "byte_ratio_bound", "student_vs_bandwidth_bound"):
             assert p[key] > 0, key
         assert p["teacher_bytes"] == out["teacher_weight_bytes"] + p["teacher_kv_bytes"]
-        for layout in ("packed", "packed_head")[:len(layouts)]:  # the same bytes over the packed step's time
+        for layout in [x.replace("-", "_") for x in layouts]:  # the same bytes over the layout's step time
             assert p[f"student_vs_bandwidth_bound_{layout}"] == p[f"student_ms_{layout}"] / p["student_bound_ms"]
     assert out["min_speedup_over_bound"] == min(p["speedup_over_bound"] for p in out["points"].values())
     assert out["memory_bandwidth_gbs"] > 0 and out["memory_read_bandwidth_gbs"] > 0 and out["student_vs_bandwidth_bound_b1"] > 0
@@ -171,5 +172,5 @@ def test_decode_layouts_quick_measures_every_kind_and_layout():
     torch.set_num_threads(1)
     out = decode.student_layouts(quick=True, n=1)
     for kind in ("in_proj", "out_proj", "expert_gate", "expert_down"):
-        assert out[kind]["gb_per_s"]["linear"] > 0 and out[kind]["gb_per_s"]["transposed"] > 0
+        assert all(out[kind]["gb_per_s"][layout] > 0 for layout in ("linear", "transposed", "compiled"))
     assert out["pairs"] == 4 and out["memory_bandwidth_gbs"] > 0

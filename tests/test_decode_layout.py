@@ -1,6 +1,7 @@
-"""The packed decode weight layout (``model.pack_for_decode``, ``--decode-layout``): packed == unpacked for the
-recurrent step, the prefill and generation; inference-only errors; the fallbacks; packed models save normal
-checkpoints."""
+"""The decode layouts (``--decode-layout``): packed (``model.pack_for_decode``) and compiled
+(``model.compile_for_decode``) == the default for the recurrent step, the prefill and generation; the packed
+layout's inference-only errors; the fallbacks; packed models save normal checkpoints, compiled ones stay normal
+models."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import tiny_config
 from aetheris import kernels
 from aetheris.checkpoint import load_model, save_model
 from aetheris.generation import decode_ids, generate, use_decode_layout
-from aetheris.model import Aetheris, MoE, PackedLinear, pack_for_decode
+from aetheris.model import Aetheris, MoE, PackedLinear, compile_for_decode, pack_for_decode
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                   reason="this torch build has no oneDNN (torch.backends.mkldnn.is_available())")
@@ -152,7 +153,7 @@ def test_unsupported_models_keep_the_default_layout_with_a_one_line_reason(capsy
     model = tiny()
     assert "no oneDNN" in pack_for_decode(model)
     assert model.decode_layout == "linear"
-    with pytest.raises(ValueError, match="not one of linear, packed, packed-head"):
+    with pytest.raises(ValueError, match="not one of linear, packed, packed-head, compiled"):
         use_decode_layout(model, "transposed", "aetheris generate")
 
 
@@ -195,7 +196,7 @@ def test_a_server_with_the_packed_layout_answers_like_the_default_one(tiny_token
 
     checkpoint = tiny_checkpoint(tiny_tokenizer, tmp_path / "tiny")
     answers = {}
-    for layout in ("linear", "packed-head"):
+    for layout in ("linear", "packed-head", "compiled"):
         model, tokenizer = load_checkpoint(str(checkpoint), decode_layout=layout)
         assert model.decode_layout == layout
         server = LiveServer(create_app(model, tokenizer, model_name="tiny"))
@@ -207,3 +208,136 @@ def test_a_server_with_the_packed_layout_answers_like_the_default_one(tiny_token
         finally:
             server.stop()
     assert len(answers["linear"]) == 2 and answers["packed-head"] == answers["linear"]
+    assert answers["compiled"] == answers["linear"]
+
+
+# --- the compiled layout ------------------------------------------------------------------------------------
+
+needs_compile = pytest.mark.skipif(kernels.compiled_matvec_unsupported(torch.ones(1)) is not None,
+                                   reason="torch.compile cannot build CPU kernels here (no C++ compiler?)")
+
+
+def compiled_copy(model: Aetheris) -> Aetheris:
+    compiled = copy.deepcopy(model)
+    assert compile_for_decode(compiled) is None and compiled.decode_layout == "compiled"
+    return compiled
+
+
+@needs_compile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_compiled_matvec_equals_f_linear_and_leaves_batches_and_gradients_to_it(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(300, 700).to(dtype)
+    x = torch.randn(1, 700).to(dtype)
+    with torch.no_grad():
+        got, expected = kernels.decode_linear(x, w), torch.nn.functional.linear(x, w)
+        assert got.shape == (1, 300) and got.dtype == dtype
+        # Both sum fp32 products; only the summation order differs, then one rounding to the output dtype.
+        exact = x.double() @ w.double().T
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+        assert (got.double() - exact).abs().max() <= tol * exact.abs().max()
+        assert (got.double() - exact).abs().max() <= 2 * (expected.double() - exact).abs().max() + 1e-6
+        assert kernels.decode_linear(x[None], w).shape == (1, 1, 300)
+        batch = torch.randn(3, 700).to(dtype)  # more than one row: F.linear itself
+        assert torch.equal(kernels.decode_linear(batch, w), torch.nn.functional.linear(batch, w))
+    wp = w.float().requires_grad_()
+    kernels.decode_linear(x.float(), wp).sum().backward()  # autograd: F.linear, gradients reach the weight
+    torch.testing.assert_close(wp.grad, x.float().expand(300, 700))
+
+
+@needs_compile
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_decoding_equals_the_default_layout(variant):
+    model = tiny(**VARIANTS[variant])
+    compiled = compiled_copy(model)
+    assert all(m.matvec for m in compiled.modules() if hasattr(m, "matvec"))
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # Batch 1 takes the compiled matvec; batch 3 F.linear, except for an expert that one row was routed to.
+        for rows in (tokens[:1], tokens):
+            torch.testing.assert_close(step_logits(compiled, rows), step_logits(model, rows), rtol=1e-5, atol=1e-5)
+    prompt = tokens[:1, :5]
+    assert decode_ids(compiled, prompt, max_new_tokens=12) == decode_ids(model, prompt, max_new_tokens=12)
+
+
+@needs_compile
+@pytest.mark.parametrize("variant", ["tied", "parallel_top2"])
+def test_compiled_decoding_in_bfloat16_is_as_close_to_float32_as_nn_linear(variant):
+    model = tiny(torch.bfloat16, **VARIANTS[variant])
+    reference = copy.deepcopy(model).float()
+    compiled = compiled_copy(model)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = step_logits(reference, tokens)
+        linear_err = (step_logits(model, tokens).float() - exact).abs().max()
+        compiled_err = (step_logits(compiled, tokens).float() - exact).abs().max()
+    assert compiled_err <= 2 * linear_err + 1e-3 * exact.abs().max()
+    prompt = tokens[:, :5]
+    assert decode_ids(compiled, prompt, max_new_tokens=12) == decode_ids(model, prompt, max_new_tokens=12)
+
+
+@needs_compile
+def test_a_compiled_model_stays_a_normal_model(tmp_path):
+    """No weight is copied or replaced: same state dict (the same tensors), training and its gradients as the
+    default layout, checkpoints, moves; and it can still be packed."""
+    model = tiny()
+    compiled = compiled_copy(model)
+    assert {k: v.data_ptr() for k, v in compiled.state_dict().items()} == {
+        k: p.data_ptr() for k, p in compiled.named_parameters()} | {
+        k: b.data_ptr() for k, b in compiled.named_buffers()}
+    assert all(torch.equal(a, b) for a, b in zip(compiled.state_dict().values(), model.state_dict().values()))
+    x = torch.randint(0, model.cfg.vocab_size, (1, 8))
+    losses = []
+    for m in (model, compiled):
+        m.train()
+        loss = m(x, labels=x).loss
+        loss.backward()
+        losses.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+        m.eval()
+    assert torch.equal(losses[0][0], losses[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(losses[0][1], losses[1][1]))
+    save_model(compiled, tmp_path)
+    assert load_model(tmp_path).decode_layout == "linear"
+    half = copy.deepcopy(compiled).to(torch.bfloat16)  # moves and casts work (the products follow the weights)
+    with torch.no_grad():
+        assert half.step(x[:, 0], half.empty_cache(1)).dtype == torch.bfloat16
+    if torch.backends.mkldnn.is_available():  # packing a compiled model turns the compiled matvec off
+        assert pack_for_decode(compiled) is None and compiled.decode_layout == "packed"
+        assert not any(getattr(m, "matvec", False) for m in compiled.modules())
+        assert "packed" in compile_for_decode(compiled)
+
+
+def test_the_compiled_layout_falls_back_with_a_one_line_reason(capsys, monkeypatch):
+    half = tiny(torch.float16)
+    assert "float32 and bfloat16" in compile_for_decode(half)
+    assert half.decode_layout == "linear"
+    with torch.device("meta"):
+        assert "CPU-only" in compile_for_decode(Aetheris(tiny_config()))
+
+    def no_compiler():
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config.cpp.cxx")
+        return fail
+
+    monkeypatch.setattr(kernels, "_compiled_matvec", no_compiler)
+    model = tiny()
+    reason = compile_for_decode(model)
+    assert "could not build the matvec kernel" in reason and "C++ compiler" in reason
+    assert model.decode_layout == "linear" and not any(getattr(m, "matvec", False) for m in model.modules())
+    use_decode_layout(model, "compiled", "aetheris generate")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--decode-layout compiled not used" in err and "default layout" in err
+
+
+@needs_compile
+def test_generate_takes_the_compiled_layout(tiny_tokenizer, tmp_path, capsys):
+    from aetheris.cli import main
+
+    model = Aetheris(tiny_config(tiny_tokenizer, max_seq_len=64)).eval()
+    save_model(model, tmp_path, tokenizer=tiny_tokenizer)
+    args = ["generate", "--model", str(tmp_path), "--prompt", "Hola", "--max-new-tokens", "8", "--no-stream"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    assert main(args + ["--decode-layout", "compiled"]) == 0
+    out = capsys.readouterr()
+    assert out.out == expected and out.err == ""

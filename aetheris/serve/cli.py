@@ -52,7 +52,8 @@ def api_key_from(args: argparse.Namespace) -> str | None:
 
 def load_checkpoint(path: str, device: str = "cpu", dtype: str | None = None, decode_layout: str = "linear"):
     """Model + tokenizer from a checkpoint folder; every problem is a clear error (never random weights).
-    ``decode_layout``: "packed" / "packed-head" put the weights in oneDNN's layout (``--decode-layout``)."""
+    ``decode_layout``: "packed" / "packed-head" put the weights in oneDNN's layout, "compiled" runs batch-1 steps
+    through the compiled matvec (``--decode-layout``)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--model {path}: no such folder. Pass a checkpoint folder (config.json + "
