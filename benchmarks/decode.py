@@ -65,21 +65,25 @@ def read_bandwidth_gbs() -> float:
 def matvec_ms(model: Aetheris, n: int, linear=None) -> float:
     """The weight matmuls of one batch-1 step alone (projections, router, top-k experts, logits), without
     anything else the step does: the floor for this step on this machine with these kernels. ``linear``: the
-    product (``F.linear``, or ``kernels.decode_linear`` for the compiled layout; the router always ``F.linear``)."""
+    product (``F.linear``, or ``kernels.decode_linear`` for the compiled layout, whose blocked expert weights go
+    through ``kernels.blocked_linear``; the router always ``F.linear``)."""
     import torch.nn.functional as F
 
     linear = linear or F.linear
-    weights = []
+    products = []  # (weight, the product it goes through)
     for m in model.modules():
         if isinstance(m, SSMMixer):
-            weights += [m.in_proj.weight, m.out_proj.weight]
+            products += [(m.in_proj.weight, linear), (m.out_proj.weight, linear)]
         elif isinstance(m, MoE):
-            weights += [m.router.weight] + [w[e] for e in range(m.cfg.top_k) for w in (m.w_gate, m.w_up, m.w_down)]
-    weights.append(model.embed.weight if model.lm_head is None else model.lm_head.weight)
-    inputs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights]
-    routers = {id(m.router.weight) for m in model.modules() if isinstance(m, MoE)}
-    products = [F.linear if id(w) in routers else linear for w in weights]
-    return time_steps(lambda: [mul(x, w) for x, w, mul in zip(inputs, weights, products)], n)
+            products.append((m.router.weight, F.linear))
+            for e in range(m.cfg.top_k):
+                products += [(m.w_gate[e], linear), (m.w_up[e], linear)]
+                products.append((m.down_blocks[e], kernels.blocked_linear) if m.down_blocks is not None
+                                else (m.w_down[e], linear))
+    products.append((model.embed.weight if model.lm_head is None else model.lm_head.weight, linear))
+    inputs = [torch.randn(1, w.shape[0] * w.shape[2] if w.ndim == 3 else w.shape[1], dtype=w.dtype)
+              for w, _ in products]
+    return time_steps(lambda: [mul(x, w) for x, (w, mul) in zip(inputs, products)], n)
 
 
 @torch.no_grad()

@@ -341,3 +341,69 @@ def test_generate_takes_the_compiled_layout(tiny_tokenizer, tmp_path, capsys):
     assert main(args + ["--decode-layout", "compiled"]) == 0
     out = capsys.readouterr()
     assert out.out == expected and out.err == ""
+
+
+# --- the compiled layout's column blocks for long rows ------------------------------------------------------
+
+def test_column_blocks_round_trip_and_refuse_awkward_widths():
+    w = torch.randn(6, 40)
+    blocks = kernels.block_columns(w, block=16)
+    assert blocks.shape == (4, 6, 10) and blocks.is_contiguous()  # 40 = 4 x 10: the first divisor with <= 16
+    assert torch.equal(blocks[1], w[:, 10:20]) and torch.equal(kernels.unblock_columns(blocks), w)
+    assert kernels.block_columns(torch.randn(3, 37), block=16) is None  # 37 is prime: blocks of 1 column
+    with pytest.raises(RuntimeError, match="inference only"):
+        kernels.blocked_linear(torch.randn(1, 40), blocks)
+
+
+@needs_compile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_blocked_matvec_equals_f_linear(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(300, 1200).to(dtype)
+    blocks = kernels.block_columns(w, block=256)
+    assert blocks.shape == (5, 300, 240)
+    with torch.no_grad():
+        for rows in (1, 3):  # one row: the compiled blocked matvec; more: a batched product over the blocks
+            x = torch.randn(rows, 1200).to(dtype)
+            got, expected = kernels.blocked_linear(x, blocks), torch.nn.functional.linear(x, w)
+            exact = x.double() @ w.double().T
+            assert got.shape == (rows, 300) and got.dtype == dtype
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+            else:  # the partial sums of the blocks are rounded to bf16 once each before they are added
+                assert (got.double() - exact).abs().max() <= 4 * (expected.double() - exact).abs().max() + 1e-6
+
+
+@needs_compile
+def test_compiled_with_blocked_experts_decodes_like_the_default_and_saves_a_normal_checkpoint(tmp_path):
+    model = tiny(d_ff=64)
+    compiled = copy.deepcopy(model)
+    assert compile_for_decode(compiled, block_over=32, block=16) is None
+    moes = [m for m in compiled.modules() if isinstance(m, MoE)]
+    assert all(m.down_blocks.shape == (m.cfg.n_experts, 4, m.cfg.d_model, 16) and not hasattr(m, "w_down")
+               for m in moes)
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for rows in (tokens[:1], tokens):
+            torch.testing.assert_close(step_logits(compiled, rows), step_logits(model, rows), rtol=1e-5, atol=1e-5)
+    assert decode_ids(compiled, tokens[:1, :5], max_new_tokens=12) == decode_ids(model, tokens[:1, :5],
+                                                                                  max_new_tokens=12)
+    state, expected = compiled.state_dict(), model.state_dict()
+    assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+    save_model(compiled, tmp_path)
+    loaded = load_model(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    # The blocks replaced the weights: inference only, like a packed model.
+    with pytest.raises(RuntimeError, match="inference only"):
+        compiled.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        compiled(tokens, labels=tokens)
+    with pytest.raises(RuntimeError, match="before packing"):
+        compiled.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unpacked model"):
+        compiled.load_state_dict(expected)
+    if torch.backends.mkldnn.is_available():  # packing takes the blocks back first
+        assert pack_for_decode(compiled) is None and compiled.decode_layout == "packed"
+        assert all(m.down_blocks is None for m in moes)
+        assert all(torch.equal(a, b) for a, b in zip(compiled.state_dict().values(), expected.values()))
