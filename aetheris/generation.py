@@ -391,10 +391,10 @@ def add_decode_layout_argument(parser: argparse.ArgumentParser) -> None:
                         help="weight layout for decoding on CPU: linear (nn.Linear's, default); packed (oneDNN's "
                              "prepacked layout: faster batch-1 steps for wide models, slower for tiny ones, no extra "
                              "memory, inference only); packed-head (also a packed copy of a tied LM head: "
-                             "vocab x d_model more bytes); compiled (nn.Linear's layout, batch-1 steps through a "
-                             "torch.compile'd matvec that streams the weights at memory speed, the tied head "
-                             "included: no extra memory, seconds to compile at load; the fastest batch-1 decoding "
-                             "for wide models, docs/BENCHMARKS.md)")
+                             "vocab x d_model more bytes); compiled (batch-1 steps through a torch.compile'd matvec "
+                             "on nn.Linear's layout, the tied head included, and experts' long rows in column "
+                             "blocks: no extra memory, seconds to compile at load, inference only when blocks were "
+                             "made; the fastest batch-1 CPU decoding for wide models, slower for tiny ones)")
 
 
 def use_decode_layout(model: Aetheris, layout: str, prog: str) -> None:
