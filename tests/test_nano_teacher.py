@@ -1,13 +1,16 @@
-"""The nano teacher's data options: copying rows in the LM stream and the chat format in the tokenizer."""
+"""The nano teacher's data options: copying rows in the LM stream (and a phase of only those), and the chat format
+in the tokenizer."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aetheris.data import PackedStream, split_heldout
-from aetheris.nano_teacher import NanoTeacherConfig, TeacherBatches, teacher_tokenizer
+from aetheris.demo import load_demo_config
+from aetheris.nano_teacher import NanoTeacherConfig, TeacherBatches, expected_seconds, teacher_tokenizer, train_nano_teacher
 from aetheris.sources import load_documents
 from aetheris.tasks.toolcall import render_prompt
 from aetheris.toolgen import generate_examples
@@ -62,7 +65,34 @@ def test_the_chat_format_in_the_tokenizer_shortens_tool_prompts():
     assert prompt_tokens(30) < 0.7 * prompt_tokens(0)
 
 
-@pytest.mark.parametrize("key, value", [("copy_fraction", 1.5), ("tokenizer_format_copies", -1)])
+def test_a_copying_phase_stream_makes_every_row_a_copying_row():
+    plain, copying = TeacherBatches(_stream()), TeacherBatches(_stream(), copy_fraction=1.0)
+    for _ in range(3):
+        a, b = plain.next_batch(8), copying.next_batch(8)
+        np.testing.assert_array_equal(b["input_ids"][:, 8:], a["input_ids"][:, :8])
+        np.testing.assert_array_equal(b["labels"][:, 8:], a["labels"][:, :8])
+
+
+def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(tmp_path):
+    cfg = load_demo_config(ROOT / "configs" / "demo-quick.yaml",
+                           ["teacher.copy_steps=3", "teacher.copy_lr=7e-3", "teacher.steps=2", "teacher.chat_steps=1",
+                            "teacher.warmup_steps=1", "teacher.eval_every=0"]).teacher
+    lines = []
+    train_nano_teacher(tmp_path, cfg, log=lines.append)
+    history = json.loads((tmp_path / "nano_teacher.json").read_text())["history"]
+    assert [(r["step"], r["phase"]) for r in history] == [(1, "copy"), (2, "copy"), (3, "copy"), (4, "lm"), (5, "lm"),
+                                                          (6, "chat")]
+    assert history[0]["lr"] == pytest.approx(7e-3) and history[3]["lr"] == pytest.approx(cfg.lr)  # peaks after warmup 1
+    assert (tmp_path / "train" / "copy" / "metrics.jsonl").is_file()
+    assert any("3 copying + 2 + 1 steps" in line for line in lines)
+    # Each copying step costs an LM step: the estimate grows by exactly that.
+    base = NanoTeacherConfig(steps=200, chat_steps=50)
+    assert expected_seconds(NanoTeacherConfig(steps=200, chat_steps=50, copy_steps=100), 0.5, 3.0) == \
+        pytest.approx(expected_seconds(base, 0.5, 3.0) + 100 * 0.5)
+
+
+@pytest.mark.parametrize("key, value", [("copy_fraction", 1.5), ("tokenizer_format_copies", -1), ("copy_steps", -1),
+                                        ("copy_lr", 0.0), ("chat_lr", -1e-3)])
 def test_bad_data_options_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         NanoTeacherConfig(**{key: value})
