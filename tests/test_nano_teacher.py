@@ -120,3 +120,19 @@ def test_the_copy_ceiling_counts_only_arguments_written_in_the_request():
     ceiling = _recipes().copy_ceiling(examples)
     assert ceiling["ast"] == pytest.approx((0.5 + 1.0) / 2)  # mean over languages
     assert ceiling["per_function"] == {"convert_currency": 0.5, "get_time": 1.0}
+
+
+def test_argument_copies_count_only_arguments_a_copier_could_get_right():
+    examples = [{"lang": "en", "user": "Weather in Berlin on 2026-03-05?", "expected": {"name": "get_weather", "arguments":
+                 {"city": "Berlin", "date": "2026-03-05"}}},
+                {"lang": "en", "user": "Convert 250 yen to zloty.", "expected": {"name": "convert_currency", "arguments":
+                 {"amount": 250, "from_currency": "JPY", "to_currency": "PLN"}}},
+                {"lang": "fr", "user": "Quelle heure est-il à Paris ?", "expected": {"name": "get_time", "arguments":
+                 {"city": "Paris"}}}]
+    call = '<|START_ACTION|>[{{"tool_call_id": "0", "tool_name": "{}", "parameters": {}}}]<|END_ACTION|>'
+    outputs = [call.format("get_weather", '{"city": "berlin", "date": "2026-01-01"}'),  # city right (normalised)
+               call.format("get_time", '{"amount": 250, "from_currency": "USD"}'),  # the number right, wrong name
+               "no call at all"]
+    copies = _recipes().argument_copies(outputs, examples)
+    # en: the city (date and currency names are not copies); fr: its city missed -> strings (1 + 0) / 2 languages
+    assert copies == {"string": pytest.approx(0.5), "number": pytest.approx(1.0)}
