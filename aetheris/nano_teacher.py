@@ -36,9 +36,11 @@ import argparse
 import functools
 import json
 import math
+import random
 import shutil
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,7 +60,7 @@ from aetheris.sft import build_sft_data
 from aetheris.sources import load_documents
 from aetheris.tasks.toolcall import render_prompt
 from aetheris.tokenizer import train_bpe_tokenizer
-from aetheris.toolgen import TOOLS
+from aetheris.toolgen import TOOLS, generate_examples
 from aetheris.train import RunConfig, TrainConfig, TrainData, train
 
 
@@ -116,6 +118,11 @@ class NanoTeacherConfig:
     """Generated tool-calling conversations per language (train templates)."""
     toolcall_tools_offered: int = 3
     """Tool schemas in each system turn (the expected one among them); each adds ~200 nano-BPE tokens."""
+    toolcall_random_values: float = 0.0
+    """Share of the generated conversations whose city or search query is replaced, in the request and the call
+    alike, by a random span of that language's training corpus (``random_value_examples``): the generator draws
+    from 18 cities and 10 languages, which a model can recall instead of reading; a random span can only be
+    copied. 0 = the generated values only."""
     toolcall_seq_len: int = 1024
     """Longest tool-calling conversation row (longer ones are cut)."""
     tokenizer_format_copies: int = 0
@@ -145,6 +152,9 @@ class NanoTeacherConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
+        if not 0 <= self.toolcall_random_values <= 1:
+            raise ValueError(f"toolcall_random_values={self.toolcall_random_values} must be in [0, 1] (a share of "
+                             "the generated conversations)")
         if not 0 <= self.copy_fraction <= 1:
             raise ValueError(f"copy_fraction={self.copy_fraction} must be in [0, 1] (a share of the LM rows)")
         if self.tokenizer_format_copies < 0:
@@ -293,6 +303,57 @@ def line_documents(docs: dict[str, list]) -> dict[str, list]:
             for lang, ds in docs.items()}
 
 
+COPIED_ARGUMENTS = ("city", "query")
+"""Arguments written verbatim in every generated request (dates, amounts and currencies are localised)."""
+
+
+def _strip_punctuation(text: str) -> str:
+    """``text`` without the punctuation (any script's) at its ends."""
+    start, end = 0, len(text)
+    while start < end and unicodedata.category(text[start]).startswith("P"):
+        start += 1
+    while end > start and unicodedata.category(text[end - 1]).startswith("P"):
+        end -= 1
+    return text[start:end]
+
+
+def _random_span(lines: list[str], rng: random.Random) -> str:
+    """One or two consecutive words of a random corpus line (2-6 characters of a longer run, for scripts written
+    without spaces)."""
+    for _ in range(100):
+        words = [w for w in map(_strip_punctuation, rng.choice(lines).split()) if w]
+        if words:
+            break
+    else:
+        raise ValueError("no word in the corpus lines of a language: check the corpus")
+    start = rng.randrange(len(words))
+    word = words[start]
+    if len(word) <= 12:
+        return " ".join(words[start:start + rng.choice((1, 2))])
+    size = rng.randrange(2, 7)  # a whole unspaced sentence: a name-sized piece of it
+    begin = rng.randrange(len(word) - size + 1)
+    return _strip_punctuation(word[begin:begin + size]) or word[:6]
+
+
+def random_value_examples(examples: list[dict], lines: dict[str, list[str]], share: float, seed: int = 0) -> list[dict]:
+    """The generated examples with, in a share ``share`` of them, each ``COPIED_ARGUMENTS`` value written in the
+    request replaced (request and call alike) by a random span of the same language's corpus ``lines``."""
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        args = ex["expected"]["arguments"]
+        keys = [k for k in COPIED_ARGUMENTS if isinstance(args.get(k), str) and args[k] in ex["user"]]
+        if not keys or rng.random() >= share:
+            out.append(ex)
+            continue
+        user, args = ex["user"], dict(args)
+        for key in keys:
+            value = _random_span(lines[ex["lang"]], rng)
+            user, args[key] = user.replace(args[key], value), value
+        out.append({**ex, "user": user, "expected": {**ex["expected"], "arguments": args}})
+    return out
+
+
 def teacher_tokenizer(train_docs: dict[str, list], cfg: NanoTeacherConfig):
     """The byte-level BPE on the training documents, plus ``tokenizer_format_copies`` copies of each tool's system
     turn: without them the chat format's JSON costs ~190 tokens per schema, most of every chat step's compute."""
@@ -335,9 +396,18 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
                           pad_id=pad)
     chat = None
     if cfg.chat_steps:
-        chat = build_sft_data([{"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
-                                "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}],
-                              tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
+        source = {"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
+                  "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}
+        if cfg.toolcall_random_values:  # the same conversations, some with random values, through a jsonl source
+            examples = random_value_examples(
+                generate_examples("all", "train", cfg.toolcall_per_language, cfg.seed, cfg.toolcall_tools_offered),
+                {lang: [line for d in ds for line in d.text.split("\n") if line.strip()] for lang, ds in train_docs.items()},
+                cfg.toolcall_random_values, cfg.seed)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / "toolcall_train.jsonl"
+            path.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), encoding="utf-8")
+            source = {"type": "jsonl", "path": str(path)}
+        chat = build_sft_data([source], tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
 
     # 2. Model.
     torch.manual_seed(cfg.seed)

@@ -10,7 +10,14 @@ import pytest
 
 from aetheris.data import PackedStream, split_heldout
 from aetheris.demo import load_demo_config
-from aetheris.nano_teacher import NanoTeacherConfig, TeacherBatches, expected_seconds, teacher_tokenizer, train_nano_teacher
+from aetheris.nano_teacher import (
+    NanoTeacherConfig,
+    TeacherBatches,
+    expected_seconds,
+    random_value_examples,
+    teacher_tokenizer,
+    train_nano_teacher,
+)
 from aetheris.sources import load_documents
 from aetheris.tasks.toolcall import render_prompt
 from aetheris.toolgen import generate_examples
@@ -73,10 +80,32 @@ def test_a_copying_phase_stream_makes_every_row_a_copying_row():
         np.testing.assert_array_equal(b["labels"][:, 8:], a["labels"][:, :8])
 
 
+def test_random_values_replace_a_city_or_query_in_the_request_and_the_call_alike():
+    examples = generate_examples(["en", "ja", "sw"], "train", 20, tools_offered=2)
+    lines = {"en": ["The quick brown fox, jumps."], "ja": ["吾輩は猫である。名前はまだ無い。"], "sw": ["Habari ya asubuhi"]}
+    mixed = random_value_examples(examples, lines, 0.5, seed=1)
+    assert mixed == random_value_examples(examples, lines, 0.5, seed=1)  # deterministic
+    changed = 0
+    for old, new in zip(examples, mixed):
+        assert new["expected"]["name"] == old["expected"]["name"] and new["tools"] == old["tools"]
+        if new == old:
+            continue
+        changed += 1
+        for key, value in new["expected"]["arguments"].items():
+            if key in ("city", "query"):
+                assert value in new["user"] and old["expected"]["arguments"][key] not in new["user"]
+                assert all(w in lines[new["lang"]][0] and w.strip(",.。") == w for w in value.split())  # its words
+            else:
+                assert value == old["expected"]["arguments"][key]
+    copyable = sum(any(k in ("city", "query") for k in e["expected"]["arguments"]) for e in examples)
+    assert 0.25 * copyable <= changed <= 0.75 * copyable
+    assert random_value_examples(examples, lines, 0.0) == examples
+
+
 def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(tmp_path):
     cfg = load_demo_config(ROOT / "configs" / "demo-quick.yaml",
                            ["teacher.copy_steps=3", "teacher.copy_lr=7e-3", "teacher.steps=2", "teacher.chat_steps=1",
-                            "teacher.warmup_steps=1", "teacher.eval_every=0"]).teacher
+                            "teacher.warmup_steps=1", "teacher.eval_every=0", "teacher.toolcall_random_values=1.0"]).teacher
     lines = []
     train_nano_teacher(tmp_path, cfg, log=lines.append)
     history = json.loads((tmp_path / "nano_teacher.json").read_text())["history"]
@@ -85,6 +114,8 @@ def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(
     assert history[0]["lr"] == pytest.approx(7e-3) and history[3]["lr"] == pytest.approx(cfg.lr)  # peaks after warmup 1
     assert (tmp_path / "train" / "copy" / "metrics.jsonl").is_file()
     assert any("3 copying + 2 + 1 steps" in line for line in lines)
+    trained = [json.loads(line) for line in (tmp_path / "toolcall_train.jsonl").read_text().splitlines()]
+    assert len(trained) == 70 * cfg.toolcall_per_language  # the chat phase read the random-value conversations
     # Each copying step costs an LM step: the estimate grows by exactly that.
     base = NanoTeacherConfig(steps=200, chat_steps=50)
     assert expected_seconds(NanoTeacherConfig(steps=200, chat_steps=50, copy_steps=100), 0.5, 3.0) == \
@@ -92,7 +123,7 @@ def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(
 
 
 @pytest.mark.parametrize("key, value", [("copy_fraction", 1.5), ("tokenizer_format_copies", -1), ("copy_steps", -1),
-                                        ("copy_lr", 0.0), ("chat_lr", -1e-3)])
+                                        ("copy_lr", 0.0), ("chat_lr", -1e-3), ("toolcall_random_values", 2.0)])
 def test_bad_data_options_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         NanoTeacherConfig(**{key: value})
