@@ -8,7 +8,8 @@ warmup (against the uniform loss ln V), and greedy tool calls on the generated s
 70 languages -- parsed / function name / BFCL AST match, each a mean over languages, as the demo's eval scores
 them (``tasks.toolcall.score_examples``), and how many of the arguments a copier could get right it got right
 (``argument_copies``: strings and numbers apart, since a number is the same token in the request and the call
-and a city, with the default tokenizer, is not). The recipes tried, and the copy-only AST ceiling (``copy_ceiling``),
+and a city, with the default tokenizer, is not), and whether the teacher copies in context at all
+(``copy_probe``: held-out rows written twice). The recipes tried, and the copy-only AST ceiling (``copy_ceiling``),
 are in docs/notes/distillation.md (the demo's nano teacher).
 """
 
@@ -83,6 +84,32 @@ def argument_copies(outputs: list[str], examples: list[dict]) -> dict:
             for kind, langs in per_lang.items()}
 
 
+def doubled_rows(tokenizer, lines_per_language: int, seed: int = 0, half: int = 32) -> np.ndarray:
+    """One row per language: the first ``half`` tokens of its first held-out corpus document (the split the
+    teacher never trained on), written twice. (languages, 2 * half)."""
+    from aetheris.data import split_heldout
+    from aetheris.sources import load_documents
+
+    docs = load_documents([{"type": "corpus", "max_lines_per_language": lines_per_language}], "all")
+    _, val = split_heldout(docs, 0.05, seed=seed)
+    rows = [ids[:half] * 2 for ids in (tokenizer(val[lang][0].text)["input_ids"] for lang in sorted(val))
+            if len(ids) >= half]
+    return np.array(rows)
+
+
+def copy_probe(model, rows: np.ndarray) -> dict:
+    """Mean next-token loss on the first and the second half of ``doubled_rows``: a model that copies in context
+    (induction heads) predicts the repeated half far better than the first; one that cannot, no better."""
+    import torch
+
+    half = rows.shape[1] // 2
+    ids = torch.as_tensor(rows)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]  # (rows, 2 * half - 1, V): position t predicts t + 1
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return {"first_half": float(nll[:, :half - 1].mean()), "second_half": float(nll[:, half:].mean())}
+
+
 def score_toolcalls(model, tokenizer, per_language: int, tools_offered: int, max_new_tokens: int = 256) -> dict:
     from aetheris.evaluate import LM
     from aetheris.tasks.toolcall import score_examples, score_output
@@ -121,7 +148,8 @@ def main(argv=None) -> int:
         saved = json.loads((Path(a.out) / "nano_teacher.json").read_text())["config"]
         model, tokenizer = AutoModelForCausalLM.from_pretrained(a.out).eval(), AutoTokenizer.from_pretrained(a.out)
         scores = score_toolcalls(model, tokenizer, a.per_language, saved["toolcall_tools_offered"], a.max_new_tokens)
-        print(json.dumps({k: scores[k] for k in ("overall", "copied", "copy_ceiling")}))
+        probe = copy_probe(model, doubled_rows(tokenizer, saved["lines_per_language"], saved["seed"]))
+        print(json.dumps({k: scores[k] for k in ("overall", "copied", "copy_ceiling")} | {"copy_probe": probe}))
         return 0
     cfg = build(NanoTeacherConfig, apply_overrides({}, a.overrides, NanoTeacherConfig))
     model, tokenizer = train_nano_teacher(a.out, cfg)
@@ -134,6 +162,7 @@ def main(argv=None) -> int:
                                                 default=None),
            "heldout_loss_after": report["heldout_loss_after"],
            "final_chat_loss": report["history"][-1].get("chat_loss"),
+           "copy_probe": copy_probe(model, doubled_rows(tokenizer, cfg.lines_per_language, cfg.seed)),
            "toolcall": score_toolcalls(model, tokenizer, a.per_language, cfg.toolcall_tools_offered, a.max_new_tokens)}
     (Path(a.out) / "recipe.json").write_text(json.dumps(row, indent=1, ensure_ascii=False), encoding="utf-8")
     print(json.dumps({k: v for k, v in row.items() if k != "toolcall"}

@@ -167,3 +167,19 @@ def test_argument_copies_count_only_arguments_a_copier_could_get_right():
     copies = _recipes().argument_copies(outputs, examples)
     # en: the city (date and currency names are not copies); fr: its city missed -> strings (1 + 0) / 2 languages
     assert copies == {"string": pytest.approx(0.5), "number": pytest.approx(1.0)}
+
+
+def test_the_copy_probe_separates_a_copier_from_a_model_that_cannot_copy():
+    import torch
+
+    class Copier(torch.nn.Module):
+        """Predicts the token ``half`` positions back when there is one (a perfect in-context copier), else uniform."""
+
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 50)
+            logits[:, 4:].scatter_(2, input_ids[:, 1:-3].unsqueeze(-1), 30.0)  # position t predicts input t - 3 = t + 1 - 4
+            return type("Out", (), {"logits": logits})
+
+    rows = np.array([list(range(10, 14)) * 2, list(range(20, 24)) * 2])  # half = 4: [a, a]
+    probe = _recipes().copy_probe(Copier(), rows)
+    assert probe["second_half"] < 0.01 < np.log(50) - 0.01 < probe["first_half"]
