@@ -21,7 +21,8 @@ Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was m
    half written twice, at ``copy_lr``), so a copy circuit forms before the natural text and the chat.
 2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
    (their loss weighted ``chat_weight`` against the LM loss, which keeps the languages from being forgotten) from
-   the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only).
+   the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only;
+   with ``toolcall_random_values``, some of them with a city or query that can only be copied).
    Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a tool call would make the student's
    tool-calling "drop" meaningless. Held-out templates stay unseen.
 
