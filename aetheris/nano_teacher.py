@@ -17,9 +17,12 @@ Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was m
    line its own document so a batch mixes many languages. The held-out documents are the ones distillation holds
    out too (same seed, same split), and corpus lines past ``lines_per_language`` are never read, so evaluation
    can score text the teacher never saw.
+   With ``copy_steps``, a phase 0 runs before it: language modelling on copying rows only (every row its first
+   half written twice, at ``copy_lr``), so a copy circuit forms before the natural text and the chat.
 2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
    (their loss weighted ``chat_weight`` against the LM loss, which keeps the languages from being forgotten) from
-   the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only).
+   the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only;
+   with ``toolcall_random_values``, some of them with a city or query that can only be copied).
    Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a tool call would make the student's
    tool-calling "drop" meaningless. Held-out templates stay unseen.
 
@@ -34,9 +37,11 @@ import argparse
 import functools
 import json
 import math
+import random
 import shutil
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,7 +61,7 @@ from aetheris.sft import build_sft_data
 from aetheris.sources import load_documents
 from aetheris.tasks.toolcall import render_prompt
 from aetheris.tokenizer import train_bpe_tokenizer
-from aetheris.toolgen import TOOLS
+from aetheris.toolgen import TOOLS, generate_examples
 from aetheris.train import RunConfig, TrainConfig, TrainData, train
 
 
@@ -94,6 +99,12 @@ class NanoTeacherConfig:
     """Language-modelling rows per step (both phases)."""
     lr: float = 2.0e-3
     """Phase 1 peak learning rate (AdamW; linear warmup, cosine decay to 10 %)."""
+    copy_steps: int = 0
+    """Phase 0 steps, before phase 1: language modelling on copying rows only (each row its first half written
+    twice, ``batch_size`` rows a step), so a copy circuit (induction heads) forms before any natural text or chat;
+    0 = no such phase."""
+    copy_lr: float = 1.0e-2
+    """Phase 0 peak learning rate: on copying rows, 1e-2 reached half the training loss of 2e-3 in as many steps."""
     warmup_steps: int = 20
     """Linear warmup steps, of each phase."""
     chat_steps: int = 100
@@ -108,6 +119,11 @@ class NanoTeacherConfig:
     """Generated tool-calling conversations per language (train templates)."""
     toolcall_tools_offered: int = 3
     """Tool schemas in each system turn (the expected one among them); each adds ~200 nano-BPE tokens."""
+    toolcall_random_values: float = 0.0
+    """Share of the generated conversations whose city or search query is replaced, in the request and the call
+    alike, by a random span of that language's training corpus (``random_value_examples``): the generator draws
+    from 18 cities and 10 languages, which a model can recall instead of reading; a random span can only be
+    copied. 0 = the generated values only."""
     toolcall_seq_len: int = 1024
     """Longest tool-calling conversation row (longer ones are cut)."""
     tokenizer_format_copies: int = 0
@@ -137,12 +153,20 @@ class NanoTeacherConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")
+        if not 0 <= self.toolcall_random_values <= 1:
+            raise ValueError(f"toolcall_random_values={self.toolcall_random_values} must be in [0, 1] (a share of "
+                             "the generated conversations)")
         if not 0 <= self.copy_fraction <= 1:
             raise ValueError(f"copy_fraction={self.copy_fraction} must be in [0, 1] (a share of the LM rows)")
         if self.tokenizer_format_copies < 0:
             raise ValueError(f"tokenizer_format_copies={self.tokenizer_format_copies} must be >= 0")
         if not 0 < self.chat_weight <= 1:
             raise ValueError(f"chat_weight={self.chat_weight} must be in (0, 1] (the chat loss's share in phase 2)")
+        if self.copy_steps < 0:
+            raise ValueError(f"copy_steps={self.copy_steps} must be >= 0 (0 = no copying phase before the LM phase)")
+        for name in ("lr", "copy_lr", "chat_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive learning rate (e.g. 2e-3)")
         if self.chat_steps < 0:
             raise ValueError(f"chat_steps={self.chat_steps} must be >= 0 (0 = no tool-calling phase)")
         for name in ("steps", "batch_size", "seq_len", "lines_per_language", "num_hidden_layers"):
@@ -229,10 +253,16 @@ class TeacherBatches:
         self.batches = state.get("batches", 0)
 
 
+def expected_seconds(cfg: NanoTeacherConfig, lm_step: float, chat_step: float) -> float:
+    """The training loop's wall time from one step's: every phase runs ``batch_size`` LM rows a step (copying rows
+    cost what natural ones do), and each chat step adds its conversations on top."""
+    return (cfg.copy_steps + cfg.steps + cfg.chat_steps) * lm_step + cfg.chat_steps * chat_step
+
+
 def estimate_seconds(model, cfg: NanoTeacherConfig, seq_len: int, chat=None) -> float:
-    """Expected wall time of the training loop: one language-modelling step and one chat step timed on throwaway
-    random tokens of the real shapes (forward + backward; the gradients are discarded, no weight changes), times
-    the step counts. Chat rows are as wide as the 90th-percentile conversation (batches are trimmed to their
+    """Expected wall time of the training loop (``expected_seconds``): one language-modelling step and one chat
+    step timed on throwaway random tokens of the real shapes (forward + backward; the gradients are discarded, no
+    weight changes). Chat rows are as wide as the 90th-percentile conversation (batches are trimmed to their
     longest row)."""
     gen = torch.Generator().manual_seed(0)
 
@@ -245,12 +275,11 @@ def estimate_seconds(model, cfg: NanoTeacherConfig, seq_len: int, chat=None) -> 
         model.zero_grad(set_to_none=True)
         return seconds
 
-    lm = step_seconds(cfg.batch_size, seq_len)
-    total = (cfg.steps + cfg.chat_steps) * lm
+    lm, chat_step = step_seconds(cfg.batch_size, seq_len), 0.0
     if chat is not None and cfg.chat_steps:
         width = int(np.percentile([len(ids) for rows in chat.rows.values() for ids, _ in rows], 90))
-        total += cfg.chat_steps * step_seconds(cfg.toolcall_batch_size, width)
-    return total
+        chat_step = step_seconds(cfg.toolcall_batch_size, width)
+    return expected_seconds(cfg, lm, chat_step)
 
 
 @torch.no_grad()
@@ -275,6 +304,57 @@ def line_documents(docs: dict[str, list]) -> dict[str, list]:
             for lang, ds in docs.items()}
 
 
+COPIED_ARGUMENTS = ("city", "query")
+"""Arguments written verbatim in every generated request (dates, amounts and currencies are localised)."""
+
+
+def _strip_punctuation(text: str) -> str:
+    """``text`` without the punctuation (any script's) at its ends."""
+    start, end = 0, len(text)
+    while start < end and unicodedata.category(text[start]).startswith("P"):
+        start += 1
+    while end > start and unicodedata.category(text[end - 1]).startswith("P"):
+        end -= 1
+    return text[start:end]
+
+
+def _random_span(lines: list[str], rng: random.Random) -> str:
+    """One or two consecutive words of a random corpus line (2-6 characters of a longer run, for scripts written
+    without spaces)."""
+    for _ in range(100):
+        words = [w for w in map(_strip_punctuation, rng.choice(lines).split()) if w]
+        if words:
+            break
+    else:
+        raise ValueError("no word in the corpus lines of a language: check the corpus")
+    start = rng.randrange(len(words))
+    word = words[start]
+    if len(word) <= 12:
+        return " ".join(words[start:start + rng.choice((1, 2))])
+    size = rng.randrange(2, 7)  # a whole unspaced sentence: a name-sized piece of it
+    begin = rng.randrange(len(word) - size + 1)
+    return _strip_punctuation(word[begin:begin + size]) or word[:6]
+
+
+def random_value_examples(examples: list[dict], lines: dict[str, list[str]], share: float, seed: int = 0) -> list[dict]:
+    """The generated examples with, in a share ``share`` of them, each ``COPIED_ARGUMENTS`` value written in the
+    request replaced (request and call alike) by a random span of the same language's corpus ``lines``."""
+    rng = random.Random(seed)
+    out = []
+    for ex in examples:
+        args = ex["expected"]["arguments"]
+        keys = [k for k in COPIED_ARGUMENTS if isinstance(args.get(k), str) and args[k] in ex["user"]]
+        if not keys or rng.random() >= share:
+            out.append(ex)
+            continue
+        user, args = ex["user"], dict(args)
+        for key in keys:
+            value = _random_span(lines[ex["lang"]], rng)
+            user, args[key] = user.replace(args[key], value), value
+        out.append({**ex, "user": user, "expected": {**ex["expected"], "arguments": args}})
+    return out
+
+
 def teacher_tokenizer(train_docs: dict[str, list], cfg: NanoTeacherConfig):
     """The byte-level BPE on the training documents, plus ``tokenizer_format_copies`` copies of each tool's system
     turn: without them the chat format's JSON costs ~190 tokens per schema, most of every chat step's compute."""
@@ -288,7 +368,7 @@ def phase_config(cfg: NanoTeacherConfig, out: Path, phase: str):
     (0.9, 0.95) without weight decay, gradients clipped at 1; a checkpoint only at the end (the teacher trains
     in minutes and starts over when interrupted)."""
 
-    steps, lr = (cfg.steps, cfg.lr) if phase == "lm" else (cfg.chat_steps, cfg.chat_lr)
+    steps, lr = {"copy": (cfg.copy_steps, cfg.copy_lr), "lm": (cfg.steps, cfg.lr), "chat": (cfg.chat_steps, cfg.chat_lr)}[phase]
     return RunConfig(train=TrainConfig(
         out_dir=str(out / "train" / phase), seed=cfg.seed, max_steps=steps, micro_batch_size=cfg.batch_size, lr=lr,
         min_lr_ratio=0.1, schedule="cosine", warmup_steps=min(cfg.warmup_steps, steps), weight_decay=0.0,
@@ -317,29 +397,41 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
                           pad_id=pad)
     chat = None
     if cfg.chat_steps:
-        chat = build_sft_data([{"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
-                                "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}],
-                              tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
+        source = {"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
+                  "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}
+        if cfg.toolcall_random_values:  # the same conversations, some with random values, through a jsonl source
+            examples = random_value_examples(
+                generate_examples("all", "train", cfg.toolcall_per_language, cfg.seed, cfg.toolcall_tools_offered),
+                {lang: [line for d in ds for line in d.text.split("\n") if line.strip()] for lang, ds in train_docs.items()},
+                cfg.toolcall_random_values, cfg.seed)
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / "toolcall_train.jsonl"
+            path.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples), encoding="utf-8")
+            source = {"type": "jsonl", "path": str(path)}
+        chat = build_sft_data([source], tokenizer, cfg.toolcall_seq_len, seed=cfg.seed, log=log, val_per_language=0).stream
 
     # 2. Model.
     torch.manual_seed(cfg.seed)
     model = Cohere2ForCausalLM(cohere2_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"nano teacher: Cohere2ForCausalLM, {n_params / 1e6:.2f}M parameters, {cfg.num_hidden_layers} layers, "
-        f"vocab {len(tokenizer)}; {cfg.steps} language-modelling steps, then {cfg.chat_steps} with tool-calling chat")
+        f"vocab {len(tokenizer)}; " + (f"{cfg.copy_steps} steps on copying rows, " if cfg.copy_steps else "")
+        + f"{cfg.steps} language-modelling steps, then {cfg.chat_steps} with tool-calling chat")
     expected = estimate_seconds(model, cfg, stream.seq_len, chat)
     over = cfg.budget_seconds and expected > cfg.budget_seconds
+    counts = (f"{cfg.copy_steps} copying + " if cfg.copy_steps else "") + f"{cfg.steps} + {cfg.chat_steps} steps"
     log(("nano teacher: WARNING: " if over else "nano teacher: ") + f"expected training time ~{expected / 60:.1f} min "
-        f"on this machine now ({cfg.steps} + {cfg.chat_steps} steps, timed on one step of each kind)"
+        f"on this machine now ({counts}, timed on one step of each kind)"
         + (f", over the budget of {cfg.budget_seconds / 60:.1f} min (teacher.budget_seconds): lower teacher.steps, "
-           "teacher.chat_steps or teacher.toolcall_batch_size, or raise the budget if this machine is busy" if over else ""))
+           "teacher.chat_steps, teacher.copy_steps or teacher.toolcall_batch_size, or raise the budget if this machine is busy" if over else ""))
 
-    # 3. Two phases through the run loop (train.train: schedule, clipping, non-finite stop, progress, metrics.jsonl
+    # 3. The phases through the run loop (train.train: schedule, clipping, non-finite stop, progress, metrics.jsonl
     # under out/train/<phase>/), each with its own warmup + cosine; the held-out loss per language is measured
     # every eval_every steps by a hook (the loop's own validation speaks Aetheris' doc_ids).
     before = heldout_loss(model, val)
     history: list[dict] = []
-    phases = [("lm", TeacherBatches(stream, pad_id=pad, copy_fraction=cfg.copy_fraction, seed=cfg.seed))]
+    phases = [("copy", TeacherBatches(stream, pad_id=pad, copy_fraction=1.0, seed=cfg.seed))] if cfg.copy_steps else []
+    phases.append(("lm", TeacherBatches(stream, pad_id=pad, copy_fraction=cfg.copy_fraction, seed=cfg.seed)))
     if cfg.chat_steps:
         phases.append(("chat", TeacherBatches(stream, chat, cfg.toolcall_batch_size, pad, cfg.copy_fraction, cfg.seed)))
     for phase, batches in phases:

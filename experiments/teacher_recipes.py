@@ -1,11 +1,15 @@
 """Measure one nano-teacher recipe: train it (``aetheris.nano_teacher``, the demo's own code) and score it.
 
     python experiments/teacher_recipes.py runs/recipes/r1 [--per-language 2] [key=value ...]   # NanoTeacherConfig fields
+    python experiments/teacher_recipes.py runs/demo/teacher --rescore                           # a saved teacher
 
 Prints and writes ``OUT/recipe.json``: the settings, wall time, the highest training and held-out LM loss after
 warmup (against the uniform loss ln V), and greedy tool calls on the generated set's *held-out* templates in all
 70 languages -- parsed / function name / BFCL AST match, each a mean over languages, as the demo's eval scores
-them (``tasks.toolcall.score_examples``). The recipes tried, and the copy-only AST ceiling (``copy_ceiling``),
+them (``tasks.toolcall.score_examples``), and how many of the arguments a copier could get right it got right
+(``argument_copies``: strings and numbers apart, since a number is the same token in the request and the call
+and a city, with the default tokenizer, is not), and whether the teacher copies in context at all
+(``copy_probe``: held-out rows written twice). The recipes tried, and the copy-only AST ceiling (``copy_ceiling``),
 are in docs/notes/distillation.md (the demo's nano teacher).
 """
 
@@ -57,6 +61,55 @@ def copy_ceiling(examples: list[dict]) -> dict:
             "per_function": {f: float(np.mean(v)) for f, v in sorted(per_function.items())}}
 
 
+def argument_copies(outputs: list[str], examples: list[dict]) -> dict:
+    """Of the expected arguments ``recoverable`` from the request (the ones copying alone can produce), the share
+    the call wrote with the right value (strings after BFCL's normalisation), whatever its function name: the
+    copying the AST match needs, visible before every argument of a call is right. Strings (cities, queries)
+    and numbers (amounts, nights) apart; each a mean over languages."""
+    from aetheris.tasks.toolcall import parse_call, standardize_string
+
+    per_lang = {"string": defaultdict(list), "number": defaultdict(list)}
+    for out, ex in zip(outputs, examples):
+        call = parse_call(out)
+        args = call["arguments"] if call else {}
+        for key, want in ex["expected"]["arguments"].items():
+            if not recoverable(want, ex["user"]) or re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(want)):
+                continue  # dates need the numbers rearranged into ISO form: not a copy
+            got = args.get(key)
+            if isinstance(want, str):
+                per_lang["string"][ex["lang"]].append(isinstance(got, str) and standardize_string(got) == standardize_string(want))
+            else:
+                per_lang["number"][ex["lang"]].append(not isinstance(got, bool) and got == want)
+    return {kind: float(np.mean([np.mean(v) for v in langs.values()])) if langs else None
+            for kind, langs in per_lang.items()}
+
+
+def doubled_rows(tokenizer, lines_per_language: int, seed: int = 0, half: int = 32) -> np.ndarray:
+    """One row per language: the first ``half`` tokens of its first held-out corpus document (the split the
+    teacher never trained on), written twice. (languages, 2 * half)."""
+    from aetheris.data import split_heldout
+    from aetheris.sources import load_documents
+
+    docs = load_documents([{"type": "corpus", "max_lines_per_language": lines_per_language}], "all")
+    _, val = split_heldout(docs, 0.05, seed=seed)
+    rows = [ids[:half] * 2 for ids in (tokenizer(val[lang][0].text)["input_ids"] for lang in sorted(val))
+            if len(ids) >= half]
+    return np.array(rows)
+
+
+def copy_probe(model, rows: np.ndarray) -> dict:
+    """Mean next-token loss on the first and the second half of ``doubled_rows``: a model that copies in context
+    (induction heads) predicts the repeated half far better than the first; one that cannot, no better."""
+    import torch
+
+    half = rows.shape[1] // 2
+    ids = torch.as_tensor(rows)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]  # (rows, 2 * half - 1, V): position t predicts t + 1
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return {"first_half": float(nll[:, :half - 1].mean()), "second_half": float(nll[:, half:].mean())}
+
+
 def score_toolcalls(model, tokenizer, per_language: int, tools_offered: int, max_new_tokens: int = 256) -> dict:
     from aetheris.evaluate import LM
     from aetheris.tasks.toolcall import score_examples, score_output
@@ -70,7 +123,8 @@ def score_toolcalls(model, tokenizer, per_language: int, tools_offered: int, max
         per_lang[ex["lang"]].append(score_output(out, ex))
     means = {lang: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for lang, rows in per_lang.items()}
     overall = {k: float(np.mean([m[k] for m in means.values()])) for k in ("parsed", "name", "ast")}
-    return {"overall": overall, "languages": len(means), "examples": len(examples),
+    return {"overall": overall, "copied": argument_copies(scores.outputs, examples), "languages": len(means),
+            "examples": len(examples),
             "copy_ceiling": copy_ceiling(examples),
             "samples": {ex["lang"]: out for out, ex in list(zip(scores.outputs, examples))[::per_language * 10]}}
 
@@ -85,7 +139,18 @@ def main(argv=None) -> int:
     p.add_argument("--per-language", type=int, default=2, help="held-out tool-calling requests per language")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="generation cap per call (the demo eval's toolcall_max_new_tokens; 256 by default)")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the teacher already saved in OUT (no training; its nano_teacher.json gives the settings)")
     a = p.parse_intermixed_args(argv)
+    if a.rescore:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        saved = json.loads((Path(a.out) / "nano_teacher.json").read_text())["config"]
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(a.out).eval(), AutoTokenizer.from_pretrained(a.out)
+        scores = score_toolcalls(model, tokenizer, a.per_language, saved["toolcall_tools_offered"], a.max_new_tokens)
+        probe = copy_probe(model, doubled_rows(tokenizer, saved["lines_per_language"], saved["seed"]))
+        print(json.dumps({k: scores[k] for k in ("overall", "copied", "copy_ceiling")} | {"copy_probe": probe}))
+        return 0
     cfg = build(NanoTeacherConfig, apply_overrides({}, a.overrides, NanoTeacherConfig))
     model, tokenizer = train_nano_teacher(a.out, cfg)
     report = json.loads((Path(a.out) / "nano_teacher.json").read_text())
@@ -97,9 +162,11 @@ def main(argv=None) -> int:
                                                 default=None),
            "heldout_loss_after": report["heldout_loss_after"],
            "final_chat_loss": report["history"][-1].get("chat_loss"),
+           "copy_probe": copy_probe(model, doubled_rows(tokenizer, cfg.lines_per_language, cfg.seed)),
            "toolcall": score_toolcalls(model, tokenizer, a.per_language, cfg.toolcall_tools_offered, a.max_new_tokens)}
     (Path(a.out) / "recipe.json").write_text(json.dumps(row, indent=1, ensure_ascii=False), encoding="utf-8")
-    print(json.dumps({k: v for k, v in row.items() if k != "toolcall"} | {"toolcall": row["toolcall"]["overall"]}))
+    print(json.dumps({k: v for k, v in row.items() if k != "toolcall"}
+                     | {"toolcall": row["toolcall"]["overall"], "copied": row["toolcall"]["copied"]}))
     return 0
 
 
