@@ -45,6 +45,8 @@ def recoverable(value, request: str) -> bool:
         return value in numbers
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
         return all(int(part) in numbers for part in value.split("-"))
+    if re.fullmatch(r"[A-Z]{3}", value):  # an ISO 4217 code: written as the code itself ("EUR" is not in "Euro")
+        return re.search(rf"(?<![A-Za-z]){value}(?![A-Za-z])", request) is not None
     return standardize_string(value) in standardize_string(request)
 
 

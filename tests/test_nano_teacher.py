@@ -143,6 +143,7 @@ def test_the_copy_ceiling_counts_only_arguments_written_in_the_request():
     assert recoverable("2026-03-05", "Weather in ソウル on 2026年3月5日?")
     assert not recoverable("2026-03-05", "Weather in Berlin on 5 Machi 2026?")  # the month name must be known
     assert not recoverable("JPY", "How much is 5 日本円?") and recoverable("JPY", "How much is 5 JPY?")
+    assert not recoverable("USD", "5 US Dollar into Euro") and not recoverable("EUR", "5 US Dollar into Euro")
     examples = [{"lang": "ja", "user": "What time is it in 東京?", "expected": {"name": "get_time", "arguments": {"city": "東京"}}},
                 {"lang": "ja", "user": "Convert 5 日本円 to ユーロ.", "expected": {"name": "convert_currency", "arguments":
                  {"amount": 5, "from_currency": "JPY", "to_currency": "EUR"}}},
