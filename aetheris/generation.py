@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import chat
 from .checkpoint import load_model
-from .model import DECODE_LAYOUTS, Aetheris, compile_for_decode, pack_for_decode
+from .model import DECODE_LAYOUTS, Aetheris, apply_decode_layout
 from .tokenizer import load_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
@@ -398,17 +398,9 @@ def add_decode_layout_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def use_decode_layout(model: Aetheris, layout: str, prog: str) -> None:
-    """Apply ``--decode-layout`` (``model.pack_for_decode`` / ``model.compile_for_decode``); where it cannot apply
-    (not CPU, no oneDNN or C++ compiler, a dtype other than float32/bfloat16) say why in one line on stderr and
-    keep the default layout."""
-    if layout not in DECODE_LAYOUTS:
-        raise ValueError(f"decode layout {layout!r} is not one of {', '.join(DECODE_LAYOUTS)}")
-    if layout == "linear":
-        return
-    if layout == "compiled":
-        reason = compile_for_decode(model)
-    else:
-        reason = pack_for_decode(model, tied_head=layout == "packed-head")
+    """Apply ``--decode-layout`` (``model.apply_decode_layout``); where it cannot apply (not CPU, no oneDNN or C++
+    compiler, a dtype other than float32/bfloat16) say why in one line on stderr and keep the default layout."""
+    reason = apply_decode_layout(model, layout)
     if reason is not None:
         print(f"{prog}: note: --decode-layout {layout} not used: {reason}; decoding with the default layout",
               file=sys.stderr)

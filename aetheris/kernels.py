@@ -153,6 +153,11 @@ def block_columns(weight: Tensor, block: int = 2048) -> Tensor | None:
     return weight.detach().view(n, c, k // c).transpose(0, 1).contiguous()
 
 
+def in_features(weight: Tensor) -> int:
+    """The input width of an (N, K) weight or of its (c, N, K/c) column blocks."""
+    return weight.shape[0] * weight.shape[2] if weight.ndim == 3 else weight.shape[1]
+
+
 def unblock_columns(blocks: Tensor) -> Tensor:
     """``block_columns``' inverse: (c, N, K/c) -> (N, K)."""
     c, n, k = blocks.shape

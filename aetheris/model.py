@@ -298,8 +298,7 @@ class MoE(nn.Module):
 
     def unblock_down(self) -> None:
         """Undo ``block_down``: w_down (E, D, F) again, a parameter."""
-        self.w_down = nn.Parameter(torch.stack([kernels.unblock_columns(b) for b in self.down_blocks]),
-                                   requires_grad=False)
+        self.w_down = nn.Parameter(torch.stack([kernels.unblock_columns(b) for b in self.down_blocks]))
         self.down_blocks = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -624,6 +623,19 @@ def pack_for_decode(model: Aetheris, tied_head: bool = False) -> str | None:
     return None
 
 
+def apply_decode_layout(model: Aetheris, layout: str) -> str | None:
+    """Put ``model`` in decode ``layout`` (one of ``DECODE_LAYOUTS``) in place: "linear" leaves it as it is,
+    "compiled" is ``compile_for_decode``, "packed" / "packed-head" ``pack_for_decode``. Returns None when applied,
+    else why the model was left as it was (one line)."""
+    if layout not in DECODE_LAYOUTS:
+        raise ValueError(f"decode layout {layout!r} is not one of {', '.join(DECODE_LAYOUTS)}")
+    if layout == "linear":
+        return None
+    if layout == "compiled":
+        return compile_for_decode(model)
+    return pack_for_decode(model, tied_head=layout == "packed-head")
+
+
 def _set_matvec(model: Aetheris, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, (SSMMixer, MoE)):
@@ -660,8 +672,7 @@ def compile_for_decode(model: Aetheris, block_over: int = 4096, block: int = 204
             moe.block_down(block)
     with torch.no_grad():  # every weight shape once, so no compile waits for a request
         for product, weight in decode_products(model).values():
-            product(weight.new_zeros(1, weight.shape[0] * weight.shape[2] if weight.ndim == 3 else weight.shape[1]),
-                    weight)
+            product(weight.new_zeros(1, kernels.in_features(weight)), weight)
     return None
 
 

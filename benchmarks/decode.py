@@ -41,7 +41,7 @@ from common import clock, emit, interleaved_seconds, median_ratio, median_second
 
 from aetheris import kernels
 from aetheris.config import AetherisConfig
-from aetheris.model import Aetheris, MoE, PackedLinear, SSMMixer, compile_for_decode, pack_for_decode
+from aetheris.model import Aetheris, MoE, PackedLinear, SSMMixer, apply_decode_layout
 
 BATCH = 8  # the second batch size timed besides 1
 
@@ -81,8 +81,7 @@ def matvec_ms(model: Aetheris, n: int, linear=None) -> float:
                 products.append((m.down_blocks[e], kernels.blocked_linear) if m.down_blocks is not None
                                 else (m.w_down[e], linear))
     products.append((model.embed.weight if model.lm_head is None else model.lm_head.weight, linear))
-    inputs = [torch.randn(1, w.shape[0] * w.shape[2] if w.ndim == 3 else w.shape[1], dtype=w.dtype)
-              for w, _ in products]
+    inputs = [torch.randn(1, kernels.in_features(w), dtype=w.dtype) for w, _ in products]
     return time_steps(lambda: [mul(x, w) for x, (w, mul) in zip(inputs, products)], n)
 
 
@@ -379,10 +378,7 @@ def real_shapes(quick: bool, rounds: int, only: list[str] | None = None, teacher
         """Put the student in ``layout`` and time it again, with the teacher in turns, at the in-turns points."""
         gc.collect()
         before = rss_bytes()
-        if layout == "compiled":
-            reason = compile_for_decode(student)
-        else:
-            reason = pack_for_decode(student, tied_head=layout == "packed-head")
+        reason = apply_decode_layout(student, layout)
         if reason is not None:
             print(f"decode layout {layout} skipped: {reason}", flush=True)
             return {"skipped": reason}
