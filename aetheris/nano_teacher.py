@@ -22,7 +22,9 @@ Training, in two phases (pretraining, then instruction tuning, as Tiny Aya was m
 2. ``chat_steps`` that add ``toolcall_batch_size`` chat-templated tool-calling conversations to every batch
    (their loss weighted ``chat_weight`` against the LM loss, which keeps the languages from being forgotten) from
    the generated set's *train* templates (``toolgen`` through ``sft.encode_conversation``: loss on assistant tokens only;
-   with ``toolcall_random_values``, some of them with a city or query that can only be copied).
+   with ``toolcall_random_values``, some of them with a city or query that can only be copied; with
+   ``toolcall_frame_dropout``, requests missing some of their frame's words; with ``toolcall_extra_frames``, six
+   English train frames per function instead of two).
    Tiny Aya is instruction-tuned and calls tools; a teacher that never saw a tool call would make the student's
    tool-calling "drop" meaningless. Held-out templates stay unseen.
 
@@ -124,6 +126,13 @@ class NanoTeacherConfig:
     alike, by a random span of that language's training corpus (``random_value_examples``): the generator draws
     from 18 cities and 10 languages, which a model can recall instead of reading; a random span can only be
     copied. 0 = the generated values only."""
+    toolcall_frame_dropout: float = 0.0
+    """Probability that a word of a training request's frame (never a value) is left out (``toolgen``'s
+    ``frame_dropout``): with two frames per function a nano model names the function by recognising the frame, and
+    the held-out frames are new; without some of its words the request's values have to decide. 0 = whole frames."""
+    toolcall_extra_frames: bool = False
+    """Train on ``toolgen.EXTRA_TRAIN_TEMPLATES`` too: six English train frames per function instead of two, for
+    English and the 66 languages that use the English frame (the held-out frames are unchanged)."""
     toolcall_seq_len: int = 1024
     """Longest tool-calling conversation row (longer ones are cut)."""
     tokenizer_format_copies: int = 0
@@ -156,6 +165,9 @@ class NanoTeacherConfig:
         if not 0 <= self.toolcall_random_values <= 1:
             raise ValueError(f"toolcall_random_values={self.toolcall_random_values} must be in [0, 1] (a share of "
                              "the generated conversations)")
+        if not 0 <= self.toolcall_frame_dropout < 1:
+            raise ValueError(f"toolcall_frame_dropout={self.toolcall_frame_dropout} must be in [0, 1) (the "
+                             "probability of leaving out a frame word)")
         if not 0 <= self.copy_fraction <= 1:
             raise ValueError(f"copy_fraction={self.copy_fraction} must be in [0, 1] (a share of the LM rows)")
         if self.tokenizer_format_copies < 0:
@@ -398,10 +410,12 @@ def train_nano_teacher(out: str | Path, cfg: NanoTeacherConfig | None = None, lo
     chat = None
     if cfg.chat_steps:
         source = {"type": "toolgen", "languages": "all", "per_language": cfg.toolcall_per_language,
-                  "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed}
+                  "tools_offered": cfg.toolcall_tools_offered, "seed": cfg.seed,
+                  "frame_dropout": cfg.toolcall_frame_dropout, "extra_frames": cfg.toolcall_extra_frames}
         if cfg.toolcall_random_values:  # the same conversations, some with random values, through a jsonl source
             examples = random_value_examples(
-                generate_examples("all", "train", cfg.toolcall_per_language, cfg.seed, cfg.toolcall_tools_offered),
+                generate_examples("all", "train", cfg.toolcall_per_language, cfg.seed, cfg.toolcall_tools_offered,
+                                  frame_dropout=cfg.toolcall_frame_dropout, extra_frames=cfg.toolcall_extra_frames),
                 {lang: [line for d in ds for line in d.text.split("\n") if line.strip()] for lang, ds in train_docs.items()},
                 cfg.toolcall_random_values, cfg.seed)
             out.mkdir(parents=True, exist_ok=True)

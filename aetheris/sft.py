@@ -135,7 +135,8 @@ def load_conversations(spec, log: MalformedLog, seed: int = 0) -> list[dict]:
     (src,) = parse_sources([spec], SFTSource, "sft.sources") if isinstance(spec, dict) else (spec,)
     if isinstance(src, ToolgenSource):
         raw = generate_examples(src.languages, split="train", per_language=src.per_language,
-                                seed=seed if src.seed is None else src.seed, tools_offered=src.tools_offered)
+                                seed=seed if src.seed is None else src.seed, tools_offered=src.tools_offered,
+                                frame_dropout=src.frame_dropout, extra_frames=src.extra_frames)
         where = "toolgen"
     elif isinstance(src, ChatJsonlSource):
         path = Path(src.path)

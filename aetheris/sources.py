@@ -188,11 +188,20 @@ class ToolgenSource(_Tagged):
     """Unset: the run's seed."""
     tools_offered: int = 3
     """Tool schemas in each system turn (1-5), the expected one among them."""
+    frame_dropout: float = 0.0
+    """Probability that a word of a request's frame (never a value) is left out (``toolgen.generate_examples``)."""
+    extra_frames: bool = False
+    """Also the four extra English train frames per function (``toolgen.EXTRA_TRAIN_TEMPLATES``)."""
 
     def __post_init__(self):
         _check_languages(self.languages, "languages")
         _check_count(self.per_language, "per_language")
         _check_count(self.tools_offered, "tools_offered")
+        if not (isinstance(self.frame_dropout, (int, float)) and 0 <= self.frame_dropout < 1):
+            raise ConfigError(f"frame_dropout={self.frame_dropout!r} must be a number in [0, 1) (the probability of "
+                             "leaving out a frame word)")
+        if not isinstance(self.extra_frames, bool):
+            raise ConfigError(f"extra_frames={self.extra_frames!r} must be true or false")
         _check_count(self.seed, "seed", minimum=0, optional=True)
 
 

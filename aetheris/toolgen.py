@@ -23,6 +23,13 @@ What is native and what is not (be careful reading scores):
 * **Split.** Per frame language and function, the last template is the *test* template and the others are
   *train* templates, so a test request is never a memorised frame (values are drawn independently).
   Generation is deterministic: ``random.Random`` seeded by (seed, language, split).
+* **Frame dropout** (``frame_dropout``, train split only, off by default): each word of the frame (never a value)
+  is left out with that probability, so a model trained on two frames per function cannot name the function by
+  recognising the frame and has to read what the request asks for (a city and a date, a currency, a query).
+  The values drawn are the same with and without it.
+* **Extra frames** (``extra_frames``, train split only, off by default): four more English train frames per
+  function (``EXTRA_TRAIN_TEMPLATES``) for English and the 66 languages that use the English frame; the test
+  frames are unchanged.
 """
 
 from __future__ import annotations
@@ -113,6 +120,24 @@ TEMPLATES = {
     },
 }
 
+# More English *train* frames (``extra_frames``): with two train frames per function a nano model names the function
+# by recognising one of them, and the held-out frame is new to it. Written to vary the wording; none uses a word
+# that is particular to its function's test frame ("rain", "late", "information", "changed into", "Reserve").
+EXTRA_TRAIN_TEMPLATES = {
+    "get_weather": ["Forecast for {city} on {date}?", "How's the weather going to be in {city} on {date}?",
+                    "Check the weather for {city}, {date}.", "{city}, {date}: what will the weather be like?"],
+    "convert_currency": ["What is {amount} {from_name} in {to_name}?", "Exchange {amount} {from_name} for {to_name}.",
+                         "{amount} {from_name} to {to_name}, please.",
+                         "Currency conversion: {amount} {from_name} to {to_name}."],
+    "get_time": ["Current local time in {city}?", "What's the time in {city}?", "Check the clock in {city} for me.",
+                 "{city}: what time is it there?"],
+    "web_search": ["Search for {query}.", "Do a web search on {query}.", "Google {query} for me.",
+                   "{query}: search the web, please."],
+    "book_hotel": ["Get me a hotel room in {city} from {date}, {nights} nights.",
+                   "Hotel booking: {city}, arriving {date}, {nights} nights.", "Book me {nights} nights in {city} from {date}.",
+                   "Can you book a room in {city} on {date} for {nights} nights?"],
+}
+
 ZONES = ["Asia/Tokyo", "Europe/Paris", "Europe/Moscow", "Africa/Cairo", "Asia/Kolkata", "America/New_York",
          "Europe/London", "Asia/Shanghai", "Africa/Lagos", "America/Sao_Paulo", "Asia/Bangkok", "Europe/Berlin",
          "Africa/Nairobi", "Asia/Dubai", "Australia/Sydney", "Asia/Seoul", "Europe/Istanbul", "America/Mexico_City"]
@@ -155,28 +180,48 @@ def _arguments(function: str, v: dict) -> dict:
             "book_hotel": {"city": v["city"], "check_in": v["iso"], "nights": v["nights_value"]}}[function]
 
 
-def templates_for(lang: str, function: str, split: str) -> list[tuple[int, str]]:
-    """(template index, text) of a split: train = all but the last, test = the last."""
+def templates_for(lang: str, function: str, split: str, extra_frames: bool = False) -> list[tuple[int, str]]:
+    """(template index, text) of a split: train = all but the last, test = the last; ``extra_frames``: the train
+    split of an English-frame language also gets ``EXTRA_TRAIN_TEMPLATES`` (indices after the test frame's)."""
     frame = TEMPLATES.get(lang, TEMPLATES["en"])[function]
     indexed = list(enumerate(frame))
-    return indexed[:-1] if split == "train" else indexed[-1:]
+    if split == "test":
+        return indexed[-1:]
+    english_frame = lang not in TEMPLATES or lang == "en"
+    extra = EXTRA_TRAIN_TEMPLATES[function] if extra_frames and english_frame else []
+    return indexed[:-1] + list(enumerate(extra, start=len(frame)))
+
+
+def drop_frame_words(template: str, p: float, rng: random.Random) -> str:
+    """``template`` with each word that holds no ``{field}`` left out with probability ``p``."""
+    return " ".join(w for w in template.split(" ") if "{" in w or rng.random() >= p)
 
 
 def generate_examples(languages="all", split: str = "train", per_language: int = 40, seed: int = 0,
-                      tools_offered: int = TOOLS_OFFERED) -> list[dict]:
+                      tools_offered: int = TOOLS_OFFERED, frame_dropout: float = 0.0,
+                      extra_frames: bool = False) -> list[dict]:
     """Deterministic tool-call examples; ``languages`` is ``all`` or a list of registry codes;
-    ``tools_offered`` (1-5) schemas in each system turn, the expected one among them."""
+    ``tools_offered`` (1-5) schemas in each system turn, the expected one among them; ``frame_dropout`` (train
+    only) the probability that a frame word is left out of a request; ``extra_frames`` (train only) adds
+    ``EXTRA_TRAIN_TEMPLATES`` to the English frames."""
     if not 1 <= tools_offered <= len(TOOLS):
         raise ValueError(f"tools_offered={tools_offered} must be between 1 and {len(TOOLS)}")
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}: choose train or test")
+    if not 0 <= frame_dropout < 1:
+        raise ValueError(f"frame_dropout={frame_dropout} must be in [0, 1) (the probability of leaving out a frame word)")
+    if (frame_dropout or extra_frames) and split == "test":
+        raise ValueError("frame_dropout and extra_frames are training augmentations: the test split keeps its frames")
     out = []
     functions = [t["name"] for t in TOOLS]
     for li, lang in enumerate(resolve_languages(languages)):
         rng = random.Random(zlib.crc32(f"{seed}/{lang}/{split}".encode()))
+        drop_rng = random.Random(zlib.crc32(f"{seed}/{lang}/{split}/frame-dropout".encode()))  # values stay as without
         for i in range(per_language):
             function = functions[(i + li) % len(functions)]  # every function, even at 1 example per language
-            t_index, template = rng.choice(templates_for(lang, function, split))
+            t_index, template = rng.choice(templates_for(lang, function, split, extra_frames))
+            if frame_dropout:
+                template = drop_frame_words(template, frame_dropout, drop_rng)
             v = _values(lang, rng)
             offered = [t for t in TOOLS if t["name"] == function] + rng.sample(
                 [t for t in TOOLS if t["name"] != function], tools_offered - 1)

@@ -9,8 +9,11 @@ warmup (against the uniform loss ln V), and greedy tool calls on the generated s
 them (``tasks.toolcall.score_examples``), and how many of the arguments a copier could get right it got right
 (``argument_copies``: strings and numbers apart, since a number is the same token in the request and the call
 and a city, with the default tokenizer, is not), and whether the teacher copies in context at all
-(``copy_probe``: held-out rows written twice). The recipes tried, and the copy-only AST ceiling (``copy_ceiling``),
-are in docs/notes/distillation.md (the demo's nano teacher).
+(``copy_probe``: held-out rows written twice), where the greedy names go (``name_outcomes``: the right tool,
+the other offered one, one not offered) and which offered tool the model prefers when the call is written up to
+the name (``name_choice``, with the request shuffled between examples for its chance level). The recipes
+tried, and the copy-only AST ceiling (``copy_ceiling``), are in docs/notes/distillation.md (the demo's nano
+teacher).
 """
 
 from __future__ import annotations
@@ -86,6 +89,51 @@ def argument_copies(outputs: list[str], examples: list[dict]) -> dict:
             for kind, langs in per_lang.items()}
 
 
+def name_outcomes(outputs: list[str], examples: list[dict]) -> dict:
+    """Where the greedy function names go: the share of calls naming the right tool, the other offered tool(s), a
+    tool not offered at all, or no parsable call (pooled over examples). A name not offered means the call was
+    written from the request alone, without reading the system turn's tool list."""
+    from aetheris.tasks.toolcall import parse_call
+
+    counts = dict.fromkeys(("right", "other_offered", "not_offered", "unparsed"), 0)
+    for out, ex in zip(outputs, examples):
+        call = parse_call(out)
+        name = call["name"] if call else None
+        counts["unparsed" if name is None else "right" if name == ex["expected"]["name"] else
+               "other_offered" if name in {t["name"] for t in ex["tools"]} else "not_offered"] += 1
+    return {k: v / len(examples) for k, v in counts.items()}
+
+
+def name_choice(model, tokenizer, examples: list[dict], shuffled: bool = False) -> dict:
+    """Teacher-forced tool choice: after the action's opening up to ``"tool_name": "``, the offered tool whose name
+    the model gives the highest log-probability, scored against the expected one (mean over languages, and per
+    function). It separates knowing which offered tool fits the request from writing an offered name at all.
+    ``shuffled``: each example with another example's request (seeded), the chance level of this measure."""
+    import torch
+
+    from aetheris.tasks.toolcall import render_prompt
+
+    users = [ex["user"] for ex in examples]
+    if shuffled:
+        np.random.default_rng(0).shuffle(users)
+    opening = '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "'
+    per_lang, per_function = defaultdict(list), defaultdict(list)
+    for ex, user in zip(examples, users):
+        prompt = render_prompt(ex["tools"], user) + opening
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        scores = {}
+        for tool in ex["tools"]:
+            cont = tokenizer(prompt + tool["name"], add_special_tokens=False)["input_ids"][len(ids):]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids + cont])).logits[0].float().log_softmax(-1)
+            scores[tool["name"]] = sum(float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(cont))
+        right = max(scores, key=scores.get) == ex["expected"]["name"]
+        per_lang[ex["lang"]].append(right)
+        per_function[ex["expected"]["name"]].append(right)
+    return {"name": float(np.mean([np.mean(v) for v in per_lang.values()])),
+            "per_function": {f: float(np.mean(v)) for f, v in sorted(per_function.items())}}
+
+
 def doubled_rows(tokenizer, lines_per_language: int, seed: int = 0, half: int = 32) -> np.ndarray:
     """One row per language: the first ``half`` tokens of its first held-out corpus document (the split the
     teacher never trained on), written twice. (languages, 2 * half)."""
@@ -125,7 +173,10 @@ def score_toolcalls(model, tokenizer, per_language: int, tools_offered: int, max
         per_lang[ex["lang"]].append(score_output(out, ex))
     means = {lang: {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} for lang, rows in per_lang.items()}
     overall = {k: float(np.mean([m[k] for m in means.values()])) for k in ("parsed", "name", "ast")}
-    return {"overall": overall, "copied": argument_copies(scores.outputs, examples), "languages": len(means),
+    return {"overall": overall, "copied": argument_copies(scores.outputs, examples),
+            "names": name_outcomes(scores.outputs, examples), "name_choice": name_choice(model, tokenizer, examples),
+            "name_choice_shuffled": name_choice(model, tokenizer, examples, shuffled=True)["name"],
+            "languages": len(means),
             "examples": len(examples),
             "copy_ceiling": copy_ceiling(examples),
             "samples": {ex["lang"]: out for out, ex in list(zip(scores.outputs, examples))[::per_language * 10]}}
@@ -151,7 +202,8 @@ def main(argv=None) -> int:
         model, tokenizer = AutoModelForCausalLM.from_pretrained(a.out).eval(), AutoTokenizer.from_pretrained(a.out)
         scores = score_toolcalls(model, tokenizer, a.per_language, saved["toolcall_tools_offered"], a.max_new_tokens)
         probe = copy_probe(model, doubled_rows(tokenizer, saved["lines_per_language"], saved["seed"]))
-        print(json.dumps({k: scores[k] for k in ("overall", "copied", "copy_ceiling")} | {"copy_probe": probe}))
+        print(json.dumps({k: scores[k] for k in ("overall", "copied", "names", "name_choice", "name_choice_shuffled",
+                                                 "copy_ceiling")} | {"copy_probe": probe}))
         return 0
     cfg = build(NanoTeacherConfig, apply_overrides({}, a.overrides, NanoTeacherConfig))
     model, tokenizer = train_nano_teacher(a.out, cfg)
@@ -168,7 +220,8 @@ def main(argv=None) -> int:
            "toolcall": score_toolcalls(model, tokenizer, a.per_language, cfg.toolcall_tools_offered, a.max_new_tokens)}
     (Path(a.out) / "recipe.json").write_text(json.dumps(row, indent=1, ensure_ascii=False), encoding="utf-8")
     print(json.dumps({k: v for k, v in row.items() if k != "toolcall"}
-                     | {"toolcall": row["toolcall"]["overall"], "copied": row["toolcall"]["copied"]}))
+                     | {k: row["toolcall"][k] for k in ("copied", "names", "name_choice", "name_choice_shuffled")}
+                     | {"toolcall": row["toolcall"]["overall"]}))
     return 0
 
 

@@ -105,7 +105,8 @@ def test_random_values_replace_a_city_or_query_in_the_request_and_the_call_alike
 def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(tmp_path):
     cfg = load_demo_config(ROOT / "configs" / "demo-quick.yaml",
                            ["teacher.copy_steps=3", "teacher.copy_lr=7e-3", "teacher.steps=2", "teacher.chat_steps=1",
-                            "teacher.warmup_steps=1", "teacher.eval_every=0", "teacher.toolcall_random_values=1.0"]).teacher
+                            "teacher.warmup_steps=1", "teacher.eval_every=0", "teacher.toolcall_random_values=1.0",
+                            "teacher.toolcall_frame_dropout=0.5"]).teacher
     lines = []
     train_nano_teacher(tmp_path, cfg, log=lines.append)
     history = json.loads((tmp_path / "nano_teacher.json").read_text())["history"]
@@ -116,6 +117,9 @@ def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(
     assert any("3 copying + 2 + 1 steps" in line for line in lines)
     trained = [json.loads(line) for line in (tmp_path / "toolcall_train.jsonl").read_text().splitlines()]
     assert len(trained) == 70 * cfg.toolcall_per_language  # the chat phase read the random-value conversations
+    whole = generate_examples("all", "train", cfg.toolcall_per_language, cfg.seed, cfg.toolcall_tools_offered)
+    currency = [(t, w) for t, w in zip(trained, whole) if w["expected"]["name"] == "convert_currency"]  # no random value
+    assert currency and sum(len(t["user"]) < len(w["user"]) for t, w in currency) > len(currency) / 2  # frames cut
     # Each copying step costs an LM step: the estimate grows by exactly that.
     base = NanoTeacherConfig(steps=200, chat_steps=50)
     assert expected_seconds(NanoTeacherConfig(steps=200, chat_steps=50, copy_steps=100), 0.5, 3.0) == \
@@ -123,7 +127,8 @@ def test_the_copying_phase_runs_first_at_its_own_lr_and_is_in_the_time_estimate(
 
 
 @pytest.mark.parametrize("key, value", [("copy_fraction", 1.5), ("tokenizer_format_copies", -1), ("copy_steps", -1),
-                                        ("copy_lr", 0.0), ("chat_lr", -1e-3), ("toolcall_random_values", 2.0)])
+                                        ("copy_lr", 0.0), ("chat_lr", -1e-3), ("toolcall_random_values", 2.0),
+                                        ("toolcall_frame_dropout", 1.0)])
 def test_bad_data_options_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         NanoTeacherConfig(**{key: value})
@@ -184,3 +189,38 @@ def test_the_copy_probe_separates_a_copier_from_a_model_that_cannot_copy():
     rows = np.array([list(range(10, 14)) * 2, list(range(20, 24)) * 2])  # half = 4: [a, a]
     probe = _recipes().copy_probe(Copier(), rows)
     assert probe["second_half"] < 0.01 < np.log(50) - 0.01 < probe["first_half"]
+
+
+def test_name_outcomes_split_greedy_names_by_whether_the_tool_was_offered():
+    tools = [{"name": "get_time"}, {"name": "web_search"}]
+    examples = [{"tools": tools, "expected": {"name": "get_time"}}] * 4
+    call = '<|START_ACTION|>[{{"tool_call_id": "0", "tool_name": "{}", "parameters": {{}}}}]<|END_ACTION|>'
+    outputs = [call.format("get_time"), call.format("web_search"), call.format("book_hotel"), "no call"]
+    assert _recipes().name_outcomes(outputs, examples) == {"right": 0.25, "other_offered": 0.25, "not_offered": 0.25,
+                                                          "unparsed": 0.25}
+
+
+def test_name_choice_picks_the_offered_name_the_model_finds_likeliest(tiny_cohere2_teacher, tiny_tokenizer):
+    import torch
+
+    from aetheris.toolgen import generate_examples
+
+    examples = generate_examples(["en", "sw"], "test", 3, tools_offered=2)
+    opening = '<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "'
+    right = {"en": [], "sw": []}
+    for ex in examples:  # the same choice from transformers' own loss on the name's tokens
+        prompt = render_prompt(ex["tools"], ex["user"]) + opening
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        nll = {}
+        for tool in ex["tools"]:
+            cont = tiny_tokenizer(prompt + tool["name"], add_special_tokens=False)["input_ids"][len(ids):]
+            with torch.no_grad():
+                loss = tiny_cohere2_teacher(input_ids=torch.tensor([ids + cont]),
+                                            labels=torch.tensor([[-100] * len(ids) + cont])).loss
+            nll[tool["name"]] = float(loss) * len(cont)
+        right[ex["lang"]].append(min(nll, key=nll.get) == ex["expected"]["name"])
+    choice = _recipes().name_choice(tiny_cohere2_teacher, tiny_tokenizer, examples)
+    assert choice["name"] == pytest.approx((np.mean(right["en"]) + np.mean(right["sw"])) / 2)
+    same_request = [{**ex, "user": examples[0]["user"]} for ex in examples]  # shuffling identical requests: no change
+    assert _recipes().name_choice(tiny_cohere2_teacher, tiny_tokenizer, same_request, shuffled=True) == \
+        _recipes().name_choice(tiny_cohere2_teacher, tiny_tokenizer, same_request)
